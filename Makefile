@@ -1,0 +1,26 @@
+# Two commands on a fresh machine with Python 3.11: `make quick` and `make test`.
+# Each creates .venv and installs the package with what it needs on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The shared CIFAR copy beside the checkout when there is one; otherwise ./data (downloaded by torchvision).
+HAR_DATA ?= $(if $(wildcard ../shared/data/cifar-10-batches-py),$(abspath ../shared/data),$(abspath data))
+export HAR_DATA
+
+.PHONY: install quick test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+quick: install
+	$(BIN)/har run --config config/quick.yaml --out runs/quick
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs/quick .pytest_cache

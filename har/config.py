@@ -1,0 +1,300 @@
+"""The one place for run defaults (the paper's and LDAM-DRW's values), loading, validation and hashing.
+
+A run is described by a YAML file with the sections below; every field has the default used for the
+paper's CIFAR-LT experiments, so a config file only lists what differs. Loading rejects unknown keys,
+wrong types and out-of-range values with a message naming the key, the value and what is allowed,
+before any data is read or any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type or out of range."""
+
+
+@dataclass
+class DataConfig:
+    """Which long-tailed dataset to build and from where."""
+
+    dataset: Literal["cifar10", "cifar100"] = "cifar10"
+    root: str | None = None  # None: the HAR_DATA environment variable, else ./data
+    download: bool = True  # download through torchvision when the files are missing
+    ratio: float = 100.0  # imbalance ratio n_max / n_min (>= 1)
+    seed: int = 0  # shuffles each class before the first n_i are kept (LDAM-DRW: 0)
+    val_per_class: int = 50  # balanced validation images per class, from the images the LT subset leaves out
+    train_fraction: float = 1.0  # < 1 keeps that share of every class (quick CPU runs only)
+    eval_fraction: float = 1.0  # < 1 evaluates on that share of every class of val and test (quick runs only)
+    mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)  # LDAM-DRW's normalisation
+    std: tuple[float, float, float] = (0.2023, 0.1994, 0.2010)
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and exits."""
+
+    name: str = "resnet32"  # a name registered in har.models
+    layout: str | None = None  # Table V notation, e.g. CEBEBEBE; None: an exit before each block group
+    exit_channels: int = 64  # kernels of each of the two 3x3 convolutions in an exit head (paper: 64)
+    exit_stride: int = 2  # stride of those convolutions (not in the paper; 1 makes heads dearer than the backbone)
+    classifier: Literal["auto", "linear", "cosine"] = "auto"  # auto: cosine for LDAM, linear otherwise
+
+
+@dataclass
+class LossConfig:
+    """The per-exit loss, its class weights and the HAR wrapper."""
+
+    name: Literal["ce", "focal", "ldam"] = "ce"
+    focal_gamma: float = 0.5  # HAR's focal baselines use 0.5
+    ldam_max_margin: float = 0.5  # largest LDAM margin (on the rarest class)
+    ldam_scale: float = 30.0  # LDAM logit scale s
+    reweight: Literal["none", "cb", "drw"] = "none"  # class-balanced weights: never, always, or from drw_epoch
+    cb_beta: float = 0.9999  # effective-number beta of the class-balanced weights
+    drw_epoch: int = 160  # first epoch (0-based) with weights under DRW
+    har: bool = True  # HAR accumulation over exits; False trains every exit on every example
+    train_threshold: float = 0.9  # t: an example exits where it is right with true-class probability > t
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation as in LDAM-DRW (SGD, warm-up, two step decays, 200 epochs)."""
+
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    warmup_epochs: int = 5  # linear warm-up: lr * (epoch + 1) / warmup_epochs
+    lr_milestones: tuple[int, ...] = (160, 180)  # epochs at which the lr is multiplied by lr_decay
+    lr_decay: float = 0.01
+    seed: int = 0  # model initialisation, data order and augmentation
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    deterministic: bool = True  # deterministic algorithms (exact resume on CPU)
+    log_every: int = 50  # steps between progress updates when stderr is not a terminal
+
+
+@dataclass
+class EvalConfig:
+    """Static and dynamic evaluation."""
+
+    batch_size: int = 500
+    exit_thresholds: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21)) + (1.01,)  # s sweep
+    target_savings: tuple[float, ...] = (0.25,)  # MACs savings at which s is chosen on the validation split
+    histogram_bins: int = 20  # confidence histograms (the paper's Fig. 3)
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def classifier(self) -> str:
+        """The exit classifier actually used: cosine for LDAM (as LDAM-DRW's NormedLinear), else linear."""
+        if self.model.classifier != "auto":
+            return self.model.classifier
+        return "cosine" if self.loss.name == "ldam" else "linear"
+
+
+# Fields that change where or how fast a run goes, not what it computes: left out of the hash.
+RUNTIME_FIELDS = {("data", "root"), ("data", "download"), ("train", "device"), ("train", "log_every")}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "list"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it in the field's own type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(typing.get_args(tp))}")
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+            if len(args) == len(value):
+                return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {len(value)}")
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: {value!r} ({type(value).__name__}) is not a valid {_type_name(tp)}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of fields, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"{dotted}: unknown field{hint}; allowed: {sorted(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(dotted, value, tp)
+    return cls(**kwargs)
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Values that have the right type but no meaning."""
+    checks: list[tuple[str, Any, bool, str]] = [
+        ("data.ratio", cfg.data.ratio, cfg.data.ratio >= 1, ">= 1"),
+        ("data.val_per_class", cfg.data.val_per_class, cfg.data.val_per_class >= 0, ">= 0"),
+        ("data.train_fraction", cfg.data.train_fraction, 0 < cfg.data.train_fraction <= 1, "in (0, 1]"),
+        ("data.eval_fraction", cfg.data.eval_fraction, 0 < cfg.data.eval_fraction <= 1, "in (0, 1]"),
+        ("data.std", cfg.data.std, all(s > 0 for s in cfg.data.std), "all > 0"),
+        ("model.exit_channels", cfg.model.exit_channels, cfg.model.exit_channels >= 1, ">= 1"),
+        ("model.exit_stride", cfg.model.exit_stride, cfg.model.exit_stride >= 1, ">= 1"),
+        ("loss.focal_gamma", cfg.loss.focal_gamma, cfg.loss.focal_gamma >= 0, ">= 0"),
+        ("loss.ldam_max_margin", cfg.loss.ldam_max_margin, cfg.loss.ldam_max_margin > 0, "> 0"),
+        ("loss.ldam_scale", cfg.loss.ldam_scale, cfg.loss.ldam_scale > 0, "> 0"),
+        ("loss.cb_beta", cfg.loss.cb_beta, 0 <= cfg.loss.cb_beta < 1, "in [0, 1)"),
+        ("loss.drw_epoch", cfg.loss.drw_epoch, cfg.loss.drw_epoch >= 0, ">= 0"),
+        ("loss.train_threshold", cfg.loss.train_threshold, 0 < cfg.loss.train_threshold < 1, "in (0, 1)"),
+        ("train.epochs", cfg.train.epochs, cfg.train.epochs >= 0, ">= 0"),
+        ("train.batch_size", cfg.train.batch_size, cfg.train.batch_size >= 1, ">= 1"),
+        ("train.lr", cfg.train.lr, cfg.train.lr > 0, "> 0"),
+        ("train.momentum", cfg.train.momentum, 0 <= cfg.train.momentum < 1, "in [0, 1)"),
+        ("train.weight_decay", cfg.train.weight_decay, cfg.train.weight_decay >= 0, ">= 0"),
+        ("train.warmup_epochs", cfg.train.warmup_epochs, cfg.train.warmup_epochs >= 0, ">= 0"),
+        ("train.lr_milestones", cfg.train.lr_milestones,
+         list(cfg.train.lr_milestones) == sorted(cfg.train.lr_milestones)
+         and all(m >= 0 for m in cfg.train.lr_milestones), "non-negative and increasing"),
+        ("train.lr_decay", cfg.train.lr_decay, cfg.train.lr_decay > 0, "> 0"),
+        ("train.log_every", cfg.train.log_every, cfg.train.log_every >= 1, ">= 1"),
+        ("eval.batch_size", cfg.eval.batch_size, cfg.eval.batch_size >= 1, ">= 1"),
+        ("eval.exit_thresholds", cfg.eval.exit_thresholds,
+         len(cfg.eval.exit_thresholds) > 0 and all(s >= 0 for s in cfg.eval.exit_thresholds), "non-empty, >= 0"),
+        ("eval.target_savings", cfg.eval.target_savings, all(s < 1 for s in cfg.eval.target_savings), "< 1"),
+        ("eval.histogram_bins", cfg.eval.histogram_bins, cfg.eval.histogram_bins >= 1, ">= 1"),
+    ]
+    for key, value, ok, allowed in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {value!r} is out of range; it must be {allowed}")
+    from har.models import list_models  # the registry is the one list of model names
+
+    if cfg.model.name not in list_models():
+        raise ConfigError(f"model.name: {cfg.model.name!r} is not allowed; choose one of {list_models()}")
+    if cfg.train.device not in ("auto", "cpu") and not cfg.train.device.startswith("cuda"):
+        raise ConfigError(f"train.device: {cfg.train.device!r} is not allowed; choose auto, cpu, cuda or cuda:N")
+
+
+def from_dict(values: dict[str, Any] | None) -> RunConfig:
+    """Build and validate a run config from nested plain values (as parsed from YAML)."""
+    cfg = _build(RunConfig, values or {}, "")
+    _check_ranges(cfg)
+    return cfg
+
+
+def set_override(values: dict[str, Any], assignment: str) -> None:
+    """Apply one `section.key=value` override (value parsed as YAML) to nested plain values."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r}: expected section.key=value, e.g. train.epochs=2")
+    dotted, raw = assignment.split("=", 1)
+    *parents, leaf = dotted.strip().split(".")
+    node = values
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run config (None: all defaults), apply `key=value` overrides, validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(values).__name__}")
+    for assignment in overrides:
+        set_override(values, assignment)
+    return from_dict(values)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain nested values (tuples as lists), ready for YAML or JSON."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML, every field spelled out."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """sha256 of the fields that decide what a run computes (not where it runs, nor how it is evaluated)."""
+    values = to_dict(cfg)
+    values.pop("eval")
+    for section, key in RUNTIME_FIELDS:
+        values[section].pop(key, None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable differences between two nested config dicts, as `key: a -> b` lines."""
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            lines += config_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            lines.append(f"{prefix}{key}: {va!r} -> {vb!r}")
+    return lines

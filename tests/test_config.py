@@ -1,0 +1,82 @@
+"""Config loading: defaults are the paper's, bad values are refused with the key, the value and the fix."""
+
+import pytest
+
+from har.config import ConfigError, config_diff, config_hash, dump_config, from_dict, load_config, to_dict
+from har.engine.schedule import lr_factor
+
+
+def test_defaults_are_the_papers_cifar_settings():
+    cfg = load_config(None)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.momentum) == (200, 128, 0.1, 0.9)
+    assert cfg.train.weight_decay == 2e-4 and cfg.train.lr_milestones == (160, 180)
+    assert (cfg.loss.drw_epoch, cfg.loss.cb_beta, cfg.loss.focal_gamma) == (160, 0.9999, 0.5)
+    assert (cfg.loss.ldam_max_margin, cfg.loss.ldam_scale) == (0.5, 30.0)
+    assert cfg.data.seed == 0 and cfg.data.ratio == 100
+
+
+def test_cosine_classifier_follows_the_loss():
+    assert from_dict({"loss": {"name": "ldam"}}).classifier == "cosine"
+    assert from_dict({"loss": {"name": "ce"}}).classifier == "linear"
+    assert from_dict({"loss": {"name": "ce"}, "model": {"classifier": "cosine"}}).classifier == "cosine"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"loss": {"name": "hinge"}}, "loss.name: 'hinge' is not allowed; choose one of ['ce', 'focal', 'ldam']"),
+    ({"data": {"dataset": "mnist"}}, "data.dataset: 'mnist' is not allowed"),
+    ({"model": {"name": "vgg"}}, "model.name: 'vgg' is not allowed"),
+    ({"train": {"epochs": "ten"}}, "train.epochs: 'ten' (str) is not a valid int"),
+    ({"train": {"epochs": -1}}, "train.epochs: -1 is out of range; it must be >= 0"),
+    ({"data": {"ratio": 0.5}}, "data.ratio: 0.5 is out of range; it must be >= 1"),
+    ({"loss": {"train_threshold": 1.5}}, "loss.train_threshold: 1.5 is out of range; it must be in (0, 1)"),
+    ({"loss": {"train_threshold": 0}}, "loss.train_threshold: 0.0 is out of range"),
+    ({"loss": {"reweight": "DRW"}}, "loss.reweight: 'DRW' is not allowed"),
+    ({"train": {"lr_milestones": [180, 160]}}, "train.lr_milestones: (180, 160) is out of range"),
+    ({"data": {"ratoi": 10}}, "data.ratoi: unknown field (did you mean data.ratio?)"),
+    ({"optim": {}}, "optim: unknown field"),
+    ({"data": {"mean": [0.5, 0.5]}}, "data.mean: expected a list of 3 values, got 2"),
+    ({"train": {"device": "tpu"}}, "train.device: 'tpu' is not allowed"),
+    ({"data": 3}, "data: expected a mapping of fields"),
+])
+def test_bad_values_name_key_value_and_allowed(values, message):
+    with pytest.raises(ConfigError) as err:
+        from_dict(values)
+    assert message in str(err.value)
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  epochs: 7\nloss:\n  name: focal\n")
+    cfg = load_config(path, ["train.epochs=3", "data.ratio=10"])
+    assert (cfg.train.epochs, cfg.loss.name, cfg.data.ratio) == (3, "focal", 10.0)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    path.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["train.epochs"])
+
+
+def test_resolved_config_round_trips_and_hash_ignores_runtime_fields():
+    import yaml
+
+    cfg = from_dict({"train": {"epochs": 3}, "loss": {"name": "ldam"}})
+    again = from_dict(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg and config_hash(again) == config_hash(cfg)
+    moved = from_dict({"train": {"epochs": 3, "device": "cpu"}, "loss": {"name": "ldam"}, "data": {"root": "/x"},
+                       "eval": {"batch_size": 7}})
+    assert config_hash(moved) == config_hash(cfg)
+    other = from_dict({"train": {"epochs": 4}, "loss": {"name": "ldam"}})
+    assert config_hash(other) != config_hash(cfg)
+    assert config_diff(to_dict(cfg), to_dict(other)) == ["train.epochs: 3 -> 4"]
+
+
+def test_lr_schedule_matches_ldam_drw():
+    # LDAM-DRW's adjust_learning_rate: epoch+1 <= 5 -> lr*(epoch+1)/5; > 180 -> lr*1e-4; > 160 -> lr*1e-2.
+    def reference(epoch):
+        e = epoch + 1
+        return e / 5 if e <= 5 else 1e-4 if e > 180 else 1e-2 if e > 160 else 1.0
+
+    for epoch in range(200):
+        assert lr_factor(epoch, 5, (160, 180), 0.01) == pytest.approx(reference(epoch)), epoch
