@@ -1,0 +1,1 @@
+"""Evaluation of multi-exit models: accuracy, early-exit trade-offs and computational cost."""

@@ -1,0 +1,6 @@
+"""Backbones with early-exit heads and the registry that builds them by name."""
+
+from har.models.exits import MultiExitNet, parse_layout
+from har.models.registry import create_model, list_models
+
+__all__ = ["MultiExitNet", "create_model", "list_models", "parse_layout"]

@@ -1,0 +1,76 @@
+"""Name -> backbone registry: configs pick models by name; a new backbone only adds a decorated builder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from har.models.exits import Backbone, MultiExitNet
+from har.models.resnet_cifar import resnet32_cifar
+
+BackboneBuilder = Callable[[int, str], Backbone]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    builder: BackboneBuilder
+    default_layout: str
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_model(default_layout: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
+    """Register a builder ``fn(num_classes, classifier) -> Backbone`` under its function name.
+
+    Args:
+        default_layout: layout used when :func:`create_model` gets ``layout=None``.
+    """
+
+    def decorator(builder: BackboneBuilder) -> BackboneBuilder:
+        if builder.__name__ in _REGISTRY:
+            raise ValueError(f"Model {builder.__name__!r} is already registered.")
+        _REGISTRY[builder.__name__] = _Entry(builder, default_layout)
+        return builder
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    """Sorted names accepted by :func:`create_model`."""
+    return sorted(_REGISTRY)
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    layout: str | None = None,
+    classifier: str = "linear",
+    exit_channels: int = 64,
+    exit_stride: int = 2,
+) -> MultiExitNet:
+    """Build a registered backbone with exit heads.
+
+    Args:
+        name: registered model name, see :func:`list_models`.
+        num_classes: number of classes of every exit.
+        layout: exit layout such as 'CEBEBEBE'; None keeps the model's default.
+        classifier: 'linear' or 'cosine' (LDAM's normalised classifier), used by every exit.
+        exit_channels: kernels of each exit-head convolution.
+        exit_stride: stride of each exit-head convolution.
+
+    Raises:
+        ValueError: for an unknown name or invalid arguments.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown model {name!r}; choose one of {list_models()}.")
+    entry = _REGISTRY[name]
+    backbone = entry.builder(num_classes, classifier)
+    layout = entry.default_layout if layout is None else layout
+    return MultiExitNet(backbone, layout, exit_channels, exit_stride)
+
+
+@register_model(default_layout="CEBEBEBE")
+def resnet32(num_classes: int, classifier: str) -> Backbone:
+    """LDAM-DRW's CIFAR ResNet-32; by default an exit before each block group (Appendix B of the paper)."""
+    return resnet32_cifar(num_classes, classifier)

@@ -1,0 +1,191 @@
+"""Tests of the multi-exit models, their layouts, early-exit inference and cost accounting."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from har.evaluation.flops import count_macs, dynamic_cost, flops_table
+from har.models import MultiExitNet, create_model, list_models, parse_layout
+from har.models.exits import ExitHead, NormedLinear, exit_by_threshold
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread() -> Iterator[None]:
+    """One intra-op thread: these small workloads slow down badly when threads contend on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def resnet32_expected_macs(num_classes: int) -> int:
+    """MACs of the bare CIFAR ResNet-32 from its architecture: sum of Cin*Cout*9*Hout*Wout + 64*C."""
+    convs = [(3, 16, 32)]  # (in channels, out channels, output side)
+    for in_ch, out_ch, side in ((16, 16, 32), (16, 32, 16), (32, 64, 8)):
+        convs += [(in_ch, out_ch, side)] + [(out_ch, out_ch, side)] * 9
+    return sum(cin * cout * 9 * side * side for cin, cout, side in convs) + 64 * num_classes
+
+
+def calibrated(model: MultiExitNet, x: torch.Tensor) -> MultiExitNet:
+    """Set batch-norm statistics from one batch so a random model gives varied confidences in eval mode."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None
+    with torch.no_grad():
+        model.train()(x)
+    return model.eval()
+
+
+def test_resnet32_params_and_macs() -> None:
+    model = create_model("resnet32", 10, layout="CBBBE").eval()
+    assert sum(p.numel() for p in model.parameters()) == 464_154
+    macs = count_macs(lambda: model.forward_static(torch.zeros(1, 3, 32, 32)))
+    assert resnet32_expected_macs(10) == 68_862_592
+    assert macs == 68_862_592
+
+
+def test_backbone_positions_match_feature_maps() -> None:
+    backbone = create_model("resnet32", 10).backbone
+    x = backbone.stem(torch.zeros(1, 3, 32, 32))
+    shapes = [x.shape]
+    for group in backbone.groups:
+        x = group(x)
+        shapes.append(x.shape)
+    assert [s[1] for s in shapes] == list(backbone.channels)
+    assert [32 // s[2] for s in shapes] == list(backbone.reductions)
+
+
+@pytest.mark.parametrize(
+    ("layout", "positions"),
+    [("CBBBE", ()), ("CEBBBE", (0,)), ("CBEBBE", (1,)), ("CBBEBE", (2,)), ("CEBEBEBE", (0, 1, 2))],
+)
+def test_layouts_give_exits_and_shapes(layout: str, positions: tuple[int, ...]) -> None:
+    assert parse_layout(layout, 3) == positions
+    model = create_model("resnet32", 7, layout=layout)
+    assert model.layout == layout and model.num_exits == len(positions) + 1 and model.num_classes == 7
+    outputs = model(torch.randn(2, 3, 16, 16))
+    assert len(outputs) == model.num_exits
+    assert all(out.shape == (2, 7) for out in outputs)
+    assert model.forward_static(torch.randn(2, 3, 16, 16)).shape == (2, 7)
+
+
+def test_default_layout_is_exit_before_every_group() -> None:
+    model = create_model("resnet32", 10)
+    assert model.layout == "CEBEBEBE" and model.num_exits == 4
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ("", "non-empty"),
+        ("BBBE", "start"),
+        ("CEBEBEB", "end with 'E'"),
+        ("CBBE", "2 'B's"),
+        ("CBBBBE", "4 'B's"),
+        ("CEEBBBE", "'EE'"),
+        ("CBBBEE", "'EE'"),
+        ("CBXBBE", "characters"),
+        ("cbbbe", "characters"),
+        ("CBCBBE", "single stem"),
+    ],
+)
+def test_bad_layouts_raise(layout: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        parse_layout(layout, 3)
+    assert "CEBEBEBE" in str(info.value)
+    with pytest.raises(ValueError):
+        create_model("resnet32", 10, layout=layout)
+
+
+def test_cosine_classifier_outputs_cosines() -> None:
+    model = create_model("resnet32", 10, classifier="cosine")
+    assert isinstance(model.backbone.classifier, NormedLinear)
+    assert all(isinstance(head.classifier, NormedLinear) for head in model.heads)
+    assert sum(p.numel() for p in model.backbone.parameters()) == 464_154 - 10  # no bias
+    for out in model(torch.randn(4, 3, 16, 16)):
+        assert out.abs().max() <= 1 + 1e-5
+
+
+def test_bad_arguments_raise() -> None:
+    with pytest.raises(ValueError, match=r"'resnet9000'.*resnet32"):
+        create_model("resnet9000", 10)
+    assert "resnet32" in list_models()
+    with pytest.raises(ValueError, match=r"'softmax'.*linear.*cosine"):
+        create_model("resnet32", 10, classifier="softmax")
+    with pytest.raises(ValueError, match="num_classes"):
+        create_model("resnet32", 0)
+    with pytest.raises(ValueError, match="stride"):
+        ExitHead(16, 10, stride=0)
+
+
+@pytest.mark.parametrize("classifier", ["linear", "cosine"])
+def test_early_exit_equals_masked_evaluation(classifier: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(48, 3, 8, 8)
+    model = calibrated(create_model("resnet32", 10, classifier=classifier), x)
+    with torch.no_grad():
+        outputs = model(x)
+    confidences = torch.stack([out.softmax(1).max(1).values for out in outputs])
+    # Midway between the two middle confidences of each exit, so no example sits exactly on a threshold.
+    ordered = confidences[:-1].sort(dim=1).values
+    half = x.shape[0] // 2
+    quantile_thresholds = ((ordered[:, half - 1] + ordered[:, half]) / 2).tolist()
+    exits_seen = set()
+    for threshold in [0.0, 0.3, 0.5, 0.9, 1.01, *quantile_thresholds]:
+        predictions, exit_index = model.forward_early_exit(x, threshold)
+        expected_predictions, expected_exit = exit_by_threshold(outputs, threshold)
+        assert predictions.dtype == exit_index.dtype == torch.long
+        assert torch.equal(exit_index, expected_exit)
+        assert torch.equal(predictions, expected_predictions)
+        exits_seen.update(exit_index.tolist())
+        if threshold == 0.0:
+            assert (exit_index == 0).all()
+        if threshold > 1:
+            assert (exit_index == model.num_exits - 1).all()
+            assert torch.equal(predictions, outputs[-1].argmax(1))
+    assert exits_seen == set(range(model.num_exits))
+
+
+def test_early_exit_without_intermediate_exits() -> None:
+    model = create_model("resnet32", 5, layout="CBBBE").eval()
+    x = torch.randn(3, 3, 8, 8)
+    predictions, exit_index = model.forward_early_exit(x, 0.0)
+    assert exit_index.tolist() == [0, 0, 0]
+    assert torch.equal(predictions, model.forward_static(x).argmax(1))
+
+
+def test_flops_table_and_dynamic_cost() -> None:
+    model = create_model("resnet32", 10).train()
+    table = flops_table(model)
+    assert model.training
+    json.dumps(table)
+    exits = table["exits"]
+    assert [row["index"] for row in exits] == [0, 1, 2, 3]
+    positions = ["after stem", "after group 1", "after group 2", "final classifier"]
+    assert [row["position"] for row in exits] == positions
+    assert table["backbone_macs"] == resnet32_expected_macs(10)
+    assert table["backbone_params"] == 464_154
+    assert table["total_params"] == sum(p.numel() for p in model.parameters())
+    cumulative = [row["cumulative_macs"] for row in exits]
+    assert all(a < b for a, b in zip(cumulative, cumulative[1:], strict=False))
+    head_macs = sum(row["head_macs"] for row in exits)
+    assert exits[-1]["head_macs"] == 0
+    assert cumulative[-1] == table["backbone_macs"] + head_macs
+    assert table["backbone_params"] + sum(row["head_params"] for row in exits) == table["total_params"]
+    # Exit 0 sits after the 16-channel 32x32 stem: two stride-2 convs to 16x16 then 8x8, then the dense layer.
+    assert exits[0]["head_macs"] == 16 * 64 * 9 * 16 * 16 + 64 * 64 * 9 * 8 * 8 + 64 * 10
+    assert exits[0]["cumulative_macs"] == 3 * 16 * 9 * 32 * 32 + exits[0]["head_macs"]
+
+    at_last = dynamic_cost(np.full(100, 3), table)
+    assert at_last["mean_macs"] == cumulative[-1]
+    assert at_last["saving"] == pytest.approx(-head_macs / table["backbone_macs"])
+    mixed = dynamic_cost(torch.tensor([0, 3]), table)
+    assert mixed["mean_macs"] == pytest.approx((cumulative[0] + cumulative[-1]) / 2)
+    with pytest.raises(ValueError, match=r"\[0, 3\]"):
+        dynamic_cost(np.array([4]), table)
