@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from har.data.augment import CIFAR_MEAN, CIFAR_STD
+
 class ConfigError(ValueError):
     """A config value is unknown, of the wrong type or out of range."""
 
@@ -36,8 +38,8 @@ class DataConfig:
     val_per_class: int = 50  # balanced validation images per class, from the images the LT subset leaves out
     train_fraction: float = 1.0  # < 1 keeps that share of every class (quick CPU runs only)
     eval_fraction: float = 1.0  # < 1 evaluates on that share of every class of val and test (quick runs only)
-    mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)  # LDAM-DRW's normalisation
-    std: tuple[float, float, float] = (0.2023, 0.1994, 0.2010)
+    mean: tuple[float, float, float] = CIFAR_MEAN  # LDAM-DRW's normalisation
+    std: tuple[float, float, float] = CIFAR_STD
 
 
 @dataclass

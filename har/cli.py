@@ -1,0 +1,114 @@
+"""Command line: `har train | evaluate | run | flops`. The Snakemake scripts call the same functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from har.config import ConfigError, load_config
+from har.data.errors import DataError
+from har.engine.checkpoint import RunError
+
+log = logging.getLogger("har")
+
+
+def _fmt(value: float | None) -> str:
+    return "  -  " if value is None else f"{100 * value:5.1f}"
+
+
+def summary_lines(report: dict) -> list[str]:
+    """A short human-readable account of one split's evaluation."""
+    static = report["static"]
+    shot = static["shot"]
+    lines = [f"[{report['split']}] {report['num_examples']} images",
+             f"  static  top-1 {_fmt(static['top1'])}   many {_fmt(shot['many'])}  medium {_fmt(shot['medium'])}"
+             f"  few {_fmt(shot['few'])}   MACs {static['macs'] / 1e6:.2f} M"]
+    for name, result in report["dynamic_selected"].items():
+        fractions = " ".join(f"{e['fraction']:.2f}" for e in result["per_exit"])
+        lines.append(f"  dynamic s={result['exit_threshold']:.2f} ({name} on val)  top-1 {_fmt(result['top1'])}"
+                     f"   MACs {result['mean_macs'] / 1e6:.2f} M  saving {100 * result['saving']:+.1f}%"
+                     f"   exit fractions {fractions}")
+    return lines
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from har.engine.trainer import train
+
+    cfg = load_config(args.config, args.set)
+    history = train(cfg, args.out)
+    if history:
+        print(json.dumps(history[-1]))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from har.evaluation.evaluate import evaluate_run
+
+    reports = evaluate_run(args.run, device=args.device)
+    for report in reports.values():
+        print("\n".join(summary_lines(report)))
+    print(f"written: {Path(args.run) / 'eval'}/{{val,test}}.{{json,npz}}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    cmd_train(args)
+    args.run = args.out
+    args.device = load_config(args.config, args.set).train.device
+    cmd_evaluate(args)
+
+
+def cmd_flops(args: argparse.Namespace) -> None:
+    from har.evaluation.flops import flops_table
+    from har.models import create_model
+
+    model = create_model(args.model, num_classes=args.num_classes, layout=args.layout, classifier=args.classifier,
+                         exit_channels=args.exit_channels, exit_stride=args.exit_stride)
+    print(json.dumps(flops_table(model), indent=1))
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="har", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run_args = argparse.ArgumentParser(add_help=False)
+    run_args.add_argument("--config", type=Path, default=None, help="run config YAML (default: all defaults)")
+    run_args.add_argument("--out", type=Path, required=True, help="run folder (resumed if it holds this run)")
+    run_args.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a config field, e.g. --set train.epochs=2 (repeatable)")
+    sub.add_parser("train", parents=[run_args], help="train one run (resumes an interrupted one)"
+                   ).set_defaults(func=cmd_train)
+    sub.add_parser("run", parents=[run_args], help="train, then evaluate").set_defaults(func=cmd_run)
+
+    ev = sub.add_parser("evaluate", help="static and dynamic evaluation of a trained run")
+    ev.add_argument("--run", type=Path, required=True, help="run folder written by har train")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    ev.set_defaults(func=cmd_evaluate)
+
+    fl = sub.add_parser("flops", help="MACs and parameters of the backbone and of each exit, as JSON")
+    fl.add_argument("--model", default="resnet32", help="registered model name (default: resnet32)")
+    fl.add_argument("--num-classes", type=int, default=10, help="default: 10")
+    fl.add_argument("--layout", default=None, help="exit layout, e.g. CEBEBEBE (default: the model's)")
+    fl.add_argument("--classifier", default="linear", choices=["linear", "cosine"], help="default: linear")
+    fl.add_argument("--exit-channels", type=int, default=None, help="default: the model's (64)")
+    fl.add_argument("--exit-stride", type=int, default=None, help="default: the model's (2)")
+    fl.set_defaults(func=cmd_flops)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        args.func(args)
+    except (ConfigError, DataError, RunError) as exc:
+        print(f"har {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Evaluate a trained run: one forward pass per split, then static and dynamic metrics from the cache.
+
+Writes `eval/<split>.npz` (every exit's logits and the labels) and `eval/<split>.json` (static metrics,
+every exit on its own, the dynamic sweep over s, s chosen on the validation split and applied to the test
+split, confidence histograms, MACs table). The validation split chooses s; the test split only reports.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from har.config import RunConfig, config_hash, from_dict
+from har.data.augment import normalize
+from har.data.build import RunData, build_data
+from har.engine.checkpoint import RunError, atomic_write, atomic_write_json, load_checkpoint
+from har.engine.trainer import CHECKPOINT, build_model, resolve_device
+from har.evaluation.dynamic import choose_exit_threshold, dynamic_result, softmax
+from har.evaluation.flops import flops_table
+from har.evaluation.metrics import classification_summary, confusion_matrix
+from har.models import MultiExitNet
+
+log = logging.getLogger(__name__)
+
+
+def load_run(run_dir: Path, device: torch.device) -> tuple[RunConfig, dict]:
+    """The config and the final checkpoint of a completed run; refuses unfinished or mismatched runs."""
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise RunError(f"{run_dir} is not a run folder (no config.yaml); train it first with har train")
+    cfg = from_dict(yaml.safe_load(cfg_path.read_text()))
+    ckpt_path = run_dir / CHECKPOINT
+    if not ckpt_path.exists():
+        raise RunError(f"{run_dir} has no {CHECKPOINT}: training has not finished an epoch; run har train")
+    ckpt = load_checkpoint(ckpt_path, map_location=device)
+    if ckpt.get("config_sha256") != config_hash(cfg):
+        raise RunError(f"{ckpt_path} does not belong to {cfg_path} (config hash differs); train the run again")
+    if ckpt["epoch"] + 1 != cfg.train.epochs:
+        raise RunError(f"{run_dir} is incomplete: {ckpt['epoch'] + 1} of {cfg.train.epochs} epochs trained; "
+                       f"run har train with the same --out to resume")
+    return cfg, ckpt
+
+
+@torch.no_grad()
+def collect_logits(model: MultiExitNet, images: np.ndarray, cfg: RunConfig, device: torch.device) -> np.ndarray:
+    """Every exit's logits for a split: float32 [exits, examples, classes]."""
+    model.eval()
+    chunks = []
+    for start in range(0, len(images), cfg.eval.batch_size):
+        batch = torch.from_numpy(images[start:start + cfg.eval.batch_size]).to(device)
+        outputs = model(normalize(batch, cfg.data.mean, cfg.data.std))
+        chunks.append(torch.stack(outputs).float().cpu())
+    return torch.cat(chunks, dim=1).numpy()
+
+
+def confidence_histograms(probs: np.ndarray, labels: np.ndarray, bins: int) -> list[list[list[int]]]:
+    """Per exit, per class: histogram of the true-class probability over [0, 1] (the paper's Fig. 3)."""
+    num_exits, _, num_classes = probs.shape
+    true_prob = probs[:, np.arange(len(labels)), labels]
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    return [[np.histogram(true_prob[k, labels == c], bins=edges)[0].tolist() for c in range(num_classes)]
+            for k in range(num_exits)]
+
+
+def split_report(probs: np.ndarray, labels: np.ndarray, data: RunData, table: dict,
+                 exit_thresholds: Sequence[float], bins: int) -> dict:
+    """Static, per-exit and dynamic-sweep metrics of one split from its softmax probabilities."""
+    exit_macs = [e["cumulative_macs"] for e in table["exits"]]
+    num_classes = data.num_classes
+    static_pred = probs[-1].argmax(1)
+    static = classification_summary(labels, static_pred, num_classes, data.groups)
+    static.update(macs=table["backbone_macs"], confusion=confusion_matrix(labels, static_pred, num_classes).tolist())
+    exits = [dict(classification_summary(labels, probs[k].argmax(1), num_classes, data.groups),
+                  macs_to_here=exit_macs[k]) for k in range(len(exit_macs))]
+    sweep = [dynamic_result(probs, labels, s, exit_macs, table["backbone_macs"], data.groups)
+             for s in exit_thresholds]
+    return {"num_examples": int(len(labels)), "static": static, "exits": exits, "dynamic_sweep": sweep,
+            "confidence_histograms": confidence_histograms(probs, labels, bins), "histogram_bins": bins}
+
+
+def evaluate_run(run_dir: str | Path, device: str = "auto", data: RunData | None = None) -> dict[str, dict]:
+    """Evaluate a completed run on its validation and test splits; return the two reports."""
+    run_dir = Path(run_dir)
+    dev = resolve_device(device)
+    cfg, ckpt = load_run(run_dir, dev)
+    data = data or build_data(cfg.data)
+    model = build_model(cfg, data.num_classes).to(dev)
+    model.load_state_dict(ckpt["model"])
+    table = flops_table(model)
+    exit_macs = [e["cumulative_macs"] for e in table["exits"]]
+    reports: dict[str, dict] = {}
+    chosen: dict[str, float] = {}
+    for split in ("val", "test"):  # val first: it chooses s for both
+        part = data.split(split)
+        logits = collect_logits(model, part.images, cfg, dev)
+        atomic_write(run_dir / "eval" / f"{split}.npz",
+                     lambda f: np.savez_compressed(f, logits=logits, labels=part.labels))
+        probs = softmax(logits)
+        report = split_report(probs, part.labels, data, table, cfg.eval.exit_thresholds, cfg.eval.histogram_bins)
+        if split == "val":
+            chosen = {"best": choose_exit_threshold(report["dynamic_sweep"])}
+            chosen.update({f"saving>={t:g}": choose_exit_threshold(report["dynamic_sweep"], t)
+                           for t in cfg.eval.target_savings})
+        report["dynamic_selected"] = {
+            name: dynamic_result(probs, part.labels, s, exit_macs, table["backbone_macs"], data.groups,
+                                 with_confusion=True) for name, s in chosen.items()}
+        report.update(split=split, run=str(run_dir), config_sha256=config_hash(cfg), chosen_on="val",
+                      exit_thresholds_chosen=chosen, flops=table, class_counts=data.class_counts,
+                      groups=data.groups)
+        atomic_write_json(run_dir / "eval" / f"{split}.json", report)
+        reports[split] = report
+    return reports

@@ -1,0 +1,42 @@
+"""Shared fixtures: small synthetic long-tailed data (seconds on a CPU) and the shared CIFAR-10 copy."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from har.data.build import RunData, Split
+from har.data.longtail import shot_groups
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_split(counts, seed):
+    """Images whose colour depends on the class, so a few steps of training can learn them."""
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(counts)]).astype(np.int64)
+    base = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]])[labels % 4]
+    noise = rng.integers(-40, 40, size=(len(labels), 32, 32, 3))
+    images = np.clip(base[:, None, None, :] + noise, 0, 255).astype(np.uint8)
+    return Split(images, labels)
+
+
+def synthetic_data(counts=(40, 12, 4), per_class_eval=6) -> RunData:
+    k = len(counts)
+    return RunData(train=synthetic_split(counts, 0), val=synthetic_split([per_class_eval] * k, 1),
+                   test=synthetic_split([per_class_eval] * k, 2), class_counts=list(counts),
+                   groups=shot_groups(counts), classes=[f"c{i}" for i in range(k)])
+
+
+@pytest.fixture
+def tiny_data() -> RunData:
+    return synthetic_data()
+
+
+def shared_cifar_root() -> Path | None:
+    """The CIFAR-10 copy beside the checkout (or under HAR_DATA), if present."""
+    for candidate in (os.environ.get("HAR_DATA"), REPO.parent / "shared" / "data"):
+        if candidate and (Path(candidate) / "cifar-10-batches-py").is_dir():
+            return Path(candidate)
+    return None

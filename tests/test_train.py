@@ -1,0 +1,126 @@
+"""Training, resume and evaluation of whole runs on tiny synthetic data (a few seconds each)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import har.engine.trainer as trainer_module
+from har.config import from_dict
+from har.engine.checkpoint import RunError
+from har.engine.trainer import train
+from har.evaluation.evaluate import evaluate_run
+
+TINY = {"data": {"dataset": "cifar10"}, "train": {"epochs": 3, "batch_size": 16, "warmup_epochs": 1,
+                                                  "lr_milestones": [2], "lr_decay": 0.1, "device": "cpu"},
+        "loss": {"name": "ce", "reweight": "drw", "drw_epoch": 2, "train_threshold": 0.5},
+        "eval": {"exit_thresholds": [0.0, 0.5, 0.9, 1.01], "target_savings": [0.2]}}
+
+
+def tiny_config(**sections):
+    values = json.loads(json.dumps(TINY))
+    for section, fields in sections.items():
+        values.setdefault(section, {}).update(fields)
+    return from_dict(values)
+
+
+def test_a_run_writes_config_metrics_checkpoint_and_records_exits(tmp_path, tiny_data):
+    history = train(tiny_config(), tmp_path / "run", data=tiny_data)
+    assert [r["epoch"] for r in history] == [0, 1, 2]
+    assert [r["reweighted"] for r in history] == [False, False, True]  # DRW from epoch 2
+    assert [r["lr"] for r in history] == pytest.approx([0.1, 0.1, 0.01])
+    for row in history:
+        assert len(row["exit_fraction"]) == 4 and sum(row["exit_fraction"]) == pytest.approx(1.0)
+        assert np.isfinite(row["loss"])
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
+    for name in ("config.yaml", "config.sha256", "last.pt"):
+        assert (tmp_path / "run" / name).exists()
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def interrupt_in_epoch(epoch, monkeypatch):
+    """Make training die inside `epoch` (0-based), as a killed job would; return the undo."""
+    real_epoch = trainer_module._train_epoch
+
+    def dies(model, har_loss, optimizer, batches, generator, current, *rest):
+        if current == epoch:
+            raise KeyboardInterrupt
+        return real_epoch(model, har_loss, optimizer, batches, generator, current, *rest)
+
+    monkeypatch.setattr(trainer_module, "_train_epoch", dies)
+    return lambda: monkeypatch.setattr(trainer_module, "_train_epoch", real_epoch)
+
+
+def without_time(line):
+    return {k: v for k, v in json.loads(line).items() if k != "seconds"}
+
+
+def test_resume_after_interruption_gives_the_same_weights(tmp_path, tiny_data, monkeypatch):
+    cfg = tiny_config()
+    train(cfg, tmp_path / "straight", data=tiny_data)
+
+    undo = interrupt_in_epoch(2, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "resumed", data=tiny_data)
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["epoch"] == 1
+    undo()
+    history = train(cfg, tmp_path / "resumed", data=tiny_data)
+    assert [r["epoch"] for r in history] == [0, 1, 2]
+
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    straight = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    resumed = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [without_time(r) for r in straight] == [without_time(r) for r in resumed]
+
+
+def test_a_folder_of_another_config_is_refused_with_the_difference(tmp_path, tiny_data):
+    train(tiny_config(train={"epochs": 1}), tmp_path / "run", data=tiny_data)
+    with pytest.raises(RunError, match=r"another config.*\n  loss.name: 'ce' -> 'focal'"):
+        train(tiny_config(train={"epochs": 1}, loss={"name": "focal"}), tmp_path / "run", data=tiny_data)
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path, tiny_data):
+    train(tiny_config(train={"epochs": 1}), tmp_path / "run", data=tiny_data)
+    ckpt = tmp_path / "run" / "last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    with pytest.raises(RunError, match="unreadable"):
+        train(tiny_config(train={"epochs": 1}), tmp_path / "run", data=tiny_data)
+
+
+@pytest.mark.parametrize("loss", ["ce", "focal", "ldam"])
+def test_every_loss_trains_and_evaluates(tmp_path, tiny_data, loss):
+    threshold = 0.4 if loss == "ldam" else 0.5
+    cfg = tiny_config(loss={"name": loss, "train_threshold": threshold}, train={"epochs": 2})
+    train(cfg, tmp_path / loss, data=tiny_data)
+    reports = evaluate_run(tmp_path / loss, device="cpu", data=tiny_data)
+    test = reports["test"]
+    assert test["split"] == "test" and test["num_examples"] == 18
+    assert 0 <= test["static"]["top1"] <= 1
+    assert test["static"]["macs"] == test["flops"]["backbone_macs"]
+    sweep = test["dynamic_sweep"]
+    assert [r["exit_threshold"] for r in sweep] == [0.0, 0.5, 0.9, 1.01]
+    assert sweep[0]["per_exit"][0]["fraction"] == 1.0  # s = 0: everyone leaves at the first exit
+    last = sweep[-1]
+    assert last["per_exit"][-1]["fraction"] == 1.0 and last["top1"] == test["static"]["top1"]
+    heads = sum(e["head_macs"] for e in test["flops"]["exits"][:-1])
+    assert last["saving"] == pytest.approx(-heads / test["flops"]["backbone_macs"])
+    assert set(test["exit_thresholds_chosen"]) == {"best", "saving>=0.2"}
+    assert reports["val"]["exit_thresholds_chosen"] == test["exit_thresholds_chosen"]
+    cached = np.load(tmp_path / loss / "eval" / "test.npz")
+    assert cached["logits"].shape == (4, 18, 3)
+    if loss == "ldam":  # cosine classifiers: raw outputs are cosines
+        assert np.abs(cached["logits"]).max() <= 1 + 1e-5
+
+
+def test_evaluating_an_unfinished_run_is_refused(tmp_path, tiny_data, monkeypatch):
+    cfg = tiny_config()
+    interrupt_in_epoch(1, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", data=tiny_data)
+    with pytest.raises(RunError, match="incomplete: 1 of 3 epochs"):
+        evaluate_run(tmp_path / "run", device="cpu", data=tiny_data)
