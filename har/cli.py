@@ -7,10 +7,14 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from har.config import ConfigError, load_config
+from har.config import ConfigError, RunConfig, load_config
 from har.data.errors import DataError
 from har.engine.checkpoint import RunError
+
+if TYPE_CHECKING:
+    from har.data.build import RunData
 
 log = logging.getLogger("har")
 
@@ -34,29 +38,37 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def _train(cfg: RunConfig, out: Path, data: RunData | None = None) -> None:
     from har.engine.trainer import train
 
-    cfg = load_config(args.config, args.set)
-    history = train(cfg, args.out)
+    history = train(cfg, out, data=data)
     if history:
         print(json.dumps(history[-1]))
 
 
-def cmd_evaluate(args: argparse.Namespace) -> None:
+def _evaluate(run: Path, device: str, data: RunData | None = None) -> None:
     from har.evaluation.evaluate import evaluate_run
 
-    reports = evaluate_run(args.run, device=args.device)
-    for report in reports.values():
+    for report in evaluate_run(run, device=device, data=data).values():
         print("\n".join(summary_lines(report)))
-    print(f"written: {Path(args.run) / 'eval'}/{{val,test}}.{{json,npz}}")
+    print(f"written: {run / 'eval'}/{{val,test}}.{{json,npz}}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    _train(load_config(args.config, args.set), args.out)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    _evaluate(args.run, args.device)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    cmd_train(args)
-    args.run = args.out
-    args.device = load_config(args.config, args.set).train.device
-    cmd_evaluate(args)
+    from har.data.build import build_data
+
+    cfg = load_config(args.config, args.set)
+    data = build_data(cfg.data)  # once for both steps
+    _train(cfg, args.out, data)
+    _evaluate(args.out, cfg.train.device, data)
 
 
 def cmd_flops(args: argparse.Namespace) -> None:

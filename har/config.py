@@ -22,6 +22,7 @@ import yaml
 
 from har.data.augment import CIFAR_MEAN, CIFAR_STD
 
+
 class ConfigError(ValueError):
     """A config value is unknown, of the wrong type or out of range."""
 
@@ -91,7 +92,7 @@ class EvalConfig:
     """Static and dynamic evaluation."""
 
     batch_size: int = 500
-    exit_thresholds: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21)) + (1.01,)  # s sweep
+    exit_thresholds: tuple[float, ...] | None = None  # s sweep; None: 21 steps over the classifier's confidence range
     target_savings: tuple[float, ...] = (0.25,)  # MACs savings at which s is chosen on the validation split
     histogram_bins: int = 20  # confidence histograms (the paper's Fig. 3)
 
@@ -216,8 +217,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         ("train.lr_decay", cfg.train.lr_decay, cfg.train.lr_decay > 0, "> 0"),
         ("train.log_every", cfg.train.log_every, cfg.train.log_every >= 1, ">= 1"),
         ("eval.batch_size", cfg.eval.batch_size, cfg.eval.batch_size >= 1, ">= 1"),
-        ("eval.exit_thresholds", cfg.eval.exit_thresholds,
-         len(cfg.eval.exit_thresholds) > 0 and all(s >= 0 for s in cfg.eval.exit_thresholds), "non-empty, >= 0"),
+        ("eval.exit_thresholds", cfg.eval.exit_thresholds, cfg.eval.exit_thresholds is None or (
+            len(cfg.eval.exit_thresholds) > 0 and all(s >= 0 for s in cfg.eval.exit_thresholds)), "non-empty, >= 0"),
         ("eval.target_savings", cfg.eval.target_savings, all(s < 1 for s in cfg.eval.target_savings), "< 1"),
         ("eval.histogram_bins", cfg.eval.histogram_bins, cfg.eval.histogram_bins >= 1, ">= 1"),
     ]

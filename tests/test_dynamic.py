@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from har.evaluation.dynamic import choose_exit_threshold, dynamic_result, exit_indices, softmax
+from har.evaluation.dynamic import (
+    choose_exit_threshold,
+    default_exit_thresholds,
+    dynamic_result,
+    exit_indices,
+    softmax,
+)
 from har.evaluation.metrics import confusion_matrix, per_class_accuracy, shot_accuracy
 
 GROUPS = {"many": [0], "medium": [1], "few": [2]}
@@ -65,3 +71,12 @@ def test_choose_exit_threshold_on_a_sweep():
 def test_softmax_rows_sum_to_one_and_are_stable():
     p = softmax(np.array([[1000.0, 1000.0], [0.0, np.log(3.0)]]))
     assert p.sum(1) == pytest.approx([1, 1]) and p[0].tolist() == [0.5, 0.5] and p[1, 1] == pytest.approx(0.75)
+
+
+def test_default_sweep_spans_the_confidence_range_of_each_classifier():
+    linear = default_exit_thresholds(10, "linear")
+    assert linear[0] == 0.1 and linear[-2] == 1.0 and linear[-1] == 1.01 and len(linear) == 22
+    cosine = default_exit_thresholds(100, "cosine")
+    top = np.e / (np.e + 99 / np.e)  # softmax of cosines (1, -1, ..., -1): the largest reachable
+    assert cosine[0] == 0.01 and cosine[-2] == pytest.approx(top, abs=1e-4) and top < 0.07
+    assert all(a < b for a, b in zip(cosine, cosine[1:]))

@@ -8,6 +8,7 @@ softmax probability is strictly greater than s, else at the last exit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -65,6 +66,18 @@ def dynamic_result(probs: np.ndarray, labels: np.ndarray, exit_threshold: float,
         per_exit.append(entry)
     result["per_exit"] = per_exit
     return result
+
+
+def default_exit_thresholds(num_classes: int, classifier: str, steps: int = 21) -> list[float]:
+    """An s sweep over the range the exit confidence can take, then one value above it (no early exit).
+
+    The max softmax lies in [1/C, 1] for a linear classifier but only in [1/C, e / (e + (C - 1) / e)] for the
+    raw cosines of a cosine classifier (about 0.45 for 10 classes, 0.07 for 100), so a fixed grid on [0, 1]
+    would leave LDAM models with one or two useful points.
+    """
+    top = 1.0 if classifier == "linear" else math.e / (math.e + (num_classes - 1) / math.e)
+    grid = np.linspace(1.0 / num_classes, top, steps)
+    return [round(float(s), 4) for s in grid] + [1.01]
 
 
 def choose_exit_threshold(sweep: Sequence[Mapping], target_saving: float | None = None) -> float:

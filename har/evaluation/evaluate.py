@@ -7,7 +7,6 @@ split, confidence histograms, MACs table). The validation split chooses s; the t
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,12 +19,10 @@ from har.data.augment import normalize
 from har.data.build import RunData, build_data
 from har.engine.checkpoint import RunError, atomic_write, atomic_write_json, load_checkpoint
 from har.engine.trainer import CHECKPOINT, build_model, resolve_device
-from har.evaluation.dynamic import choose_exit_threshold, dynamic_result, softmax
+from har.evaluation.dynamic import choose_exit_threshold, default_exit_thresholds, dynamic_result, softmax
 from har.evaluation.flops import flops_table
 from har.evaluation.metrics import classification_summary, confusion_matrix
 from har.models import MultiExitNet
-
-log = logging.getLogger(__name__)
 
 
 def load_run(run_dir: Path, device: torch.device) -> tuple[RunConfig, dict]:
@@ -93,6 +90,7 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", data: RunData | None
     model.load_state_dict(ckpt["model"])
     table = flops_table(model)
     exit_macs = [e["cumulative_macs"] for e in table["exits"]]
+    thresholds = cfg.eval.exit_thresholds or default_exit_thresholds(data.num_classes, cfg.classifier)
     reports: dict[str, dict] = {}
     chosen: dict[str, float] = {}
     for split in ("val", "test"):  # val first: it chooses s for both
@@ -101,7 +99,7 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", data: RunData | None
         atomic_write(run_dir / "eval" / f"{split}.npz",
                      lambda f: np.savez_compressed(f, logits=logits, labels=part.labels))
         probs = softmax(logits)
-        report = split_report(probs, part.labels, data, table, cfg.eval.exit_thresholds, cfg.eval.histogram_bins)
+        report = split_report(probs, part.labels, data, table, thresholds, cfg.eval.histogram_bins)
         if split == "val":
             chosen = {"best": choose_exit_threshold(report["dynamic_sweep"])}
             chosen.update({f"saving>={t:g}": choose_exit_threshold(report["dynamic_sweep"], t)
