@@ -75,8 +75,9 @@ def cmd_flops(args: argparse.Namespace) -> None:
     from har.evaluation.flops import flops_table
     from har.models import create_model
 
-    model = create_model(args.model, num_classes=args.num_classes, layout=args.layout, classifier=args.classifier,
-                         exit_channels=args.exit_channels, exit_stride=args.exit_stride)
+    optional = {"layout": args.layout, "exit_channels": args.exit_channels, "exit_stride": args.exit_stride}
+    model = create_model(args.model, num_classes=args.num_classes, classifier=args.classifier,
+                         **{k: v for k, v in optional.items() if v is not None})  # unset flags keep model defaults
     print(json.dumps(flops_table(model), indent=1))
 
 

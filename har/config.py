@@ -225,10 +225,13 @@ def _check_ranges(cfg: RunConfig) -> None:
     for key, value, ok, allowed in checks:
         if not ok:
             raise ConfigError(f"{key}: {value!r} is out of range; it must be {allowed}")
-    from har.models import list_models  # the registry is the one list of model names
+    from har.models import check_layout  # the registry is the one list of model names and their block groups
 
-    if cfg.model.name not in list_models():
-        raise ConfigError(f"model.name: {cfg.model.name!r} is not allowed; choose one of {list_models()}")
+    try:
+        check_layout(cfg.model.name, cfg.model.layout)
+    except ValueError as exc:
+        key = "model.layout" if "ayout" in str(exc) else "model.name"
+        raise ConfigError(f"{key}: {exc}") from exc
     if cfg.train.device not in ("auto", "cpu") and not cfg.train.device.startswith("cuda"):
         raise ConfigError(f"train.device: {cfg.train.device!r} is not allowed; choose auto, cpu, cuda or cuda:N")
 

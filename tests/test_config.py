@@ -1,5 +1,7 @@
 """Config loading: defaults are the paper's, bad values are refused with the key, the value and the fix."""
 
+from pathlib import Path
+
 import pytest
 
 from har.config import ConfigError, config_diff, config_hash, dump_config, from_dict, load_config, to_dict
@@ -24,7 +26,8 @@ def test_cosine_classifier_follows_the_loss():
 @pytest.mark.parametrize("values, message", [
     ({"loss": {"name": "hinge"}}, "loss.name: 'hinge' is not allowed; choose one of ['ce', 'focal', 'ldam']"),
     ({"data": {"dataset": "mnist"}}, "data.dataset: 'mnist' is not allowed"),
-    ({"model": {"name": "vgg"}}, "model.name: 'vgg' is not allowed"),
+    ({"model": {"name": "vgg"}}, "model.name: Unknown model 'vgg'; choose one of ['resnet32']"),
+    ({"model": {"layout": "CEBBEE"}}, "model.layout: Layout 'CEBBEE' has 2 'B's"),
     ({"train": {"epochs": "ten"}}, "train.epochs: 'ten' (str) is not a valid int"),
     ({"train": {"epochs": -1}}, "train.epochs: -1 is out of range; it must be >= 0"),
     ({"data": {"ratio": 0.5}}, "data.ratio: 0.5 is out of range; it must be >= 1"),
@@ -80,3 +83,10 @@ def test_lr_schedule_matches_ldam_drw():
 
     for epoch in range(200):
         assert lr_factor(epoch, 5, (160, 180), 0.01) == pytest.approx(reference(epoch)), epoch
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "config").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(path)
+    assert cfg.data.dataset in ("cifar10", "cifar100")

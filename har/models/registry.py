@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from har.models.exits import Backbone, MultiExitNet
+from har.models.exits import Backbone, MultiExitNet, parse_layout
 from har.models.resnet_cifar import resnet32_cifar
 
 BackboneBuilder = Callable[[int, str], Backbone]
@@ -39,6 +39,14 @@ def register_model(default_layout: str) -> Callable[[BackboneBuilder], BackboneB
 def list_models() -> list[str]:
     """Sorted names accepted by :func:`create_model`."""
     return sorted(_REGISTRY)
+
+
+def check_layout(name: str, layout: str | None) -> None:
+    """Validate a model name and exit layout without building the model (config validation uses this)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown model {name!r}; choose one of {list_models()}.")
+    if layout is not None:
+        parse_layout(layout, _REGISTRY[name].default_layout.count("B"))
 
 
 def create_model(
