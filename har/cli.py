@@ -1,4 +1,4 @@
-"""Command line: `har train | evaluate | run | flops`. The Snakemake scripts call the same functions."""
+"""Command line: `har train | evaluate | run | export-data | flops`. The Snakemake scripts call the same functions."""
 
 from __future__ import annotations
 
@@ -71,6 +71,14 @@ def cmd_run(args: argparse.Namespace) -> None:
     _evaluate(args.out, cfg.train.device, data)
 
 
+def cmd_export_data(args: argparse.Namespace) -> None:
+    from har.data.build import export_bundle
+
+    cfg = load_config(args.config, args.set)
+    path = export_bundle(cfg.data, args.out)
+    print(f"written: {path} ({path.stat().st_size / 2**20:.1f} MiB); use it with --set data.bundle={path}")
+
+
 def cmd_flops(args: argparse.Namespace) -> None:
     from har.evaluation.flops import flops_table
     from har.models import create_model
@@ -99,6 +107,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", type=Path, required=True, help="run folder written by har train")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     ev.set_defaults(func=cmd_evaluate)
+
+    ex = sub.add_parser("export-data", help="write a run's splits to one compressed file (for offline GPU machines)")
+    ex.add_argument("--config", type=Path, default=None, help="run config YAML whose data section is exported")
+    ex.add_argument("--out", type=Path, required=True, help="bundle file to write, e.g. .carry/cifar10-lt100.npz.xz")
+    ex.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    ex.set_defaults(func=cmd_export_data)
 
     fl = sub.add_parser("flops", help="MACs and parameters of the backbone and of each exit, as JSON")
     fl.add_argument("--model", default="resnet32", help="registered model name (default: resnet32)")

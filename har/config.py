@@ -34,6 +34,7 @@ class DataConfig:
     dataset: Literal["cifar10", "cifar100"] = "cifar10"
     root: str | None = None  # None: the HAR_DATA environment variable, else ./data
     download: bool = True  # download through torchvision when the files are missing
+    bundle: str | None = None  # file from `har export-data` read instead of the dataset files (GPU machines)
     ratio: float = 100.0  # imbalance ratio n_max / n_min (>= 1)
     seed: int = 0  # shuffles each class before the first n_i are kept (LDAM-DRW: 0)
     val_per_class: int = 50  # balanced validation images per class, from the images the LT subset leaves out
@@ -83,7 +84,10 @@ class TrainConfig:
     lr_decay: float = 0.01
     seed: int = 0  # model initialisation, data order and augmentation
     device: str = "auto"  # auto: CUDA when present, else CPU
-    deterministic: bool = True  # deterministic algorithms (exact resume on CPU)
+    deterministic: bool = True  # deterministic algorithms on the CPU (exact resume); GPUs run their fast kernels
+    amp: bool | None = None  # bf16 autocast; None: on for CUDA, off for the CPU
+    channels_last: bool | None = None  # channels-last memory format; None: on for CUDA, off for the CPU
+    compile: bool = False  # torch.compile the model (pays a compile time of a minute or so at start)
     log_every: int = 50  # steps between progress updates when stderr is not a terminal
 
 
@@ -116,7 +120,8 @@ class RunConfig:
 
 
 # Fields that change where or how fast a run goes, not what it computes: left out of the hash.
-RUNTIME_FIELDS = {("data", "root"), ("data", "download"), ("train", "device"), ("train", "log_every")}
+RUNTIME_FIELDS = {("data", "root"), ("data", "download"), ("data", "bundle"), ("train", "device"),
+                  ("train", "log_every"), ("train", "compile")}
 
 
 def _type_name(tp: Any) -> str:

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import shared_cifar_root
+
 from har.cli import main
 
 

@@ -124,3 +124,25 @@ def test_evaluating_an_unfinished_run_is_refused(tmp_path, tiny_data, monkeypatc
         train(cfg, tmp_path / "run", data=tiny_data)
     with pytest.raises(RunError, match="incomplete: 1 of 3 epochs"):
         evaluate_run(tmp_path / "run", device="cpu", data=tiny_data)
+
+
+def test_a_bundle_round_trips_the_splits_and_refuses_another_config(tmp_path, tiny_data):
+    from har.data.build import build_data, write_bundle
+    from har.data.errors import DataError
+
+    cfg = tiny_config(data={"bundle": str(tmp_path / "tiny.npz.xz"), "ratio": 10.0})
+    write_bundle(tiny_data, cfg.data, cfg.data.bundle)
+    again = build_data(cfg.data)
+    for name in ("train", "val", "test"):
+        assert (again.split(name).images == tiny_data.split(name).images).all()
+        assert (again.split(name).labels == tiny_data.split(name).labels).all()
+    assert again.class_counts == tiny_data.class_counts and again.classes == tiny_data.classes
+    quick = build_data(tiny_config(data={"bundle": cfg.data.bundle, "ratio": 10.0, "train_fraction": 0.5}).data)
+    assert quick.class_counts == [20, 6, 2]
+    with pytest.raises(DataError, match=r"exported for another split \(ratio: bundle 10.0, config 100.0\)"):
+        build_data(tiny_config(data={"bundle": cfg.data.bundle}).data)
+    (tmp_path / "tiny.npz.xz").write_bytes((tmp_path / "tiny.npz.xz").read_bytes()[:500])
+    with pytest.raises(DataError, match="is corrupt"):
+        build_data(cfg.data)
+    with pytest.raises(DataError, match="does not exist"):
+        build_data(tiny_config(data={"bundle": str(tmp_path / "none.xz")}).data)

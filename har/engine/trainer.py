@@ -21,11 +21,12 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from har.atomic import atomic_write_text
 from har.config import RunConfig, config_diff, config_hash, dump_config, to_dict
 from har.data.augment import BatchAugment
 from har.data.build import RunData, build_data
 from har.data.loader import TensorBatches
-from har.engine.checkpoint import RunError, atomic_save, atomic_write_text, load_checkpoint
+from har.engine.checkpoint import RunError, atomic_save, load_checkpoint
 from har.engine.schedule import lr_factor
 from har.losses import HARLoss, ReweightSchedule, build_exit_loss, exit_statistics
 from har.models import MultiExitNet, create_model
@@ -109,15 +110,21 @@ def train(cfg: RunConfig, out: str | Path, data: RunData | None = None) -> list[
     out = Path(out)
     prepare_run_dir(cfg, out)
     device = resolve_device(cfg.train.device)
-    if cfg.train.deterministic:
+    t = cfg.train
+    on_cuda = device.type == "cuda"
+    amp = on_cuda if t.amp is None else t.amp
+    channels_last = on_cuda if t.channels_last is None else t.channels_last
+    if t.deterministic and not on_cuda:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(t.seed)
     data = data or build_data(cfg.data)
     model = build_model(cfg, data.num_classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if t.compile else model
     har_loss = build_loss(cfg, data.class_counts).to(device)
     reweight = ReweightSchedule(cfg.loss.reweight, data.class_counts, beta=cfg.loss.cb_beta,
                                 drw_epoch=cfg.loss.drw_epoch)
-    t = cfg.train
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: lr_factor(e, t.warmup_epochs, t.lr_milestones, t.lr_decay))
@@ -145,8 +152,8 @@ def train(cfg: RunConfig, out: str | Path, data: RunData | None = None) -> list[
     for epoch in range(start, t.epochs):
         weights = reweight.weights(epoch)
         har_loss.exit_loss.set_weight(None if weights is None else weights.to(device))
-        row = _train_epoch(model, har_loss, optimizer, batches, _epoch_generator(t.seed, epoch, device),
-                           epoch, cfg, interactive)
+        row = _train_epoch(step_model, har_loss, optimizer, batches, _epoch_generator(t.seed, epoch, device),
+                           epoch, cfg, interactive, amp)
         row["lr"] = optimizer.param_groups[0]["lr"]
         row["reweighted"] = weights is not None
         scheduler.step()
@@ -162,8 +169,12 @@ def train(cfg: RunConfig, out: str | Path, data: RunData | None = None) -> list[
 
 def _train_epoch(model: MultiExitNet, har_loss: HARLoss, optimizer: torch.optim.Optimizer,
                  batches: TensorBatches, generator: torch.Generator, epoch: int, cfg: RunConfig,
-                 interactive: bool) -> dict:
-    """One pass over the training data; statistics stay on the device until the end of the epoch."""
+                 interactive: bool, amp: bool) -> dict:
+    """One pass over the training data; statistics stay on the device until the end of the epoch.
+
+    Nothing in a step reads a value back to the host (except the optional progress line), so the GPU is
+    never left waiting on Python.
+    """
     model.train()
     device = next(model.parameters()).device
     k = model.num_exits
@@ -177,7 +188,9 @@ def _train_epoch(model: MultiExitNet, har_loss: HARLoss, optimizer: torch.optim.
     bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
                disable=not interactive)
     for step, (images, labels) in enumerate(batches.epoch(generator)):
-        logits = model(images)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            outputs = model(images)
+        logits = [out.float() for out in outputs]  # the losses run in float32
         parts = har_loss.components(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         parts.loss.backward()

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 import yaml
 
+from har.atomic import atomic_write, atomic_write_json
 from har.config import RunConfig, config_hash, from_dict
 from har.data.augment import normalize
 from har.data.build import RunData, build_data
-from har.engine.checkpoint import RunError, atomic_write, atomic_write_json, load_checkpoint
+from har.engine.checkpoint import RunError, load_checkpoint
 from har.engine.trainer import CHECKPOINT, build_model, resolve_device
 from har.evaluation.dynamic import choose_exit_threshold, default_exit_thresholds, dynamic_result, softmax
 from har.evaluation.flops import flops_table
