@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 quick: install
-	$(BIN)/har run --config config/quick.yaml --out runs/quick
+	$(BIN)/har run --config config/runs/quick.yaml --out runs/quick
 
 test: install
 	$(BIN)/python -m pytest -q

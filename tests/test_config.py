@@ -85,7 +85,7 @@ def test_lr_schedule_matches_ldam_drw():
         assert lr_factor(epoch, 5, (160, 180), 0.01) == pytest.approx(reference(epoch)), epoch
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "config").glob("*.yaml")),
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "config" / "runs").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
     cfg = load_config(path)

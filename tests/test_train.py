@@ -146,3 +146,12 @@ def test_a_bundle_round_trips_the_splits_and_refuses_another_config(tmp_path, ti
         build_data(cfg.data)
     with pytest.raises(DataError, match="does not exist"):
         build_data(tiny_config(data={"bundle": str(tmp_path / "none.xz")}).data)
+
+
+def test_an_uncompressed_bundle_reads_the_same(tmp_path, tiny_data):
+    from har.data.build import build_data, write_bundle
+
+    cfg = tiny_config(data={"bundle": str(tmp_path / "tiny.npz")})
+    write_bundle(tiny_data, cfg.data, cfg.data.bundle)
+    assert (tmp_path / "tiny.npz").read_bytes()[:2] == b"PK"  # a plain npz (zip), no xz
+    assert (build_data(cfg.data).test.images == tiny_data.test.images).all()

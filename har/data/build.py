@@ -55,7 +55,7 @@ class RunData:
 
 def build_data(cfg: DataConfig) -> RunData:
     """The splits of a run: from the dataset files, or from a bundle written by `export_bundle`."""
-    full = read_bundle(cfg) if cfg.bundle else _from_files(cfg)
+    full = read_bundle(cfg) if cfg.bundle else full_splits(cfg)
     if cfg.train_fraction == 1 and cfg.eval_fraction == 1:
         return full
     train = _subsample(full.train, cfg.train_fraction)
@@ -74,8 +74,8 @@ def _subsample(split: Split, fraction: float) -> Split:
     return Split(split.images[keep], split.labels[keep])
 
 
-def _from_files(cfg: DataConfig) -> RunData:
-    """Load the dataset and cut the long-tailed training subset, the validation and the test split."""
+def full_splits(cfg: DataConfig) -> RunData:
+    """Load the dataset files and cut the long-tailed training subset, the validation and the test split."""
     arrays = load_cifar(cfg.dataset, resolve_data_root(cfg.root), download=cfg.download)
     split = make_longtail_split(arrays.train_labels, arrays.num_classes, cfg.ratio, seed=cfg.seed,
                                 val_per_class=cfg.val_per_class)
@@ -99,22 +99,26 @@ def export_bundle(cfg: DataConfig, path: str | Path) -> Path:
     A GPU machine without the dataset files or a network gets exactly what a run reads (CIFAR-10-LT-100:
     about 46 MB instead of 178 MB of pickles); point `data.bundle` at the file there.
     """
-    return write_bundle(_from_files(dataclasses.replace(cfg, bundle=None)), cfg, path)
+    return write_bundle(full_splits(dataclasses.replace(cfg, bundle=None)), cfg, path)
 
 
 # xz over per-channel pixel differences: CIFAR-10-LT-100 + test in 46 MB and 17 s (plain xz: 52 MB, 22 s).
+_XZ_MAGIC = b"\xfd7zXZ\x00"
 _XZ_FILTERS = [{"id": lzma.FILTER_DELTA, "dist": 3}, {"id": lzma.FILTER_LZMA2, "preset": 0}]
 
 
 def write_bundle(data: RunData, cfg: DataConfig, path: str | Path) -> Path:
-    """Write `data` with the data-config fields that identify it."""
+    """Write `data` with the data-config fields that identify it; xz-compressed when the name ends in .xz."""
     meta = {key: getattr(cfg, key) for key in _BUNDLE_KEYS} | {"classes": data.classes}
     arrays = {f"{name}_{part}": getattr(data.split(name), part)
               for name in ("train", "val", "test") for part in ("images", "labels")}
     buffer = io.BytesIO()
     np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
     path = Path(path)
-    atomic_write(path, lambda f: f.write(lzma.compress(buffer.getvalue(), filters=_XZ_FILTERS)))
+    payload = buffer.getvalue()
+    if path.suffix == ".xz":  # worth its compression time only when the file has to travel
+        payload = lzma.compress(payload, filters=_XZ_FILTERS)
+    atomic_write(path, lambda f: f.write(payload))
     return path
 
 
@@ -124,7 +128,10 @@ def read_bundle(cfg: DataConfig) -> RunData:
     if not path.is_file():
         raise DataError(f"data.bundle {path} does not exist; write it with `har export-data` or unset data.bundle")
     try:
-        with np.load(io.BytesIO(lzma.decompress(path.read_bytes()))) as archive:
+        raw = path.read_bytes()
+        if raw.startswith(_XZ_MAGIC):
+            raw = lzma.decompress(raw)
+        with np.load(io.BytesIO(raw)) as archive:
             arrays = {key: archive[key] for key in archive.files}
     except (lzma.LZMAError, OSError, ValueError, EOFError) as exc:
         raise DataError(f"data.bundle {path} is corrupt ({exc}); export it again with `har export-data`") from exc

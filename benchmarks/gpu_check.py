@@ -1,0 +1,125 @@
+"""GPU check: full 200-epoch CIFAR-10-LT (imbalance 100) runs of HAR(LDAM)+DRW and LDAM+DRW, next to Table II.
+
+Sized for one H100 or H200 within 15 minutes, start-up included, on a machine with no network: the data
+come from a bundle written here by `har export-data` and carried along. The two runs share the GPU (one
+small ResNet-32 cannot fill it), each in its own process. Before them, a short check confirms that a
+training step makes no host-device synchronisation: the number of synchronising calls in an epoch must
+not grow with the number of steps.
+
+    har export-data --config config/runs/cifar10_lt100_har_ldam_drw.yaml --out .carry/cifar10-lt100.npz.xz
+    python benchmarks/gpu_check.py --bundle .carry/cifar10-lt100.npz.xz --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# (run name, config, Table II's published top-1 on CIFAR-10-LT at imbalance 100)
+RUNS = [("har-ldam-drw", "config/runs/cifar10_lt100_har_ldam_drw.yaml", 78.1),
+        ("ldam-drw", "config/runs/cifar10_lt100_ldam_drw.yaml", 77.0)]
+
+
+def sync_check(bundle: str, steps: tuple[int, int] = (4, 16)) -> dict[int, int]:
+    """Synchronising CUDA calls in one training epoch of `steps` batches each; equal counts: none per step."""
+    import torch
+
+    from har.config import from_dict
+    from har.data.augment import BatchAugment
+    from har.data.build import build_data
+    from har.data.loader import TensorBatches
+    from har.engine import trainer
+
+    cfg = from_dict({"data": {"bundle": bundle}, "loss": {"name": "ldam", "reweight": "drw", "drw_epoch": 0,
+                                                          "train_threshold": 0.2},
+                     "train": {"device": "cuda", "log_every": 10**9}})
+    data = build_data(cfg.data)
+    device = torch.device("cuda")
+    model = trainer.build_model(cfg, data.num_classes).to(device).to(memory_format=torch.channels_last)
+    har_loss = trainer.build_loss(cfg, data.class_counts).to(device)
+    har_loss.exit_loss.set_weight(torch.ones(data.num_classes, device=device))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    counts = {}
+    for n in steps:
+        images = torch.from_numpy(data.train.images[: n * 128]).to(device)
+        labels = torch.from_numpy(data.train.labels[: n * 128]).to(device)
+        batches = TensorBatches(images, labels, 128, shuffle=True, augment=BatchAugment(cfg.data.mean, cfg.data.std),
+                                mean=cfg.data.mean, std=cfg.data.std)
+        generator = torch.Generator(device=device).manual_seed(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            trainer._train_epoch(model, har_loss, optimizer, batches, generator, 0, cfg, False, True)
+            torch.cuda.set_sync_debug_mode("default")
+        counts[n] = sum("synchroniz" in str(w.message) for w in caught)
+    return counts
+
+
+def launch(name: str, config: str, bundle: str, out: Path, device: str,
+           extra: list[str]) -> tuple[subprocess.Popen, float]:
+    log = open(out / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+    cmd = [sys.executable, "-m", "har.cli", "run", "--config", str(REPO / config), "--out", str(out / name),
+           "--set", f"data.bundle={bundle}", "--set", f"train.device={device}", *extra]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT), time.perf_counter()
+
+
+def main(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (dry run)"
+    print(f"device: {name}  torch {torch.__version__}", flush=True)
+    if args.device == "cuda" and not args.skip_sync_check:
+        counts = sync_check(args.bundle)
+        verdict = "none per step" if len(set(counts.values())) == 1 else "PER-STEP SYNCS"
+        print(f"synchronising calls per epoch by steps in the epoch: {counts} -> {verdict}", flush=True)
+    extra = [x for pair in (("--set", s) for s in args.set) for x in pair]
+    procs = {name: launch(name, config, args.bundle, out, args.device, extra) for name, config, _ in RUNS}
+    rows = []
+    for name, config, paper in RUNS:
+        proc, began = procs[name]
+        code = proc.wait()
+        seconds = time.perf_counter() - began
+        report_path = out / name / "eval" / "test.json"
+        if code != 0 or not report_path.exists():
+            print(f"{name}: FAILED (exit {code}); see {out / (name + '.log')}", flush=True)
+            print((out / f"{name}.log").read_text()[-3000:])
+            continue
+        test = json.loads(report_path.read_text())
+        best = test["dynamic_selected"]["best"]
+        rows.append({"run": name, "paper_top1": paper, "top1": 100 * test["static"]["top1"],
+                     "many": test["static"]["shot"]["many"], "medium": test["static"]["shot"]["medium"],
+                     "few": test["static"]["shot"]["few"], "dynamic_top1": 100 * best["top1"],
+                     "dynamic_s": best["exit_threshold"], "dynamic_saving": best["saving"],
+                     "wall_seconds": seconds})
+    print("\n| run | Table II top-1 | ours: static top-1 | many / medium / few | dynamic (s on val) | wall time |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        shots = " / ".join("-" if r[k] is None else f"{100 * r[k]:.1f}" for k in ("many", "medium", "few"))
+        print(f"| {r['run']} | {r['paper_top1']:.1f} | {r['top1']:.2f} | {shots} | {r['dynamic_top1']:.2f} at "
+              f"s={r['dynamic_s']:.3f}, saving {100 * r['dynamic_saving']:+.1f}% | {r['wall_seconds']:.0f} s |")
+    (out / "gpu_check.json").write_text(json.dumps(rows, indent=1))
+    return 0 if len(rows) == len(RUNS) else 1
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", required=True, help="data bundle from `har export-data` (CIFAR-10-LT-100)")
+    parser.add_argument("--out", required=True, help="folder for the run folders, logs and gpu_check.json")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for both runs, e.g. train.epochs=2 for a dry run (default: none)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu only for a dry run of this script (default: cuda)")
+    parser.add_argument("--skip-sync-check", action="store_true", help="skip the host-sync check (default: run it)")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
