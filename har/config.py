@@ -50,7 +50,7 @@ class ModelConfig:
 
     name: str = "resnet32"  # a name registered in har.models
     layout: str | None = None  # Table V notation, e.g. CEBEBEBE; None: an exit before each block group
-    exit_channels: int = 64  # kernels of each of the two 3x3 convolutions in an exit head (paper: 64)
+    exit_channels: int | None = None  # kernels of each exit-head convolution; None: the model's (ResNet-32: 64, paper)
     exit_stride: int = 2  # stride of those convolutions (not in the paper; 1 makes heads dearer than the backbone)
     classifier: Literal["auto", "linear", "cosine"] = "auto"  # auto: cosine for LDAM, linear otherwise
 
@@ -202,7 +202,7 @@ def _check_ranges(cfg: RunConfig) -> None:
         ("data.train_fraction", cfg.data.train_fraction, 0 < cfg.data.train_fraction <= 1, "in (0, 1]"),
         ("data.eval_fraction", cfg.data.eval_fraction, 0 < cfg.data.eval_fraction <= 1, "in (0, 1]"),
         ("data.std", cfg.data.std, all(s > 0 for s in cfg.data.std), "all > 0"),
-        ("model.exit_channels", cfg.model.exit_channels, cfg.model.exit_channels >= 1, ">= 1"),
+        ("model.exit_channels", cfg.model.exit_channels, (cfg.model.exit_channels or 1) >= 1, ">= 1 or null"),
         ("model.exit_stride", cfg.model.exit_stride, cfg.model.exit_stride >= 1, ">= 1"),
         ("loss.focal_gamma", cfg.loss.focal_gamma, cfg.loss.focal_gamma >= 0, ">= 0"),
         ("loss.ldam_max_margin", cfg.loss.ldam_max_margin, cfg.loss.ldam_max_margin > 0, "> 0"),

@@ -56,6 +56,9 @@ class Backbone(nn.Module):
     ``channels`` and ``reductions`` (feature channels and spatial down-sampling factor at each position:
     index 0 after the stem, index i after group i) and ``classifier`` (via :func:`make_classifier` on
     ``channels[-1]``). Global average pooling is shared by all backbones.
+
+    Exit heads come from :meth:`make_exit_head` (two-convolution :class:`ExitHead` unless a subclass needs a
+    cheaper design for its wide feature maps) with ``default_exit_channels`` kernels unless the caller says.
     """
 
     stem: nn.Module
@@ -63,6 +66,7 @@ class Backbone(nn.Module):
     classifier: nn.Module
     channels: tuple[int, ...]
     reductions: tuple[int, ...]
+    default_exit_channels: int = 64
 
     def __init__(self, num_classes: int, classifier: str) -> None:
         super().__init__()
@@ -79,6 +83,10 @@ class Backbone(nn.Module):
         for group in self.groups:
             x = group(x)
         return self.classifier(self.pool_features(x))
+
+    def make_exit_head(self, position: int, channels: int, stride: int) -> nn.Module:
+        """Exit head reading the feature map at ``position`` (0: after the stem, i: after group i)."""
+        return ExitHead(self.channels[position], self.num_classes, channels, stride, self.classifier_kind)
 
 
 def parse_layout(layout: str, num_groups: int) -> tuple[int, ...]:
@@ -124,6 +132,13 @@ def parse_layout(layout: str, num_groups: int) -> tuple[int, ...]:
     return tuple(positions)
 
 
+def check_head_args(channels: int, stride: int) -> None:
+    """Reject head sizes that would fail deep inside a convolution with an obscure message."""
+    for name, value in (("channels", channels), ("stride", stride)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"Exit head {name} must be a positive integer, got {value!r}.")
+
+
 class ExitHead(nn.Module):
     """Intermediate classifier: two 3x3 conv-BN-ReLU layers, global average pooling and a dense layer.
 
@@ -140,9 +155,7 @@ class ExitHead(nn.Module):
         classifier: str = "linear",
     ) -> None:
         super().__init__()
-        for name, value in (("channels", channels), ("stride", stride)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Exit head {name} must be a positive integer, got {value!r}.")
+        check_head_args(channels, stride)
         layers: list[nn.Module] = []
         for conv_in in (in_channels, channels):
             layers += [
@@ -209,7 +222,8 @@ class MultiExitNet(nn.Module):
 
     Attributes:
         backbone: the wrapped :class:`Backbone`; its classifier is the last exit.
-        heads: the intermediate exit heads, in order.
+        heads: the intermediate exit heads, in order, built by the backbone's ``make_exit_head`` with
+            ``exit_channels`` kernels (None: the backbone's ``default_exit_channels``) and ``exit_stride``.
         layout: the layout string.
         exit_positions: number of block groups computed before each intermediate exit.
         num_exits: intermediate exits + 1.
@@ -217,7 +231,7 @@ class MultiExitNet(nn.Module):
     """
 
     def __init__(
-        self, backbone: Backbone, layout: str, exit_channels: int = 64, exit_stride: int = 2
+        self, backbone: Backbone, layout: str, exit_channels: int | None = None, exit_stride: int = 2
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -225,12 +239,9 @@ class MultiExitNet(nn.Module):
         self.exit_positions = parse_layout(layout, len(backbone.groups))
         self.num_exits = len(self.exit_positions) + 1
         self.num_classes = backbone.num_classes
-        classifier = backbone.classifier_kind
         self._exit_at_group = {position: index for index, position in enumerate(self.exit_positions)}
-        self.heads = nn.ModuleList(
-            ExitHead(backbone.channels[p], self.num_classes, exit_channels, exit_stride, classifier)
-            for p in self.exit_positions
-        )
+        channels = backbone.default_exit_channels if exit_channels is None else exit_channels
+        self.heads = nn.ModuleList(backbone.make_exit_head(p, channels, exit_stride) for p in self.exit_positions)
         self.heads.apply(init_weights)
 
     def forward(self, x: Tensor) -> list[Tensor]:

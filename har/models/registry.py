@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from har.models.densenet import DenseNet169
 from har.models.exits import Backbone, MultiExitNet, parse_layout
+from har.models.resnet import ResNet50
 from har.models.resnet_cifar import resnet32_cifar
 
 BackboneBuilder = Callable[[int, str], Backbone]
@@ -54,7 +56,7 @@ def create_model(
     num_classes: int,
     layout: str | None = None,
     classifier: str = "linear",
-    exit_channels: int = 64,
+    exit_channels: int | None = None,
     exit_stride: int = 2,
 ) -> MultiExitNet:
     """Build a registered backbone with exit heads.
@@ -64,7 +66,8 @@ def create_model(
         num_classes: number of classes of every exit.
         layout: exit layout such as 'CEBEBEBE'; None keeps the model's default.
         classifier: 'linear' or 'cosine' (LDAM's normalised classifier), used by every exit.
-        exit_channels: kernels of each exit-head convolution.
+        exit_channels: kernels of each exit-head convolution; None keeps the backbone's default (64 for
+            resnet32, 256 for resnet50, 128 for densenet169).
         exit_stride: stride of each exit-head convolution.
 
     Raises:
@@ -82,3 +85,15 @@ def create_model(
 def resnet32(num_classes: int, classifier: str) -> Backbone:
     """LDAM-DRW's CIFAR ResNet-32; by default an exit before each block group (Appendix B of the paper)."""
     return resnet32_cifar(num_classes, classifier)
+
+
+@register_model(default_layout="CEBEBEBEBE")
+def resnet50(num_classes: int, classifier: str) -> Backbone:
+    """torchvision's ImageNet ResNet-50 with depthwise-separable exit heads; an exit before each block group."""
+    return ResNet50(num_classes, classifier)
+
+
+@register_model(default_layout="CEBEBEBEBE")
+def densenet169(num_classes: int, classifier: str) -> Backbone:
+    """torchvision's ImageNet DenseNet-169 with two-convolution exit heads; an exit before each block group."""
+    return DenseNet169(num_classes, classifier)
