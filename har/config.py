@@ -87,7 +87,7 @@ class TrainConfig:
     deterministic: bool = True  # deterministic algorithms on the CPU (exact resume); GPUs run their fast kernels
     amp: bool | None = None  # bf16 autocast; None: on for CUDA, off for the CPU
     channels_last: bool | None = None  # channels-last memory format; None: on for CUDA, off for the CPU
-    compile: bool = False  # torch.compile the model (pays a compile time of a minute or so at start)
+    compile: Literal["off", "default", "reduce-overhead"] = "off"  # torch.compile mode; reduce-overhead: CUDA graphs
     log_every: int = 50  # steps between progress updates when stderr is not a terminal
 
 

@@ -6,6 +6,7 @@ flipped and normalised with a single gather, on whatever device holds it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -15,11 +16,19 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
+@functools.lru_cache(maxsize=16)
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Mean and std as 1 x C x 1 x 1 tensors, made once per device: a host-to-device copy every batch would
+    make every training step wait for the GPU."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+    return m, s
+
+
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """uint8 N x H x W x C -> float N x C x H x W, scaled to [0, 1] then standardised per channel."""
     x = images.permute(0, 3, 1, 2).float().div_(255)
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    m, s = _channel_stats(tuple(mean), tuple(std), x.device)
     return x.sub_(m).div_(s)
 
 

@@ -121,7 +121,7 @@ def train(cfg: RunConfig, out: str | Path, data: RunData | None = None) -> list[
     model = build_model(cfg, data.num_classes).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if t.compile else model
+    step_model = model if t.compile == "off" else torch.compile(model, mode=t.compile)
     har_loss = build_loss(cfg, data.class_counts).to(device)
     reweight = ReweightSchedule(cfg.loss.reweight, data.class_counts, beta=cfg.loss.cb_beta,
                                 drw_epoch=cfg.loss.drw_epoch)

@@ -1,0 +1,399 @@
+"""Training throughput, early-exit inference time and peak memory of `har` on one machine, in one process.
+
+Training rows time the trainer's own `_train_epoch` over a fixed number of batches, fed either by the package's
+data path (uint8 images on the device, `TensorBatches` + `BatchAugment`) or by the reference path of LDAM-DRW
+(PIL images, torchvision transforms, `DataLoader` workers, a copy to the device every step). Inference rows
+time `forward_static` (the bare backbone) against `forward_early_exit` at exit thresholds s chosen so that the
+MACs saving the counter predicts is near a few targets. It prints figures; it is not a timed test.
+
+    python benchmarks/throughput.py                    # CIFAR-10-LT-100 from $HAR_DATA; CUDA when present
+    python benchmarks/throughput.py --run runs/quick --set data.bundle=.carry/cifar10-lt100.npz.xz --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import dataclasses
+import functools
+import itertools
+import logging
+import os
+import platform
+import re
+import resource
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from har.atomic import atomic_write_json, atomic_write_text
+from har.config import RunConfig, load_config
+from har.data import BatchAugment, TensorBatches, normalize
+from har.data.build import RunData, build_data
+from har.engine.checkpoint import load_checkpoint
+from har.engine.trainer import CHECKPOINT, _train_epoch, build_loss, build_model, resolve_device
+from har.evaluation.evaluate import collect_logits
+from har.evaluation.flops import dynamic_cost, flops_table
+from har.models import MultiExitNet
+from har.models.exits import exit_by_threshold
+
+log = logging.getLogger("benchmark")
+
+REPO = Path(__file__).resolve().parents[1]
+NO_EXIT = 1.01  # above any softmax probability: every example runs to the last exit
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One training row: the method (config overrides) and how data and precision are handled."""
+
+    name: str
+    overrides: tuple[str, ...]
+    fast_data: bool  # the package's path; False: LDAM-DRW's PIL + DataLoader path
+    mixed: bool  # bf16 autocast + channels-last, as the trainer does by default on CUDA (never on the CPU)
+    cuda_only: bool = False
+    compiled: bool = False  # torch.compile (train.compile); only with --compile: compiling takes minutes
+
+
+HAR_CE = ("loss.name=ce", "loss.har=true", "loss.train_threshold=0.9", "model.layout=CEBEBEBE")
+VARIANTS = (
+    Variant("har-fast", HAR_CE, fast_data=True, mixed=True),
+    Variant("har-fast-fp32", HAR_CE, fast_data=True, mixed=False, cuda_only=True),
+    Variant("har-fast-compiled", HAR_CE, fast_data=True, mixed=True, compiled=True),
+    Variant("har-reference", HAR_CE, fast_data=False, mixed=False),
+    Variant("ce-bare-fast", ("loss.name=ce", "loss.har=false", "model.layout=CBBBE"), fast_data=True, mixed=True),
+)
+
+
+def synchronize(device: torch.device) -> None:
+    """CUDA kernels run asynchronously: a clock read without this would time the launches only."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak tensor memory on CUDA since the last reset; on the CPU the process's peak RSS (monotone, process-wide)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+class PILImages(Dataset):
+    """LDAM-DRW's data path (torchvision's CIFAR datasets): each example becomes a PIL image, then is transformed."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable[[Image.Image], Tensor]):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
+
+
+class Steps:
+    """`steps` batches of an endless stream, shaped like `TensorBatches` so that `_train_epoch` runs exactly them."""
+
+    def __init__(self, stream: Iterator[tuple[Tensor, Tensor]], steps: int):
+        self.stream, self.steps = stream, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        return itertools.islice(self.stream, self.steps)
+
+
+def device_stream(data: RunData, cfg: RunConfig, device: torch.device,
+                  generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+    """The package's path: the training set sits on the device as uint8, batches are gathered and augmented there."""
+    batches = TensorBatches(torch.from_numpy(data.train.images).to(device),
+                            torch.from_numpy(data.train.labels).to(device), cfg.train.batch_size, shuffle=True,
+                            augment=BatchAugment(cfg.data.mean, cfg.data.std), mean=cfg.data.mean,
+                            std=cfg.data.std, drop_last=True)
+    while True:
+        yield from batches.epoch(generator)
+
+
+def reference_stream(data: RunData, cfg: RunConfig, device: torch.device, workers: int,
+                     generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+    """LDAM-DRW's path: per-image PIL transforms in DataLoader workers, then a host-to-device copy every step."""
+    transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                                    transforms.ToTensor(), transforms.Normalize(cfg.data.mean, cfg.data.std)])
+    loader = DataLoader(PILImages(data.train.images, data.train.labels, transform), batch_size=cfg.train.batch_size,
+                        shuffle=True, num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
+                        persistent_workers=workers > 0, generator=generator)
+    while True:
+        for images, labels in loader:
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def time_training(variant: Variant, cfg: RunConfig, data: RunData, device: torch.device,
+                  args: argparse.Namespace) -> dict:
+    """Images per second of the trainer's step (forward, HAR loss, backward, SGD step) after a warm-up."""
+    mixed = variant.mixed and device.type == "cuda"
+    reset_peak_memory(device)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, data.num_classes).to(device)
+    if mixed:
+        model = model.to(memory_format=torch.channels_last)
+    har_loss = build_loss(cfg, data.class_counts).to(device)
+    t = cfg.train
+    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if variant.fast_data:
+        generator = torch.Generator(device=device).manual_seed(t.seed)
+        stream = device_stream(data, cfg, device, generator)
+    else:
+        generator = torch.Generator().manual_seed(t.seed)
+        stream = reference_stream(data, cfg, device, args.workers, generator)
+
+    step_model = torch.compile(model, mode=args.compile_mode) if variant.compiled else model
+
+    def run(steps: int) -> None:
+        _train_epoch(step_model, har_loss, optimizer, Steps(stream, steps), generator, 0, cfg, False, mixed)
+
+    run(args.warmup)
+    synchronize(device)
+    began = time.perf_counter()
+    run(args.steps)
+    synchronize(device)
+    seconds = time.perf_counter() - began
+    stream.close()  # stops the DataLoader workers before the next row
+    images = args.steps * t.batch_size  # drop_last: every batch is full
+    return {"variant": variant.name, "layout": cfg.model.layout, "loss": cfg.loss.name, "har": cfg.loss.har,
+            "data_path": "uint8 on device" if variant.fast_data else f"PIL + DataLoader ({args.workers} workers)",
+            "precision": ("bf16 autocast, channels-last" if mixed else "fp32")
+            + (", compiled" if variant.compiled else ""), "steps": args.steps,
+            "batch_size": t.batch_size, "seconds": seconds, "images_per_s": images / seconds,
+            "peak_memory_mib": peak_memory_mib(device)}
+
+
+def load_model(args: argparse.Namespace, cfg: RunConfig, data: RunData) -> tuple[MultiExitNet, str]:
+    """The run's final weights, or an untrained HAR model (its exit pattern is not representative, its timing is).
+
+    `load_run`'s config-hash and completeness checks are skipped: timing needs only weights that fit the model.
+    """
+    if args.run is None:
+        torch.manual_seed(cfg.train.seed)
+        return build_model(cfg, data.num_classes), "untrained (exit pattern not representative; timing only)"
+    run_cfg = load_config(args.run / "config.yaml")
+    if run_cfg.data.dataset != cfg.data.dataset:
+        raise SystemExit(f"{args.run} was trained on {run_cfg.data.dataset} but the benchmark data are "
+                         f"{cfg.data.dataset}; pass --config with the run's dataset")
+    model = build_model(run_cfg, data.num_classes)
+    model.load_state_dict(load_checkpoint(args.run / CHECKPOINT)["model"])
+    return model, f"{args.run} ({CHECKPOINT})"
+
+
+@torch.no_grad()
+def seconds_per_image(forwards: Sequence[Callable[[Tensor], object]], batches: Sequence[Tensor], repeats: int,
+                      device: torch.device) -> list[float]:
+    """Median wall time per image of each forward over `repeats` passes, after one untimed pass.
+
+    The forwards take turns within every pass, so a change in the load of a shared machine hits them all alike.
+    """
+    times: list[list[float]] = [[] for _ in forwards]
+    for _ in range(repeats + 1):
+        for forward, spent in zip(forwards, times):
+            synchronize(device)
+            began = time.perf_counter()
+            for batch in batches:
+                forward(batch)
+            synchronize(device)
+            spent.append(time.perf_counter() - began)
+    return [statistics.median(spent[1:]) / sum(len(b) for b in batches) for spent in times]
+
+
+def choose_thresholds(logits: Sequence[Tensor], table: dict, targets: Sequence[float]) -> dict[float, float]:
+    """Per reachable target MACs saving, the observed confidence s whose predicted saving is nearest to it.
+
+    The saving never grows with s (examples only move to later, dearer exits), so the sorted confidences of the
+    intermediate exits are bisected; s = 0 sends every example out of the first exit, the largest saving.
+    """
+    def saving(s: float) -> float:
+        return dynamic_cost(exit_by_threshold(logits, s)[1], table)["saving"]
+
+    grid = torch.cat([torch.zeros(1), *(z.softmax(1).amax(1) for z in logits[:-1])]).unique().tolist()
+    chosen = {}
+    for target in targets:
+        i = bisect.bisect_left(grid, True, key=lambda s: saving(s) < target)
+        if i > 0:
+            chosen[target] = min(grid[i - 1:i + 1], key=lambda s: abs(saving(s) - target))
+    return chosen
+
+
+def time_inference(model: MultiExitNet, cfg: RunConfig, data: RunData, device: torch.device,
+                   args: argparse.Namespace) -> dict:
+    """Wall time per image of static and early-exit inference, beside the MACs saving the counter predicts."""
+    model = model.to(device).eval()
+    images = data.test.images[:args.eval_images]
+    table = flops_table(model)
+    logits = list(torch.from_numpy(collect_logits(model, images, cfg, device)))
+    batches = normalize(torch.from_numpy(images).to(device), cfg.data.mean, cfg.data.std).split(args.eval_batch)
+    chosen = choose_thresholds(logits, table, args.target_savings)
+    thresholds = list(dict.fromkeys([*chosen.values(), NO_EXIT]))  # one row per s, however many targets chose it
+    forwards = [model.forward_static, *(functools.partial(model.forward_early_exit, exit_threshold=s)
+                                        for s in thresholds)]
+    static, *dynamic = seconds_per_image(forwards, batches, args.repeats, device)
+    rows = []
+    for s, seconds in zip(thresholds, dynamic):
+        exits = torch.cat([model.forward_early_exit(x, s)[1] for x in batches]).cpu()
+        rows.append({"target_savings": [t for t, chosen_s in chosen.items() if chosen_s == s], "exit_threshold": s,
+                     "predicted_saving": dynamic_cost(exit_by_threshold(logits, s)[1], table)["saving"],
+                     "real_run_macs_saving": dynamic_cost(exits, table)["saving"],
+                     "seconds_per_image": seconds, "wall_time_saving": 1 - seconds / static,
+                     "exit_fractions": (torch.bincount(exits, minlength=model.num_exits) / len(exits)).tolist()})
+    return {"images": len(images), "batch_size": args.eval_batch, "repeats": args.repeats,
+            "static_seconds_per_image": static, "backbone_macs": table["backbone_macs"],
+            "unreachable_targets": [t for t in args.target_savings if t not in chosen], "rows": rows}
+
+
+def machine() -> dict:
+    """What the figures depend on, so that a results file says where it came from."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    return {"platform": platform.platform(), "cpu": cpu.group(1) if cpu else platform.processor(),
+            "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "load_average": os.getloadavg(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def markdown(result: dict) -> str:
+    """The results as the tables printed and written beside the JSON."""
+    m, inf = result["machine"], result["inference"]
+    memory = "peak GPU memory allocated (MiB)" if result["device"] == "cuda" else "peak RSS of the process (MiB)"
+    lines = ["# har throughput benchmark", "",
+             f"- machine: {m['cpu']}, {m['logical_cores']} logical cores, GPU {m['gpu'] or 'none'}; "
+             f"{m['platform']}; torch {m['torch']} ({m['torch_threads']} threads); load average "
+             f"{m['load_average'][0]:.2f} at the start; {m['date']}",
+             f"- command: `{result['command']}`",
+             f"- data: {result['dataset']}, {result['train_images']} long-tailed training images; device "
+             f"{result['device']}", "",
+             f"## Training: batch {result['batch_size']}, {result['steps']} timed steps after {result['warmup']} "
+             f"warm-up steps", "",
+             f"| variant | layout | loss | data path | precision | images/s | {memory} |",
+             "| --- | --- | --- | --- | --- | ---: | ---: |"]
+    for r in result["training"]:
+        loss = f"{r['loss']} + HAR" if r["har"] else r["loss"]
+        lines.append(f"| {r['variant']} | {r['layout']} | {loss} | {r['data_path']} | {r['precision']} | "
+                     f"{r['images_per_s']:.1f} | {r['peak_memory_mib']:.0f} |")
+    lines += ["", f"Speed-up of har-fast over har-reference: {result['speedup_fast_over_reference']:.2f}x"]
+    if result["device"] != "cuda":
+        lines += ["", "Peak RSS is process-wide and never decreases: a row shows the maximum so far, not its own."]
+    lines += ["", f"## Dynamic inference: {inf['images']} test images, batch {inf['batch_size']}, fp32, "
+                  f"median of {inf['repeats']}", "",
+              f"Model: {result['model']}.", "",
+              f"Static (`forward_static`, {inf['backbone_macs'] / 1e6:.1f} M MACs): "
+              f"{1e6 * inf['static_seconds_per_image']:.1f} µs per image.", "",
+              "| target savings | s | predicted MACs saving | wall-time saving | µs per image | exit fractions |",
+              "| ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in inf["rows"]:
+        target = ", ".join(f"{100 * t:.0f}%" for t in r["target_savings"]) or "-"
+        fractions = " ".join(f"{f:.2f}" for f in r["exit_fractions"])
+        lines.append(f"| {target} | {r['exit_threshold']:.4g} | {100 * r['predicted_saving']:+.1f}% | "
+                     f"{100 * r['wall_time_saving']:+.1f}% | {1e6 * r['seconds_per_image']:.1f} | {fractions} |")
+    if inf["unreachable_targets"]:
+        lines += ["", "Not reachable (even s = 0 saves less): "
+                  + ", ".join(f"{100 * t:.0f}%" for t in inf["unreachable_targets"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    host = machine()  # before the work: the load average says what else the machine was doing
+    fixed = [*args.set, f"data.train_fraction={args.train_fraction}", "data.eval_fraction=1",
+             f"train.batch_size={args.batch_size}", f"eval.batch_size={args.eval_batch}"]
+    configs = {v.name: load_config(args.config, [*fixed, *v.overrides]) for v in VARIANTS}
+    data = build_data(configs["har-fast"].data)
+    if len(data.train) < args.batch_size:
+        raise SystemExit(f"{len(data.train)} training images are fewer than one batch of {args.batch_size}")
+    training = []
+    for variant in VARIANTS:
+        if variant.cuda_only and device.type != "cuda" or variant.compiled and not args.compile:
+            continue
+        log.info("training: %s", variant.name)
+        training.append(time_training(variant, configs[variant.name], data, device, args))
+    speed = {r["variant"]: r["images_per_s"] for r in training}
+    log.info("dynamic inference")
+    cfg = configs["har-fast"]
+    model, about = load_model(args, cfg, data)
+    result = {"command": shlex.join(["python", *sys.argv]), "machine": host, "device": device.type,
+              "config": args.config and str(args.config), "overrides": args.set,
+              "dataset": f"{cfg.data.dataset}-LT, imbalance ratio {cfg.data.ratio:g}",
+              "train_images": len(data.train), "batch_size": args.batch_size, "steps": args.steps,
+              "warmup": args.warmup, "training": training,
+              "speedup_fast_over_reference": speed["har-fast"] / speed["har-reference"],
+              "model": about, "inference": time_inference(model, cfg, data, device, args)}
+    text = markdown(result)
+    print(text)
+    kind = "cpu" if device.type != "cuda" else re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower())
+    out = args.out or REPO / "benchmarks" / "results" / kind
+    atomic_write_text(out.with_name(out.name + ".md"), text)
+    atomic_write_json(out.with_name(out.name + ".json"), result)
+    log.info("written: %s.{md,json}", out)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data and device
+    parser.add_argument("--config", type=Path, default=None,
+                        help="run config whose data and train sections are used; each row sets its own loss and "
+                             "layout (default: none, the package defaults: CIFAR-10-LT at imbalance 100)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. data.root=DIR or data.bundle=FILE (repeatable; default: "
+                             "none, data from $HAR_DATA)")
+    parser.add_argument("--train-fraction", type=float, default=1.0,
+                        help="share of every class of the long-tailed training subset (default: 1, the config's is "
+                             "ignored)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch's intra-op CPU threads; 1 is far steadier on a busy shared machine (default: 0, "
+                             "torch's choice, one per core)")
+    # training throughput
+    parser.add_argument("--batch-size", type=int, default=128, help="training batch (default: 128)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add a torch.compile row; the warm-up steps then include the compile (default: off)")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode of that row, e.g. reduce-overhead for CUDA graphs (default: default)")
+    parser.add_argument("--steps", type=int, default=30, help="timed training steps per variant (default: 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them (default: 5)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="DataLoader workers of har-reference (default: min(4, logical cores))")
+    # dynamic inference
+    parser.add_argument("--run", type=Path, default=None,
+                        help="finished run folder whose last.pt is timed (default: none, an untrained model)")
+    parser.add_argument("--eval-images", type=int, default=2000, help="first test images timed (default: 2000)")
+    parser.add_argument("--eval-batch", type=int, default=500, help="inference batch (default: 500)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes, median taken (default: 3)")
+    parser.add_argument("--target-savings", type=float, nargs="+", default=[0.0, 0.10, 0.25, 0.40],
+                        help="predicted MACs savings at which s is chosen (default: 0 0.10 0.25 0.40)")
+    # output
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results path without suffix, .md and .json written (default: "
+                             "benchmarks/results/<cpu or GPU name>)")
+    return parser
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
