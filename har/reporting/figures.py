@@ -1,0 +1,314 @@
+"""The paper's Figures 2-7 from the run folders: accuracy against cost, confidence, loss per exit, exits.
+
+Figures are bare `matplotlib.figure.Figure` objects drawn by the Agg canvas: no pyplot state, no display and
+nothing left open. Every figure is titled with the config label and written as PNG and PDF.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from har.atomic import atomic_write
+from har.config import from_dict
+from har.data.build import Split, build_data
+from har.evaluation.dynamic import exit_indices, softmax
+from har.pipeline import grid
+from har.reporting.results import (
+    ResultError,
+    load_results,
+    read_eval,
+    read_metrics,
+    read_outputs,
+    read_run_config,
+    setting_label,
+)
+
+log = logging.getLogger(__name__)
+
+SMALL_DATASETS = ("cifar10", "cifar100")  # Fig. 2; any other dataset (ImageNet-LT, iNaturalist) goes to Fig. 5
+EXAMPLES_PER_EXIT = 8
+
+
+def _save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
+    paths = []
+    for ext in ("png", "pdf"):
+        path = out_dir / f"{name}.{ext}"
+        atomic_write(path, lambda f, ext=ext: fig.savefig(f, format=ext, dpi=150))
+        paths.append(path)
+    return paths
+
+
+def _finals(df: pd.DataFrame) -> pd.DataFrame:
+    """Final runs of the methods themselves (no Table V layout variants)."""
+    return df[(df["role"] == "final") & (df["method"] == df["base_method"])]
+
+
+def _split_order(cfg: dict, df: pd.DataFrame) -> list[tuple[str, str]]:
+    """(dataset, split) of every configured split that has runs, in config order."""
+    present = set(df["split"])
+    return [(d, grid.split_name(d, r)) for d, r in grid.splits(cfg) if grid.split_name(d, r) in present]
+
+
+def _method_order(cfg: dict, methods: Sequence[str]) -> list[str]:
+    return [m for m in cfg["methods"] if m in set(methods)]
+
+
+def _sweep(runs: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """The test sweep over s averaged over seeds: s, relative MACs, top-1."""
+    points = [{"s": p["exit_threshold"], "rel_macs": 1 - p["saving"], "top1": p["top1"]}
+              for run_dir in runs["run_dir"] for p in read_eval(root / run_dir, "test")["dynamic_sweep"]]
+    return pd.DataFrame(points).groupby("s").mean().sort_values("rel_macs")
+
+
+def fig_accuracy_flops(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str], title: str) -> Figure:
+    """Figs. 2 and 5: each HAR method's dynamic curve over s, static points of every method (MACs relative to
+    the bare backbone: static mode costs 1)."""
+    finals = _finals(df)
+    methods = _method_order(cfg, finals["method"])
+    colors = dict(zip(methods, sns.color_palette("tab20", len(methods))))
+    fig = Figure(figsize=(5 * len(splits) + 2.5, 4.2), layout="constrained")
+    for ax, split in zip(fig.subplots(1, len(splits), squeeze=False)[0], splits):
+        runs = finals[finals["split"] == split]
+        for method in _method_order(cfg, runs["method"]):
+            group = runs[runs["method"] == method]
+            name, color = group["display"].iloc[0], colors[method]
+            if group["har"].all():
+                curve = _sweep(group, root)
+                ax.plot(curve["rel_macs"], 100 * curve["top1"], "-o", ms=3, color=color, label=f"{name} dynamic")
+                ax.scatter(1 - group["dyn_saving"].mean(), 100 * group["dyn_top1"].mean(), marker="*", s=160,
+                           color=color, edgecolor="black", zorder=3, label=f"{name} at s chosen on val")
+                ax.scatter(1.0, 100 * group["top1"].mean(), marker="o", s=50, facecolor="none", edgecolor=color,
+                           zorder=3, label=f"{name} static")
+            else:
+                ax.scatter(1.0, 100 * group["top1"].mean(), marker="s", s=40, color=color, zorder=3,
+                           label=f"{name} static")
+        ax.set(title=split, xlabel="MACs relative to the backbone", ylabel="test top-1 (%)")
+    handles = {label: h for ax in fig.axes for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="outside right center", fontsize=7)
+    fig.suptitle(f"{title} (mean over seeds)\n{setting_label(cfg)}")
+    return fig
+
+
+def _pair(df: pd.DataFrame, cfg: dict) -> list[str]:
+    """A HAR method and its non-HAR counterpart (har_x -> x), else any HAR and non-HAR, else the first two."""
+    finals = _finals(df)
+    present = _method_order(cfg, finals["method"])
+    har = [m for m in present if finals.loc[finals["method"] == m, "har"].all()]
+    for m in har:
+        if m.removeprefix("har_") in present:
+            return [m, m.removeprefix("har_")]
+    others = [m for m in present if m not in har]
+    return [har[0], others[0]] if har and others else present[:2]
+
+
+def _minority(report: dict) -> tuple[list[int], str, list[int], str]:
+    """Minority (medium + few-shot) and majority (many-shot) classes, else the rarer and commoner halves."""
+    groups = report["groups"]
+    minority, majority = groups["medium"] + groups["few"], groups["many"]
+    if minority and majority:
+        return minority, "medium + few-shot", majority, "many-shot"
+    order = np.argsort(report["class_counts"], kind="stable").tolist()
+    half = max(1, len(order) // 2)
+    return order[:half], "rarer half of the classes", order[half:], "commoner half"
+
+
+def _share(values: np.ndarray, keep: np.ndarray) -> str:
+    return f"{keep.mean():.0%}" if values.size else "n/a"
+
+
+def fig_confidence(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str]) -> Figure | None:
+    """Fig. 3: the final exit's true-class probability on test, minority against majority classes."""
+    finals = _finals(df)
+    methods = _pair(df, cfg)
+    if not methods:
+        return None
+    fig = Figure(figsize=(5 * len(methods), 3.6 * len(splits)), layout="constrained")
+    axes = fig.subplots(len(splits), len(methods), squeeze=False)
+    bins = np.linspace(0, 1, 21)
+    for row, split in zip(axes, splits):
+        for ax, method in zip(row, methods):
+            runs = finals[(finals["split"] == split) & (finals["method"] == method)].sort_values("seed")
+            if runs.empty:
+                ax.set_axis_off()
+                continue
+            run = runs.iloc[0]
+            logits, labels = read_outputs(root / run["run_dir"], "test")
+            true_prob = softmax(logits[-1])[np.arange(len(labels)), labels]
+            minority, minority_name, majority, majority_name = _minority(read_eval(root / run["run_dir"], "test"))
+            low, high = true_prob[np.isin(labels, minority)], true_prob[np.isin(labels, majority)]
+            sns.histplot(x=low, bins=bins, stat="probability", color="tab:red", alpha=0.5, ax=ax,
+                         label=f"minority: {minority_name}")
+            sns.histplot(x=high, bins=bins, stat="probability", color="tab:blue", alpha=0.5, ax=ax,
+                         label=f"majority: {majority_name}")
+            ax.text(0.5, 0.97, f"minority with p >= 0.9: {_share(low, low >= 0.9)}\n"
+                               f"majority with p <= 0.1: {_share(high, high <= 0.1)}",
+                    transform=ax.transAxes, ha="center", va="top", fontsize=8,
+                    bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+            ax.set(title=f"{run['display']}, {split}, seed {run['seed']}", xlim=(0, 1),
+                   xlabel="true-class probability at the final exit", ylabel="share of test examples")
+            ax.legend(fontsize=7, loc="center")
+    fig.suptitle(f"Confidence of minority and majority classes (test)\n{setting_label(cfg)}")
+    return fig
+
+
+def fig_loss_per_exit(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str]) -> Figure | None:
+    """Fig. 4: mean HAR loss at each exit in the last training epoch, and the share of examples exiting there."""
+    finals = _finals(df)
+    finals = finals[finals["har"] & finals["split"].isin(splits)]
+    if finals.empty:
+        return None
+    splits = [s for s in splits if s in set(finals["split"])]
+    rows = []
+    for _, run in finals.iterrows():
+        last = read_metrics(root / run["run_dir"])[-1]
+        rows += [{"split": run["split"], "method": run["display"], "exit": f"exit {k + 1}",
+                  "loss": np.nan if loss is None else loss, "fraction": 100 * fraction}
+                 for k, (loss, fraction) in enumerate(zip(last["exit_loss"], last["exit_fraction"]))]
+    long = pd.DataFrame(rows)
+    fig = Figure(figsize=(5 * len(splits) + 2, 6.5), layout="constrained")
+    axes = fig.subplots(2, len(splits), squeeze=False)
+    for column, split in enumerate(splits):
+        part = long[long["split"] == split]
+        for ax, metric, label in ((axes[0, column], "loss", "mean HAR loss"),
+                                  (axes[1, column], "fraction", "training examples exiting here (%)")):
+            sns.barplot(data=part, x="exit", y=metric, hue="method", errorbar="sd", ax=ax)
+            ax.set(title=split, xlabel="", ylabel=label)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"HAR loss and share of examples per exit\nlast training epoch, mean ± std over seeds\n"
+                 f"{setting_label(cfg)}")
+    return fig
+
+
+def _showcase(df: pd.DataFrame, cfg: dict, splits: list[str]) -> pd.Series | None:
+    """The HAR run that Figs. 6 and 7 show: har_ldam_drw if present, on the first split, lowest seed."""
+    finals = _finals(df)
+    har = finals[finals["har"] & finals["split"].isin(splits)]
+    if har.empty:
+        return None
+    methods = _method_order(cfg, har["method"])
+    method = "har_ldam_drw" if "har_ldam_drw" in methods else methods[0]
+    runs = har[har["method"] == method]
+    split = next(s for s in splits if s in set(runs["split"]))
+    return runs[runs["split"] == split].sort_values("seed").iloc[0]
+
+
+def _run_title(run: pd.Series, selected: dict, s: float) -> str:
+    chosen = (selected.get(run["split"]) or {}).get(run["method"]) or {}
+    t = f", t = {chosen['train_threshold']:.3g}" if chosen.get("train_threshold") is not None else ""
+    return f"{run['display']}{t}, {run['split']}, seed {run['seed']}, s = {s:.3g} (chosen on val)"
+
+
+def fig_exits(run: pd.Series, root: Path, cfg: dict, selected: dict) -> Figure:
+    """Fig. 6: each exit's confusion matrix over the test examples leaving there, and their composition."""
+    report = read_eval(root / run["run_dir"], "test")
+    best = report["dynamic_selected"]["best"]
+    per_exit = best["per_exit"]
+    if any("confusion" not in e for e in per_exit):
+        raise ResultError(f"{root / run['run_dir']}/eval/test.json has no per-exit confusion; evaluate it again")
+    num_classes = len(report["class_counts"])
+    fig = Figure(figsize=(3.3 * (len(per_exit) + 1) + 1, 3.9), layout="constrained")
+    axes = fig.subplots(1, len(per_exit) + 1)
+    for k, (ax, entry) in enumerate(zip(axes, per_exit)):
+        ticks = num_classes <= 10
+        sns.heatmap(np.array(entry["confusion"]), ax=ax, cmap="Blues", cbar=False, square=True,
+                    annot=ticks, fmt="d", annot_kws={"fontsize": 6}, xticklabels=ticks, yticklabels=ticks,
+                    rasterized=True)
+        accuracy = "-" if entry["accuracy"] is None else f"{entry['accuracy']:.0%}"
+        ax.set(title=f"exit {k + 1}: {entry['fraction']:.0%} leave, acc {accuracy}", xlabel="predicted",
+               ylabel="true" if k == 0 else "")
+    ax = axes[-1]
+    exits = np.arange(1, len(per_exit) + 1)
+    bottom = np.zeros(len(per_exit))
+    for group, color in zip(("many", "medium", "few"), sns.color_palette("Set2", 3)):
+        counts = np.array([sum(e["class_counts"][c] for c in report["groups"][group]) for e in per_exit])
+        ax.bar(exits, counts, bottom=bottom, color=color, label=group)
+        bottom += counts
+    ax.set(xlabel="exit", ylabel="test examples leaving here", xticks=exits, title="composition and accuracy")
+    twin = ax.twinx()
+    twin.plot(exits, [np.nan if e["accuracy"] is None else 100 * e["accuracy"] for e in per_exit], "ko-",
+              label="accuracy")
+    twin.set(ylabel="accuracy (%)", ylim=(0, 105))
+    twin.grid(False)
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper right")
+    fig.suptitle(f"Exits at inference: {_run_title(run, selected, best['exit_threshold'])}\n{setting_label(cfg)}")
+    return fig
+
+
+def _test_split(run_dir: Path, bundle: Path, labels: np.ndarray) -> tuple[Split, list[str]]:
+    """The run's test split from the bundle, in the order of its eval npz (fractions applied as in training)."""
+    config = from_dict(read_run_config(run_dir))
+    data = build_data(dataclasses.replace(config.data, bundle=str(bundle)))
+    if len(data.test) != len(labels) or not np.array_equal(data.test.labels, labels):
+        raise ResultError(f"bundle {bundle} does not hold the test split of {run_dir} (labels differ); export the "
+                          f"bundle with the run's data config (har export-data)")
+    return data.test, data.classes
+
+
+def fig_exit_examples(run: pd.Series, root: Path, cfg: dict, selected: dict, bundle: Path) -> Figure:
+    """Fig. 7: the first test images leaving at each exit (title: true class; red when misclassified)."""
+    run_dir = root / run["run_dir"]
+    s = read_eval(run_dir, "test")["dynamic_selected"]["best"]["exit_threshold"]
+    logits, labels = read_outputs(run_dir, "test")
+    test, classes = _test_split(run_dir, bundle, labels)
+    probs = softmax(logits)
+    where = exit_indices(probs.max(axis=2), s)
+    predictions = probs[where, np.arange(len(labels))].argmax(axis=1)
+    fig = Figure(figsize=(1.4 * EXAMPLES_PER_EXIT + 1, 1.6 * len(logits) + 1), layout="constrained")
+    axes = fig.subplots(len(logits), EXAMPLES_PER_EXIT, squeeze=False)
+    for k, row in enumerate(axes):
+        leaving = np.flatnonzero(where == k)
+        for ax, i in zip(row, leaving[:EXAMPLES_PER_EXIT]):
+            ax.imshow(test.images[i])
+            ax.set_title(classes[labels[i]], fontsize=8, color="black" if predictions[i] == labels[i] else "red")
+        for ax in row:
+            ax.set(xticks=[], yticks=[])
+            if not ax.images and ax is not row[0]:
+                ax.set_axis_off()
+        row[0].set_ylabel(f"exit {k + 1}\n({len(leaving)} leave)", fontsize=9)
+    fig.suptitle(f"Test images by exit: {_run_title(run, selected, s)}\n{setting_label(cfg)}")
+    return fig
+
+
+def plot_figures(records: Sequence[dict], root: str | Path, cfg: dict, selected: dict, out_dir: str | Path,
+                 bundles: dict[str, str | Path]) -> list[Path]:
+    """Write Figs. 2-7 as PNG and PDF into `out_dir`; return their paths (a figure without data is logged and
+    skipped). `bundles` maps a split to its data bundle, which Fig. 7 reads the test images from."""
+    root, out_dir = Path(root), Path(out_dir)
+    df = load_results(records, root)
+    ordered = _split_order(cfg, df)
+    small = [split for dataset, split in ordered if dataset in SMALL_DATASETS]
+    large = [split for dataset, split in ordered if dataset not in SMALL_DATASETS]
+    paths: list[Path] = []
+
+    def emit(name: str, make: Callable[[], Figure | None], why: str) -> None:
+        fig = make()
+        if fig is None:
+            log.info("%s skipped: %s", name, why)
+        else:
+            paths.extend(_save(fig, out_dir, name))
+
+    splits = small + large
+    run = _showcase(df, cfg, splits)
+    if run is not None and run["split"] not in bundles:  # checked before any plotting: fail in seconds
+        raise ResultError(f"no data bundle for split {run['split']} (Fig. 7 shows its test images); pass "
+                          f"bundles={{'{run['split']}': 'results/splits/{run['split']}/data.npz'}}")
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.2):
+        emit("fig2_accuracy_flops", lambda: fig_accuracy_flops(df, root, cfg, small, "Accuracy against MACs")
+             if small else None, "no CIFAR-LT split in this config")
+        emit("fig5_accuracy_flops_large", lambda: fig_accuracy_flops(df, root, cfg, large, "Accuracy against MACs, "
+             "large-scale") if large else None, "no ImageNet-LT / iNaturalist split in this config")
+        emit("fig3_confidence", lambda: fig_confidence(df, root, cfg, splits), "no final runs")
+        emit("fig4_loss_per_exit", lambda: fig_loss_per_exit(df, root, cfg, splits), "no HAR run")
+        emit("fig6_exits", lambda: fig_exits(run, root, cfg, selected) if run is not None else None, "no HAR run")
+        emit("fig7_exit_examples", lambda: fig_exit_examples(run, root, cfg, selected, Path(bundles[run["split"]]))
+             if run is not None else None, "no HAR run")
+    return paths

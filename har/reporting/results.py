@@ -1,0 +1,172 @@
+"""Every run's evaluation as one row of a table, checked before it can reach a paper table or figure.
+
+A stale, half-written or foreign eval file would otherwise slip silently into the results, so each run's
+`eval/<split>.json` must be complete and computed for the config hash in its own folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from har.engine.trainer import METRICS
+
+# The numeric columns `load_results` adds to each record (fractions in [0, 1], MACs and s as they are).
+RESULT_COLUMNS = ("top1", "many", "medium", "few", "macs", "dyn_s", "dyn_top1", "dyn_saving",
+                  "target_s", "target_top1", "target_saving", "val_top1")
+
+# The fields of `grid.describe` records and what `load_results` adds besides the metrics.
+RECORD_FIELDS = ("dataset", "ratio", "split", "method", "base_method", "display", "tables", "seed", "t_point", "role",
+                 "run_dir")
+RUN_FIELDS = ("target", "har", "train_threshold", "layout", "num_exits")
+
+# What a report needs from each split's JSON, as key paths.
+_REQUIRED = {
+    "test": ("config_sha256", "static.top1", "static.shot.many", "static.shot.medium", "static.shot.few",
+             "static.macs", "dynamic_sweep", "dynamic_selected.best.exit_threshold", "dynamic_selected.best.top1",
+             "dynamic_selected.best.saving", "dynamic_selected.best.per_exit", "flops.backbone_macs",
+             "flops.exits", "groups", "class_counts"),
+    "val": ("config_sha256", "static.top1"),
+}
+
+
+class ResultError(ValueError):
+    """A run's results are missing, unreadable, incomplete or belong to another config."""
+
+
+def setting_label(cfg: dict) -> str:
+    """The config's label for captions and titles, flagged unless it is the paper's setting."""
+    label = str(cfg.get("label") or "unlabelled config")
+    if label.strip().lower() == "paper" or "not the paper" in label:
+        return label
+    return f"{label} (not the paper's setting)"
+
+
+def _lookup(report: dict, dotted: str) -> Any:
+    node: Any = report
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            raise KeyError(dotted)
+        node = node[key]
+    return node
+
+
+def _has(report: dict, dotted: str) -> bool:
+    try:
+        _lookup(report, dotted)
+    except KeyError:
+        return False
+    return True
+
+
+def read_eval(run_dir: Path, split: str) -> dict:
+    """`eval/<split>.json` of a run, refused unless complete and computed for the run folder's config."""
+    path = run_dir / "eval" / f"{split}.json"
+    hash_path = run_dir / "config.sha256"
+    if not hash_path.is_file():
+        raise ResultError(f"{run_dir} has no config.sha256: not a trained run folder; train it with har train")
+    if not path.is_file():
+        raise ResultError(f"{run_dir} has no eval/{split}.json; evaluate it with har evaluate")
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ResultError(f"{path} is unreadable ({exc}); delete it and evaluate {run_dir} again") from exc
+    if not isinstance(report, dict):
+        raise ResultError(f"{path} is not an evaluation report; delete it and evaluate {run_dir} again")
+    missing = [key for key in _REQUIRED[split] if not _has(report, key)]
+    if missing:
+        raise ResultError(f"{path} is incomplete (missing {', '.join(missing)}); evaluate {run_dir} again")
+    expected = hash_path.read_text().strip()
+    if report["config_sha256"] != expected:
+        raise ResultError(f"{path} was computed for another config (config_sha256 {report['config_sha256'][:12]}, "
+                          f"the folder's config.sha256 {expected[:12]}); evaluate {run_dir} again")
+    return report
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """The resolved run config (`config.yaml`) as plain values."""
+    path = run_dir / "config.yaml"
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ResultError(f"{path} is missing or unreadable ({exc}); train {run_dir} again") from exc
+    if not isinstance(values, dict) or not isinstance(values.get("loss"), dict):
+        raise ResultError(f"{path} is not a run config; train {run_dir} again")
+    return values
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The per-epoch training rows of `metrics.jsonl`."""
+    path = run_dir / METRICS
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ResultError(f"{path} is missing or unreadable ({exc}); train {run_dir} again") from exc
+    if not rows or "exit_loss" not in rows[-1] or "exit_fraction" not in rows[-1]:
+        raise ResultError(f"{path} has no epoch with exit_loss and exit_fraction; train {run_dir} again")
+    return rows
+
+
+def read_outputs(run_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Cached logits [exits, N, C] and labels [N] of `eval/<split>.npz`."""
+    path = run_dir / "eval" / f"{split}.npz"
+    try:
+        with np.load(path) as archive:
+            return archive["logits"], archive["labels"]
+    except (OSError, KeyError, ValueError, EOFError) as exc:
+        raise ResultError(f"{path} is missing or unreadable ({exc}); evaluate {run_dir} again") from exc
+
+
+def _target(selected: dict) -> tuple[str | None, dict]:
+    """The first `saving>=...` choice of s, if the run was evaluated with a target saving."""
+    name = next((key for key in selected if key.startswith("saving>=")), None)
+    return name, selected.get(name, {})
+
+
+def _row(record: dict, root: Path) -> dict:
+    run_dir = root / record["run_dir"]
+    test, val = read_eval(run_dir, "test"), read_eval(run_dir, "val")
+    config = read_run_config(run_dir)
+    best = test["dynamic_selected"]["best"]
+    target_name, target = _target(test["dynamic_selected"])
+    shot = test["static"]["shot"]
+    return dict(record, top1=test["static"]["top1"], many=shot["many"], medium=shot["medium"], few=shot["few"],
+                macs=test["static"]["macs"], dyn_s=best["exit_threshold"], dyn_top1=best["top1"],
+                dyn_saving=best["saving"], target=target_name, target_s=target.get("exit_threshold"),
+                target_top1=target.get("top1"), target_saving=target.get("saving"), val_top1=val["static"]["top1"],
+                har=bool(config["loss"].get("har")), train_threshold=config["loss"].get("train_threshold"),
+                layout=(config.get("model") or {}).get("layout"), num_exits=len(test["flops"]["exits"]))
+
+
+def load_results(records: Sequence[dict], root: str | Path) -> pd.DataFrame:
+    """One row per run: the record's fields, static and dynamic test metrics, static validation top-1.
+
+    Accuracies and savings stay fractions; `har` and `train_threshold` come from the run's own config.yaml.
+    """
+    rows = [_row(record, Path(root)) for record in records]
+    df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=[*RECORD_FIELDS, *RESULT_COLUMNS, *RUN_FIELDS])
+    for column in RESULT_COLUMNS:
+        df[column] = pd.to_numeric(df[column], errors="coerce").astype(float)
+    return df
+
+
+def summarise(df: pd.DataFrame, by: str | Iterable[str], metrics: Iterable[str] = RESULT_COLUMNS) -> pd.DataFrame:
+    """Mean, sample std (ddof=1: NaN for one seed) and count of non-missing values of each metric per group.
+
+    Columns: the `by` keys, then `<metric>_mean`, `<metric>_std`, `<metric>_n`; groups keep their first order.
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    metrics = [m for m in metrics if m in df.columns]
+    columns = by + [f"{m}_{stat}" for m in metrics for stat in ("mean", "std", "n")]
+    if df.empty:
+        return pd.DataFrame(columns=columns)
+    grouped = df[by + metrics].groupby(by, dropna=False, sort=False)[metrics]
+    stats = {"mean": grouped.mean(), "std": grouped.std(ddof=1), "n": grouped.count()}
+    out = pd.concat([stats[stat][m].rename(f"{m}_{stat}") for m in metrics for stat in stats], axis=1)
+    return out.reset_index()[columns]

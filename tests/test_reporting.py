@@ -1,0 +1,235 @@
+"""Tables and figures from real (tiny) run folders laid out as the pipeline grid lays them out."""
+
+import copy
+import json
+import logging
+import math
+import re
+import shutil
+import statistics
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import synthetic_data
+
+from har.config import config_hash, from_dict
+from har.data.build import write_bundle
+from har.engine.trainer import train
+from har.evaluation.evaluate import evaluate_run
+from har.pipeline import grid
+from har.reporting import ResultError, build_tables, load_published, load_results, plot_figures, summarise
+
+SPLIT = "cifar10-r100"
+PIPELINE = {
+    "label": "tiny test",
+    "seeds": [0, 1],
+    "datasets": [{"name": "cifar10", "ratios": [100]}],
+    "run_overrides": {"train": {"epochs": 1, "batch_size": 32, "warmup_epochs": 1, "device": "cpu"},
+                      "eval": {"exit_thresholds": [0.0, 0.5, 0.9, 1.01], "target_savings": [0.2]}},
+    "methods": {
+        "ce_drw": {"display": "CE+DRW", "tables": ["II", "IV"],
+                   "run": {"model": {"layout": "CBBBE"}, "loss": {"name": "ce", "reweight": "drw", "har": False}}},
+        "har_ce_drw": {"display": "HAR(CE)+DRW", "tables": ["II", "III"], "t_search": "ce",
+                       "run": {"loss": {"name": "ce", "reweight": "drw", "har": True}}},
+        "mixup": {"display": "Mixup", "tables": ["II"], "trainable": False},
+    },
+    "t_search": {"seeds": [0], "ce": [0.5, 0.9]},
+    "layouts": {"method": "har_ce_drw", "values": ["CBBEBE"]},
+}
+SELECTED = {SPLIT: {"har_ce_drw": {"t_point": 0.5, "train_threshold": 0.5}}}
+
+
+def _train_all(root, specs, data):
+    """Train and evaluate each grid run once; a run whose config another already has is a copy of it."""
+    trained = {}
+    for spec in specs:
+        selected = SELECTED[SPLIT][spec.base_method]["train_threshold"] if grid.needs_selected_t(PIPELINE, spec) \
+            else None
+        cfg = from_dict(grid.run_config(PIPELINE, spec, selected))
+        out = root / spec.run_dir
+        if config_hash(cfg) in trained:  # the t point that was selected is the final seed-0 run itself
+            shutil.copytree(trained[config_hash(cfg)], out)
+            continue
+        train(cfg, out, data=data)
+        evaluate_run(out, device="cpu", data=data)
+        trained[config_hash(cfg)] = out
+    return cfg.data
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Five trained runs (two methods x two seeds, one layout variant, one t point) and a copied sixth."""
+    root = tmp_path_factory.mktemp("reporting")
+    data = synthetic_data(counts=(21, 6, 2), per_class_eval=4)  # one training step per run
+    specs = [s for s in grid.final_runs(PIPELINE) if s.layout is None or s.seed == 0] + grid.tsearch_runs(PIPELINE)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on shared cores: more threads only wait for each other (10x slower)
+    try:
+        data_cfg = _train_all(root, specs, data)
+    finally:
+        torch.set_num_threads(threads)
+    bundle = write_bundle(data, data_cfg, root / "results" / "splits" / SPLIT / "data.npz")
+    return root, [grid.describe(PIPELINE, s) for s in specs], {SPLIT: bundle}
+
+
+def test_rows_equal_the_eval_json(results):
+    root, records, _ = results
+    df = load_results(records, root)
+    assert len(df) == len(records) == 7
+    for record, (_, row) in zip(records, df.iterrows()):
+        run = root / record["run_dir"]
+        test = json.loads((run / "eval" / "test.json").read_text())
+        val = json.loads((run / "eval" / "val.json").read_text())
+        assert {k: row[k] for k in ("method", "seed", "role", "run_dir")} == \
+            {k: record[k] for k in ("method", "seed", "role", "run_dir")}
+        assert row["top1"] == test["static"]["top1"] and row["val_top1"] == val["static"]["top1"]
+        for group in ("many", "medium", "few"):
+            value = test["static"]["shot"][group]
+            assert math.isnan(row[group]) if value is None else row[group] == value
+        assert row["macs"] == test["static"]["macs"]
+        best, target = test["dynamic_selected"]["best"], test["dynamic_selected"]["saving>=0.2"]
+        assert (row["dyn_s"], row["dyn_top1"], row["dyn_saving"]) == \
+            (best["exit_threshold"], best["top1"], best["saving"])
+        assert (row["target"], row["target_s"], row["target_top1"], row["target_saving"]) == \
+            ("saving>=0.2", target["exit_threshold"], target["top1"], target["saving"])
+        assert row["har"] == (record["base_method"] == "har_ce_drw")
+        assert row["num_exits"] == len(test["flops"]["exits"])
+    assert df["many"].isna().all() and df["medium"].notna().all()  # counts (21, 6, 2): no many-shot class
+
+
+def _break_missing(run):
+    (run / "eval" / "test.json").unlink()
+
+
+def _break_truncated(run):
+    path = run / "eval" / "test.json"
+    path.write_text(path.read_text()[:200])
+
+
+def _break_incomplete(run):
+    path = run / "eval" / "val.json"
+    report = json.loads(path.read_text())
+    del report["static"]["top1"]
+    path.write_text(json.dumps(report))
+
+
+def _break_hash(run):
+    (run / "config.sha256").write_text("0" * 64 + "\n")
+
+
+@pytest.mark.parametrize("damage, message", [(_break_missing, "has no eval/test.json"),
+                                             (_break_truncated, "test.json is unreadable"),
+                                             (_break_incomplete, r"incomplete \(missing static.top1\)"),
+                                             (_break_hash, "computed for another config")])
+def test_bad_results_are_refused_naming_the_run(results, tmp_path, damage, message):
+    root, records, _ = results
+    record = records[0]
+    shutil.copytree(root / record["run_dir"], tmp_path / record["run_dir"])
+    damage(tmp_path / record["run_dir"])
+    with pytest.raises(ResultError, match=message) as caught:
+        load_results([record], tmp_path)
+    assert record["run_dir"] in str(caught.value)
+
+
+def test_summarise_mean_std_and_count(results):
+    root, records, _ = results
+    df = load_results(records, root)
+    summary = summarise(df, ["split", "method", "role"])
+    for _, row in summary.iterrows():
+        values = [r["top1"] for r in df.to_dict("records")
+                  if (r["split"], r["method"], r["role"]) == (row["split"], row["method"], row["role"])]
+        assert row["top1_n"] == len(values)
+        assert row["top1_mean"] == pytest.approx(statistics.fmean(values))
+        if len(values) > 1:
+            assert row["top1_std"] == pytest.approx(statistics.stdev(values))
+        else:
+            assert math.isnan(row["top1_std"])
+    assert summary.loc[summary["method"] == "har_ce_drw@CBBEBE", "top1_n"].item() == 1
+    assert summary["many_n"].eq(0).all() and summary["many_mean"].isna().all()
+    assert summarise(df.iloc[:0], "method").empty
+
+
+def _numbers(cells):
+    """The leading percentage of each filled cell."""
+    return [float(re.match(r"-?[\d.]+", c).group()) for c in cells if c != "-"]
+
+
+def test_tables_in_three_formats_with_every_row_and_the_paper_columns(results, tmp_path):
+    root, records, _ = results
+    df = load_results(records, root)
+    published = [{"table": "II", "dataset": "cifar10", "ratio": 100, "method": "har_ce_drw", "metric": "top1",
+                  "value": 50.0}]
+    paths = build_tables(df, PIPELINE, SELECTED, published, tmp_path)
+    assert sorted(p.name for p in paths) == sorted(f"table_{t}.{ext}" for t in grid.TABLES
+                                                   for ext in ("csv", "md", "tex"))
+    tables = {t: pd.read_csv(tmp_path / f"table_{t}.csv", comment="#", dtype=str, keep_default_na=False)
+              for t in grid.TABLES}
+    for t in grid.TABLES:
+        for ext in ("csv", "md", "tex"):
+            text = (tmp_path / f"table_{t}.{ext}").read_text()
+            assert "tiny test (not the paper's setting)" in text
+            assert ("over 1 seed;" if t == "I" else "over 2 seeds;") in text
+        for column in tables[t].columns:
+            if ("top-1" in column or column in ("many", "medium", "few", "all")) and not column.endswith("diff"):
+                assert all(0 <= x <= 100 for x in _numbers(tables[t][column])), (t, column)
+    assert "\\toprule" in (tmp_path / "table_II.tex").read_text()
+
+    search = tables["I"]
+    assert search[["t", "Selected"]].values.tolist() == [["0.5", "yes"], ["0.9", ""]]
+
+    two = tables["II"].set_index("Method")
+    assert list(two.index) == ["CE+DRW", "HAR(CE)+DRW", "Mixup"]
+    har = df[(df["method"] == "har_ce_drw") & (df["role"] == "final")]
+    mean, std = 100 * har["top1"].mean(), 100 * har["top1"].std()
+    assert two.loc["HAR(CE)+DRW", f"{SPLIT} top-1"] == f"{mean:.1f} ± {std:.1f}"
+    assert two.loc["HAR(CE)+DRW", f"{SPLIT} top-1 paper"] == "50.0"
+    assert two.loc["HAR(CE)+DRW", f"{SPLIT} top-1 diff"] == f"{mean - 50:+.1f}"
+    assert two.loc["CE+DRW", f"{SPLIT} top-1 paper"] == "-"
+    assert two.loc["CE+DRW", f"{SPLIT} dyn. top-1"] == "-"  # not a HAR method
+    assert two.loc["HAR(CE)+DRW", f"{SPLIT} dyn. top-1"] != "-"
+    assert (two.loc["Mixup"] == "-").all()  # not trainable: no runs
+    assert "| HAR(CE)+DRW |" in (tmp_path / "table_II.md").read_text()
+    assert "HAR(CE)+DRW &" in (tmp_path / "table_II.tex").read_text()
+
+    assert tables["III"][["Method", "many"]].values.tolist() == [["HAR(CE)+DRW", "-"]]
+    assert tables["IV"]["Method"].tolist() == ["CE+DRW"] and "paper" not in " ".join(tables["IV"].columns)
+    layouts = tables["V"]
+    assert layouts["Layout"].tolist() == ["default", "CBBEBE"] and layouts["Exits"].tolist() == ["4", "2"]
+    assert layouts["static top-1"].iloc[1].endswith("(n=1)")
+
+
+def test_a_table_without_runs_says_so(results, tmp_path):
+    root, records, _ = results
+    cfg = copy.deepcopy(PIPELINE)
+    cfg["methods"]["har_ce_drw"]["tables"] = ["II"]
+    build_tables(load_results(records, root), cfg, SELECTED, [], tmp_path)
+    assert "no run of this config is listed for Table III" in (tmp_path / "table_III.md").read_text()
+
+
+def test_the_published_numbers_are_the_sourced_ones():
+    facts = {(f["table"], f["dataset"], f["ratio"], f["method"], f["metric"]): f["value"] for f in load_published()}
+    assert facts == {("II", "cifar10", 100, "har_ldam_drw", "top1"): 78.1,
+                     ("II", "cifar10", 100, "ldam_drw", "top1"): 77.0}
+
+
+def test_every_figure_is_written_as_png_and_pdf(results, tmp_path, caplog):
+    root, records, bundles = results
+    with caplog.at_level(logging.INFO, logger="har.reporting.figures"):
+        paths = plot_figures(records, root, PIPELINE, SELECTED, tmp_path, bundles)
+    names = ["fig2_accuracy_flops", "fig3_confidence", "fig4_loss_per_exit", "fig6_exits", "fig7_exit_examples"]
+    assert sorted(p.name for p in paths) == sorted(f"{n}.{ext}" for n in names for ext in ("png", "pdf"))
+    for path in paths:
+        head = path.read_bytes()[:8]
+        assert path.stat().st_size > 1024
+        assert head == b"\x89PNG\r\n\x1a\n" if path.suffix == ".png" else head.startswith(b"%PDF")
+    assert "fig5_accuracy_flops_large skipped" in caplog.text
+    assert np.all([p.parent == tmp_path for p in paths])
+
+
+def test_figures_without_the_bundle_are_refused_before_plotting(results, tmp_path):
+    root, records, _ = results
+    with pytest.raises(ResultError, match=f"no data bundle for split {SPLIT}"):
+        plot_figures(records, root, PIPELINE, SELECTED, tmp_path, {})
+    assert not list(tmp_path.iterdir())
