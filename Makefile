@@ -17,10 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 quick: install
-	$(BIN)/har run --config config/runs/quick.yaml --out runs/quick
+	$(BIN)/snakemake --profile profiles/local --configfile config/quick.yaml
 
 test: install
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf runs/quick .pytest_cache
+	rm -rf results/runs results/tsearch results/splits results/selection results/tables figures/*.png figures/*.pdf logs .pytest_cache

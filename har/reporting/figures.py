@@ -278,6 +278,22 @@ def fig_exit_examples(run: pd.Series, root: Path, cfg: dict, selected: dict, bun
     return fig
 
 
+def figure_names(cfg: dict) -> list[str]:
+    """The figures `plot_figures` writes for a pipeline config (the workflow declares them as outputs)."""
+    datasets = {dataset for dataset, _ in grid.splits(cfg)}
+    names = []
+    if datasets & set(SMALL_DATASETS):
+        names.append("fig2_accuracy_flops")
+    if datasets - set(SMALL_DATASETS):
+        names.append("fig5_accuracy_flops_large")
+    finals = grid.final_runs(cfg)
+    if finals:
+        names.append("fig3_confidence")
+    if any(grid.run_config(cfg, spec)["loss"]["har"] for spec in finals):
+        names += ["fig4_loss_per_exit", "fig6_exits", "fig7_exit_examples"]
+    return names
+
+
 def plot_figures(records: Sequence[dict], root: str | Path, cfg: dict, selected: dict, out_dir: str | Path,
                  bundles: dict[str, str | Path]) -> list[Path]:
     """Write Figs. 2-7 as PNG and PDF into `out_dir`; return their paths (a figure without data is logged and

@@ -1,0 +1,94 @@
+"""What each pipeline job does; the Snakemake scripts only unpack their arguments and call these."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from har.atomic import atomic_write_json
+from har.config import from_dict
+from har.data.build import full_splits, write_bundle
+from har.pipeline import grid
+
+log = logging.getLogger(__name__)
+
+
+def setup_job(log_file: str | Path | None, threads: int | None = None) -> None:
+    """Send a job's stderr and logging to its log file first, and give torch the job's threads."""
+    import sys
+
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        sys.stderr = open(log_file, "w", buffering=1)  # noqa: SIM115 - lives as long as the job
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def build_split(cfg: dict, dataset: str, ratio: float, bundle: str | Path, summary: str | Path) -> None:
+    """Cut one long-tailed split once; every run of the split reads the bundle instead of the dataset files."""
+    overrides = (cfg.get("run_overrides") or {}).get("data", {})
+    data_cfg = from_dict({"data": {**overrides, "dataset": dataset, "ratio": ratio,
+                                   "root": cfg.get("data_root")}}).data
+    full = full_splits(data_cfg)
+    write_bundle(full, data_cfg, bundle)
+    atomic_write_json(Path(summary), {
+        "dataset": dataset, "ratio": ratio, "seed": data_cfg.seed, "val_per_class": data_cfg.val_per_class,
+        "classes": full.classes, "class_counts": full.class_counts, "groups": full.groups,
+        "sizes": {name: len(full.split(name)) for name in ("train", "val", "test")},
+        "val_counts": [int((full.val.labels == c).sum()) for c in range(full.num_classes)]})
+
+
+def selected_threshold(selection: str | Path) -> float:
+    """The training threshold written by `select_t`."""
+    return float(json.loads(Path(selection).read_text())["train_threshold"])
+
+
+def train_run(cfg: dict, spec: grid.RunSpec, bundle: str | Path, selection: str | Path | None,
+              marker: str | Path) -> None:
+    """Train one grid run into its folder, then write the marker that tells Snakemake it is complete."""
+    from har.engine.trainer import train
+
+    threshold = selected_threshold(selection) if selection else None
+    values = grid.run_config(cfg, spec, threshold)
+    values["data"]["bundle"] = str(bundle)
+    run_cfg = from_dict(values)
+    history = train(run_cfg, spec.run_dir)
+    atomic_write_json(Path(marker), {"run": grid.describe(cfg, spec), "epochs": len(history),
+                                     "final": history[-1] if history else None})
+
+
+def evaluate_run(spec: grid.RunSpec) -> None:
+    """Static and dynamic evaluation of a trained grid run (writes eval/val.json and eval/test.json)."""
+    from har.evaluation.evaluate import evaluate_run as evaluate
+
+    evaluate(spec.run_dir)
+
+
+def select_t(cfg: dict, split: str, method: str, runs: list[grid.RunSpec], out: str | Path) -> dict:
+    """Choose t for a method on a split: the best mean validation top-1 (static mode) over the search seeds."""
+    scores: dict[float, list[float]] = {}
+    for spec in runs:
+        report = json.loads((Path(spec.run_dir) / "eval" / "val.json").read_text())
+        scores.setdefault(spec.t_point, []).append(report["static"]["top1"])
+    means = {t: sum(v) / len(v) for t, v in scores.items()}
+    best = max(sorted(means), key=lambda t: means[t])  # ties: the smallest t
+    dataset = runs[0].dataset
+    result = {"split": split, "method": method, "t_point": best,
+              "train_threshold": grid.t_value(cfg, method, best, grid.NUM_CLASSES[dataset]),
+              "val_top1_by_t_point": {f"{t:g}": means[t] for t in sorted(means)}, "chosen_on": "val"}
+    atomic_write_json(Path(out), result)
+    return result
+
+
+def load_selections(files: list[str]) -> dict[str, dict[str, dict]]:
+    """split -> method -> the t chosen on the validation split, from `select_t`'s files."""
+    selected: dict[str, dict[str, dict]] = {}
+    for path in files:
+        result = json.loads(Path(path).read_text())
+        selected.setdefault(result["split"], {})[result["method"]] = result
+    return selected

@@ -1,0 +1,37 @@
+rule tables_build:
+    input:
+        reports=get_eval_reports(),
+        selections=get_selection_files(),
+    output:
+        report(
+            get_table_files(),
+            caption="../report/tables.rst",
+            category="Tables",
+        ),
+    params:
+        records=get_records(),
+    log:
+        "logs/reporting/tables.log",
+    localrule: True
+    script:
+        "../scripts/tables_build.py"
+
+
+rule figures_plot:
+    input:
+        reports=get_eval_reports(),
+        selections=get_selection_files(),
+        bundles=[bundle_of(split) for split in SPLITS],
+    output:
+        report(
+            get_figure_files(),
+            caption="../report/figures.rst",
+            category="Figures",
+        ),
+    params:
+        records=get_records(),
+    log:
+        "logs/reporting/figures.log",
+    localrule: True
+    script:
+        "../scripts/figures_plot.py"

@@ -1,0 +1,37 @@
+rule run_train:
+    input:
+        unpack(get_run_inputs),
+    output:
+        "{run_dir}/train.json",
+    params:
+        spec=lambda wildcards: RUNS[wildcards.run_dir],
+        # the run's own config: editing a method's fields reruns exactly its runs (--rerun-triggers params)
+        run_config=lambda wildcards: grid.run_config(config, RUNS[wildcards.run_dir]),
+    log:
+        "logs/{run_dir}/train.log",
+    benchmark:
+        "logs/{run_dir}/train.benchmark.tsv"
+    threads: config["resources"]["train"]["cpus"]
+    resources:
+        **resources_for("train"),
+    script:
+        "../scripts/run_train.py"
+
+
+rule run_evaluate:
+    input:
+        trained="{run_dir}/train.json",
+    output:
+        val="{run_dir}/eval/val.json",
+        test="{run_dir}/eval/test.json",
+    params:
+        spec=lambda wildcards: RUNS[wildcards.run_dir],
+    log:
+        "logs/{run_dir}/evaluate.log",
+    benchmark:
+        "logs/{run_dir}/evaluate.benchmark.tsv"
+    threads: config["resources"]["evaluate"]["cpus"]
+    resources:
+        **resources_for("evaluate"),
+    script:
+        "../scripts/run_evaluate.py"

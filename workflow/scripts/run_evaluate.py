@@ -1,0 +1,4 @@
+from har.pipeline.jobs import evaluate_run, setup_job
+
+setup_job(snakemake.log[0], snakemake.threads)
+evaluate_run(snakemake.params.spec)

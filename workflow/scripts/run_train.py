@@ -1,0 +1,5 @@
+from har.pipeline.jobs import setup_job, train_run
+
+setup_job(snakemake.log[0], snakemake.threads)
+train_run(snakemake.config, snakemake.params.spec, snakemake.input.bundle, snakemake.input.get("selection"),
+          snakemake.output[0])

@@ -1,0 +1,8 @@
+from har.pipeline.jobs import load_selections, setup_job
+from har.reporting.results import load_results
+from har.reporting.tables import build_tables, load_published
+
+setup_job(snakemake.log[0])
+results = load_results(snakemake.params.records, ".")
+build_tables(results, snakemake.config, load_selections(snakemake.input.selections), load_published(),
+             "results/tables")
