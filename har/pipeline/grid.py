@@ -139,8 +139,13 @@ def run_config(cfg: dict, spec: RunSpec, train_threshold: float | None = None) -
 def describe(cfg: dict, spec: RunSpec) -> dict[str, Any]:
     """A run's record for aggregation: where it is and what it is, as the tables and figures need."""
     method = cfg["methods"][spec.base_method]
+    display = method.get("display", spec.base_method)
+    if spec.role == "tsearch":
+        tables = ["I"]
+    elif spec.layout:
+        tables, display = ["V"], f"{display} [{spec.layout}]"
+    else:
+        tables = list(method.get("tables", []))
     return {"dataset": spec.dataset, "ratio": spec.ratio, "split": spec.split, "method": spec.method,
-            "base_method": spec.base_method, "display": method.get("display", spec.base_method)
-            + (f" [{spec.layout}]" if spec.layout else ""),
-            "tables": ["V"] if spec.layout else list(method.get("tables", [])) if spec.role == "final" else ["I"],
-            "seed": spec.seed, "t_point": spec.t_point, "role": spec.role, "run_dir": spec.run_dir}
+            "base_method": spec.base_method, "display": display, "tables": tables, "seed": spec.seed,
+            "t_point": spec.t_point, "role": spec.role, "run_dir": spec.run_dir}
