@@ -35,6 +35,7 @@ def sync_check(bundle: str, steps: tuple[int, int] = (4, 16)) -> dict[int, int]:
     from har.data.build import build_data
     from har.data.loader import TensorBatches
     from har.engine import trainer
+    from har.engine.signals import StopRequest
 
     cfg = from_dict({"data": {"bundle": bundle}, "loss": {"name": "ldam", "reweight": "drw", "drw_epoch": 0,
                                                           "train_threshold": 0.2},
@@ -55,7 +56,9 @@ def sync_check(bundle: str, steps: tuple[int, int] = (4, 16)) -> dict[int, int]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
-            trainer._train_epoch(model, har_loss, optimizer, batches, generator, 0, cfg, False, True)
+            progress = trainer.EpochProgress.begin(batches.order(generator), model.num_exits)
+            trainer._train_epoch(model, har_loss, optimizer, batches, generator, 0, cfg, False, True, progress,
+                                 StopRequest())
             torch.cuda.set_sync_debug_mode("default")
         counts[n] = sum("synchroniz" in str(w.message) for w in caught)
     return counts

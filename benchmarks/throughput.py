@@ -42,7 +42,8 @@ from har.config import RunConfig, load_config
 from har.data import BatchAugment, TensorBatches, normalize
 from har.data.build import RunData, build_data
 from har.engine.checkpoint import load_checkpoint
-from har.engine.trainer import CHECKPOINT, _train_epoch, build_loss, build_model, resolve_device
+from har.engine.signals import StopRequest
+from har.engine.trainer import CHECKPOINT, EpochProgress, _train_epoch, build_loss, build_model, resolve_device
 from har.evaluation.evaluate import collect_logits
 from har.evaluation.flops import dynamic_cost, flops_table
 from har.models import MultiExitNet
@@ -117,8 +118,9 @@ class Steps:
     def __len__(self) -> int:
         return self.steps
 
-    def epoch(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-        return itertools.islice(self.stream, self.steps)
+    def epoch(self, generator: torch.Generator, order: Tensor | None = None,
+              start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        return itertools.islice(self.stream, self.steps - start)
 
 
 def device_stream(data: RunData, cfg: RunConfig, device: torch.device,
@@ -167,7 +169,9 @@ def time_training(variant: Variant, cfg: RunConfig, data: RunData, device: torch
     step_model = torch.compile(model, mode=args.compile_mode) if variant.compiled else model
 
     def run(steps: int) -> None:
-        _train_epoch(step_model, har_loss, optimizer, Steps(stream, steps), generator, 0, cfg, False, mixed)
+        progress = EpochProgress.begin(torch.empty(0, dtype=torch.long, device=device), model.num_exits)
+        _train_epoch(step_model, har_loss, optimizer, Steps(stream, steps), generator, 0, cfg, False, mixed, progress,
+                     StopRequest())
 
     run(args.warmup)
     synchronize(device)

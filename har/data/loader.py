@@ -35,14 +35,21 @@ class TensorBatches:
         n, b = len(self.images), self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
-    def epoch(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-        """One pass over the data; ``generator`` must live on the images' device."""
+    def order(self, generator: torch.Generator) -> Tensor:
+        """The example order of an epoch: the generator's first draw (identity without shuffling)."""
         n, dev = len(self.images), self.images.device
-        if self.shuffle:
-            order = torch.randperm(n, generator=generator, device=dev)
-        else:
-            order = torch.arange(n, device=dev)
-        for i in range(len(self)):
+        return torch.randperm(n, generator=generator, device=dev) if self.shuffle else torch.arange(n, device=dev)
+
+    def epoch(self, generator: torch.Generator, order: Tensor | None = None,
+              start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """One pass over the data; ``generator`` must live on the images' device.
+
+        A pass stopped after ``start`` batches continues identically from the ``order`` it drew and the
+        generator's state at that point (the augmentation draws of later batches come from the generator).
+        """
+        if order is None:
+            order = self.order(generator)
+        for i in range(start, len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             images = self.images[idx]
             x = self.augment(images, generator) if self.augment else normalize(images, self.mean, self.std)

@@ -1,7 +1,14 @@
-"""Checkpoints written in one step and read back with clear errors."""
+"""Checkpoints written in one step, the one before kept, and read back with clear errors.
+
+`atomic_save(..., keep_previous=prev)` moves the checkpoint it replaces to `prev` before writing the new one,
+so a run folder holds two: `resume_checkpoint` falls back to the older when the newer cannot be read (a disk
+or file-system fault after the write) or is missing (the job was killed between the move and the write).
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,13 +16,18 @@ import torch
 
 from har.atomic import atomic_write
 
+log = logging.getLogger(__name__)
+
 
 class RunError(RuntimeError):
     """A run folder cannot be used as asked (another config, incomplete training, unreadable checkpoint)."""
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """`torch.save` in one step."""
+def atomic_save(obj: Any, path: Path, keep_previous: Path | None = None) -> None:
+    """`torch.save` in one step; with `keep_previous`, the checkpoint at `path` is first moved there."""
+    path = Path(path)
+    if keep_previous is not None and path.exists():
+        os.replace(path, keep_previous)
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -29,4 +41,36 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
         raise RunError(f"checkpoint {path} is not a har checkpoint (no model / epoch); delete it or choose "
                        f"another run folder")
+    return ckpt
+
+
+def _try_load(path: Path, map_location: str | torch.device) -> tuple[dict[str, Any] | None, str]:
+    """The checkpoint at `path`, or None and why not."""
+    if not path.exists():
+        return None, f"{path} is missing"
+    try:
+        return load_checkpoint(path, map_location), ""
+    except RunError as exc:
+        return None, str(exc).rsplit("; ", 1)[0]  # without the advice, which differs with two files
+
+
+def resume_checkpoint(path: Path, previous: Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The newest readable of `path` and `previous` (None when neither exists: a fresh run).
+
+    When `previous` is used, it is moved back to `path` (over an unreadable one), so that the folder looks as
+    if the failed save had never started: the next save keeps it as `previous` again, and a run that was
+    complete has its final `path` for evaluation.
+    """
+    path, previous = Path(path), Path(previous)
+    if not path.exists() and not previous.exists():
+        return None
+    ckpt, newest = _try_load(path, map_location)
+    if ckpt is not None:
+        return ckpt
+    ckpt, older = _try_load(previous, map_location)
+    if ckpt is None:
+        raise RunError(f"no usable checkpoint: {newest}, and {older}. Delete {path.name} and {previous.name} "
+                       f"(in {path.parent}) to train this run from scratch, or choose another --out")
+    os.replace(previous, path)
+    log.warning("%s; resuming from %s (moved to %s)", newest, previous, path.name)
     return ckpt

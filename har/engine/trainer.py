@@ -1,24 +1,28 @@
-"""One training run: config in, run folder out (resolved config, per-epoch metrics, checkpoint).
+"""One training run: config in, run folder out (resolved config, per-epoch metrics, checkpoints).
 
 The run folder holds `config.yaml` and `config.sha256` (the resolved config and the hash of what decides
-the result), `metrics.jsonl` (one JSON line per epoch) and `last.pt` (model, optimiser, schedule, epoch and
-RNG states, rewritten atomically after every epoch). Starting `train` again on the same folder with the
-same config resumes after the last complete epoch; another config is refused with the difference. The
-final model is the last epoch's: nothing is selected on the test set.
+the result), `metrics.jsonl` (one JSON line per epoch), `last.pt` (model, optimiser, schedule, epoch and
+RNG states, rewritten atomically after every epoch) and `prev.pt` (the checkpoint `last.pt` replaced, the
+fallback when `last.pt` cannot be read). Starting `train` again on the same folder with the same config
+resumes from the newest readable checkpoint; another config is refused with the difference. SIGTERM or
+SIGUSR1 stop training after the current step with a mid-epoch checkpoint and exit status 75 (see
+`har.engine.signals`); a resumed run ends with the same weights and metrics as an uninterrupted one on the
+CPU. The final model is the last epoch's: nothing is selected on the test set.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import yaml
+from torch import Tensor
 from tqdm import tqdm
 
 from har.atomic import atomic_write_text
@@ -26,14 +30,16 @@ from har.config import RunConfig, config_diff, config_hash, dump_config, to_dict
 from har.data.augment import BatchAugment
 from har.data.build import RunData, build_data
 from har.data.loader import TensorBatches
-from har.engine.checkpoint import RunError, atomic_save, load_checkpoint
+from har.engine.checkpoint import RunError, atomic_save, resume_checkpoint
 from har.engine.schedule import lr_factor
+from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
 from har.losses import HARLoss, ReweightSchedule, build_exit_loss, exit_statistics
 from har.models import MultiExitNet, create_model
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"
+PREVIOUS = "prev.pt"
 METRICS = "metrics.jsonl"
 
 
@@ -61,8 +67,13 @@ def build_loss(cfg: RunConfig, class_counts: list[int]) -> HARLoss:
 
 
 def prepare_run_dir(cfg: RunConfig, out: Path) -> None:
-    """Write the resolved config and its hash, or check they match the folder's."""
+    """Write the resolved config and its hash, or check they match the folder's; remove the temporaries of a
+    job killed while writing (only one job trains a folder at a time)."""
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.yaml", "config.sha256", METRICS, CHECKPOINT, PREVIOUS):
+        for stale in out.glob(f".{name}.*.tmp"):  # har.atomic.atomic_write's temporary names
+            log.info("removing %s, left by a job killed while writing %s", stale, name)
+            stale.unlink(missing_ok=True)
     digest = config_hash(cfg)
     hash_path = out / "config.sha256"
     if hash_path.exists() and hash_path.read_text().strip() != digest:
@@ -87,9 +98,10 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    """RNG states must be CPU tensors; a checkpoint loaded with map_location=cuda holds them on the GPU."""
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _read_metrics(path: Path, before_epoch: int) -> list[dict]:
@@ -97,6 +109,41 @@ def _read_metrics(path: Path, before_epoch: int) -> list[dict]:
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if r["epoch"] < before_epoch]
+
+
+@dataclass
+class EpochProgress:
+    """How far an epoch got: its data order, the steps done and the running sums (device tensors).
+
+    A mid-epoch checkpoint holds it with the epoch generator's state, so that the rest of the epoch draws,
+    trains and sums exactly as an uninterrupted run would. `sums["first_bad_step"]` is the first step with a
+    non-finite loss (-1: none), recorded on the device so that no step waits for a read-back.
+    """
+
+    order: Tensor
+    sums: dict[str, Tensor]
+    step: int = 0  # steps done
+    seen: int = 0  # examples trained on
+    seconds: float = 0.0  # time spent on the epoch by earlier attempts
+
+    @classmethod
+    def begin(cls, order: Tensor, num_exits: int) -> EpochProgress:
+        dev = order.device
+        return cls(order, {"loss": torch.zeros((), device=dev), "normaliser": torch.zeros((), device=dev),
+                           "correct": torch.zeros((), device=dev, dtype=torch.long),
+                           "exit_counts": torch.zeros(num_exits, device=dev),
+                           "exit_loss": torch.zeros(num_exits, device=dev),
+                           "first_bad_step": torch.full((), -1, device=dev, dtype=torch.long)})
+
+    def state_dict(self, generator: torch.Generator) -> dict[str, Any]:
+        return {"order": self.order, "sums": self.sums, "step": self.step, "seen": self.seen,
+                "seconds": self.seconds, "generator": generator.get_state()}
+
+    @classmethod
+    def resume(cls, state: dict[str, Any], generator: torch.Generator) -> EpochProgress:
+        """Continue from `state_dict`; sets `generator` to its state after the last step done."""
+        generator.set_state(state["generator"].cpu())
+        return cls(state["order"], state["sums"], state["step"], state["seen"], state["seconds"])
 
 
 def train(cfg: RunConfig, out: str | Path, data: RunData | None = None) -> list[dict]:
@@ -129,19 +176,26 @@ def train(cfg: RunConfig, out: str | Path, data: RunData | None = None) -> list[
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: lr_factor(e, t.warmup_epochs, t.lr_milestones, t.lr_decay))
 
-    start = 0
-    ckpt_path = out / CHECKPOINT
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
+    start, partial = 0, None
+    ckpt_path, prev_path = out / CHECKPOINT, out / PREVIOUS
+    ckpt = resume_checkpoint(ckpt_path, prev_path, map_location=device)
+    if ckpt is not None:
         if ckpt.get("config_sha256") != config_hash(cfg):
             raise RunError(f"{ckpt_path} was written by another config; delete it or choose another --out")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"])
-        start = ckpt["epoch"] + 1
-        log.info("resuming %s after epoch %d of %d", out, start, t.epochs)
+        start, partial = ckpt["epoch"] + 1, ckpt.get("partial")
+        where = f"at step {partial['step']} of" if partial else "before"
+        log.info("resuming %s %s epoch %d (0-based) of %d", out, where, start, t.epochs)
     history = _read_metrics(out / METRICS, start)
+
+    def save(epoch_done: int, progress: dict[str, Any] | None = None) -> None:
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch_done, "partial": progress,
+                     "rng": _rng_state(), "config_sha256": config_hash(cfg), "config": to_dict(cfg)},
+                    ckpt_path, keep_previous=prev_path)
 
     n = len(data.train)
     batches = TensorBatches(torch.from_numpy(data.train.images).to(device),
@@ -149,45 +203,60 @@ def train(cfg: RunConfig, out: str | Path, data: RunData | None = None) -> list[
                             augment=BatchAugment(cfg.data.mean, cfg.data.std), mean=cfg.data.mean,
                             std=cfg.data.std, drop_last=n % t.batch_size == 1)  # BatchNorm fails on 1 example
     interactive = sys.stderr.isatty()
-    for epoch in range(start, t.epochs):
-        weights = reweight.weights(epoch)
-        har_loss.exit_loss.set_weight(None if weights is None else weights.to(device))
-        row = _train_epoch(step_model, har_loss, optimizer, batches, _epoch_generator(t.seed, epoch, device),
-                           epoch, cfg, interactive, amp)
-        row["lr"] = optimizer.param_groups[0]["lr"]
-        row["reweighted"] = weights is not None
-        scheduler.step()
-        history.append(row)
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": _rng_state(),
-                     "config_sha256": config_hash(cfg), "config": to_dict(cfg)}, ckpt_path)
-        atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
-        log.info("epoch %d/%d  loss %.4f  train acc %.4f  exit fractions %s  (%.1f s)", epoch + 1, t.epochs,
-                 row["loss"], row["train_top1"], [round(f, 3) for f in row["exit_fraction"]], row["seconds"])
+    with stop_requests() as stop:
+        for epoch in range(start, t.epochs):
+            weights = reweight.weights(epoch)
+            har_loss.exit_loss.set_weight(None if weights is None else weights.to(device))
+            generator = _epoch_generator(t.seed, epoch, device)
+            if partial is not None:
+                progress = EpochProgress.resume(partial, generator)
+                partial = None
+            else:
+                progress = EpochProgress.begin(batches.order(generator), model.num_exits)
+            row = _train_epoch(step_model, har_loss, optimizer, batches, generator, epoch, cfg, interactive, amp,
+                               progress, stop)
+            if row is None:  # stopped by a signal inside the epoch
+                save(epoch - 1, {"epoch": epoch, **progress.state_dict(generator)})
+                _stopped(stop, ckpt_path, f"epoch {epoch} (0-based) at step {progress.step} of {len(batches)}")
+            row["lr"] = optimizer.param_groups[0]["lr"]
+            row["reweighted"] = weights is not None
+            scheduler.step()
+            history.append(row)
+            # metrics first: rows past the checkpoint's epoch are dropped on resume, and computed again
+            atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+            save(epoch)
+            log.info("epoch %d/%d  loss %.4f  train acc %.4f  exit fractions %s  (%.1f s)", epoch + 1, t.epochs,
+                     row["loss"], row["train_top1"], [round(f, 3) for f in row["exit_fraction"]], row["seconds"])
+            if stop.signum is not None and epoch + 1 < t.epochs:
+                _stopped(stop, ckpt_path, f"the end of epoch {epoch} (0-based)")
     return history
+
+
+def _stopped(stop: StopRequest, ckpt_path: Path, where: str) -> NoReturn:
+    """Report a signal stop once its checkpoint is written, and end the run with the retry status."""
+    message = (f"{stop.name} received: saved {ckpt_path} at {where}; run the same command again to resume "
+               f"(exit status {EXIT_TEMPFAIL})")
+    log.warning("%s", message)
+    raise TrainingInterrupted(message)
 
 
 def _train_epoch(model: MultiExitNet, har_loss: HARLoss, optimizer: torch.optim.Optimizer,
                  batches: TensorBatches, generator: torch.Generator, epoch: int, cfg: RunConfig,
-                 interactive: bool, amp: bool) -> dict:
-    """One pass over the training data; statistics stay on the device until the end of the epoch.
+                 interactive: bool, amp: bool, progress: EpochProgress, stop: StopRequest) -> dict | None:
+    """The rest of an epoch from `progress`: its metrics row, or None when `stop` fired before its last step.
 
-    Nothing in a step reads a value back to the host (except the optional progress line), so the GPU is
-    never left waiting on Python.
+    Statistics stay on the device until the end of the epoch: nothing in a step reads a value back to the
+    host except the progress log every `log_every` steps, so the GPU is never left waiting on Python.
     """
     model.train()
     device = next(model.parameters()).device
     k = model.num_exits
-    loss_sum = torch.zeros((), device=device)
-    norm_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    exit_counts = torch.zeros(k, device=device)
-    exit_loss_sums = torch.zeros(k, device=device)
-    seen = 0
-    began = time.perf_counter()
-    bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
-               disable=not interactive)
-    for step, (images, labels) in enumerate(batches.epoch(generator)):
+    sums = progress.sums
+    began = time.perf_counter() - progress.seconds
+    bar = tqdm(total=len(batches), initial=progress.step, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+               leave=False, disable=not interactive)
+    for step, (images, labels) in enumerate(batches.epoch(generator, progress.order, progress.step),
+                                            progress.step):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             outputs = model(images)
         logits = [out.float() for out in outputs]  # the losses run in float32
@@ -196,27 +265,41 @@ def _train_epoch(model: MultiExitNet, har_loss: HARLoss, optimizer: torch.optim.
         parts.loss.backward()
         optimizer.step()
         with torch.no_grad():
-            loss_sum += parts.per_example.sum()
-            norm_sum += parts.normaliser.sum()
-            correct += (logits[-1].argmax(1) == labels).sum()
-            counts, sums = exit_statistics(parts, k)
-            exit_counts += counts
-            exit_loss_sums += sums
-        seen += len(labels)
+            sums["loss"] += parts.per_example.sum()
+            sums["normaliser"] += parts.normaliser.sum()
+            sums["correct"] += (logits[-1].argmax(1) == labels).sum()
+            counts, exit_sums = exit_statistics(parts, k)
+            sums["exit_counts"] += counts
+            sums["exit_loss"] += exit_sums
+            sums["first_bad_step"].masked_fill_((sums["first_bad_step"] < 0) & ~parts.loss.isfinite(), step)
+        progress.step, progress.seen = step + 1, progress.seen + len(labels)
         bar.update()
-        if not interactive and (step + 1) % cfg.train.log_every == 0:
-            log.info("epoch %d step %d/%d loss %.4f", epoch + 1, step + 1, len(batches), parts.loss.item())
+        if (step + 1) % cfg.train.log_every == 0:
+            _check_finite(progress, epoch, len(batches))
+            if not interactive:
+                log.info("epoch %d step %d/%d loss %.4f", epoch + 1, step + 1, len(batches), parts.loss.item())
+        if stop.signum is not None and step + 1 < len(batches):
+            bar.close()
+            _check_finite(progress, epoch, len(batches))  # never save a diverged state over a good one
+            progress.seconds = time.perf_counter() - began
+            return None
     bar.close()
-    loss = (loss_sum / norm_sum).item()
-    if not math.isfinite(loss):
-        raise RunError(f"non-finite training loss ({loss}) in epoch {epoch} (0-based); the checkpoint of the "
-                       f"previous epoch is kept. Lower train.lr or check the data.")
-    counts = exit_counts.cpu()
+    _check_finite(progress, epoch, len(batches))
+    counts = sums["exit_counts"].cpu()
     return {
         "epoch": epoch,
-        "loss": loss,
-        "train_top1": correct.item() / seen,
-        "exit_fraction": (counts / seen).tolist(),
-        "exit_loss": [s / c if c else None for s, c in zip(exit_loss_sums.cpu().tolist(), counts.tolist())],
+        "loss": (sums["loss"] / sums["normaliser"]).item(),
+        "train_top1": sums["correct"].item() / progress.seen,
+        "exit_fraction": (counts / progress.seen).tolist(),
+        "exit_loss": [s / c if c else None for s, c in zip(sums["exit_loss"].cpu().tolist(), counts.tolist())],
         "seconds": time.perf_counter() - began,
     }
+
+
+def _check_finite(progress: EpochProgress, epoch: int, steps: int) -> None:
+    """Stop at the first non-finite loss, before a checkpoint of the diverged model is written (one read-back)."""
+    bad = int(progress.sums["first_bad_step"])
+    if bad >= 0:
+        raise RunError(f"non-finite training loss at epoch {epoch}, step {bad} (both 0-based; {steps} steps per "
+                       f"epoch); no checkpoint of the diverged model was written, {CHECKPOINT} keeps the last good "
+                       f"state. Lower train.lr, or look for NaN / inf in the data")
