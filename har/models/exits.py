@@ -156,15 +156,15 @@ class ExitHead(nn.Module):
     ) -> None:
         super().__init__()
         check_head_args(channels, stride)
-        layers: list[nn.Module] = []
-        for conv_in in (in_channels, channels):
-            layers += [
-                nn.Conv2d(conv_in, channels, 3, stride=stride, padding=1, bias=False),
-                nn.BatchNorm2d(channels),
-                nn.ReLU(inplace=True),
-            ]
+        layers = [*self.block(in_channels, channels, stride), *self.block(channels, channels, stride)]
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.classifier = make_classifier(classifier, channels, num_classes)
+
+    @staticmethod
+    def block(in_channels: int, channels: int, stride: int) -> list[nn.Module]:
+        """One of the head's two blocks: a 3x3 convolution + BN + ReLU (subclasses swap in cheaper ones)."""
+        return [nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(channels),
+                nn.ReLU(inplace=True)]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))

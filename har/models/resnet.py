@@ -7,12 +7,12 @@ checkpoints and cost figures stay comparable with the reference: 25,557,032 para
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
-from har.models.exits import Backbone, check_head_args, make_classifier
+from har.models.exits import Backbone, ExitHead, make_classifier
 
 
-class SeparableExitHead(nn.Module):
+class SeparableExitHead(ExitHead):
     """Exit head for wide feature maps: two depthwise-separable blocks, global average pooling, dense layer.
 
     Each block is a 3x3 depthwise convolution with stride ``stride`` + BN + ReLU, then a 1x1 pointwise
@@ -22,31 +22,15 @@ class SeparableExitHead(nn.Module):
     about 3.4% to ResNet-50's MACs at 224 x 224.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        num_classes: int,
-        channels: int = 256,
-        stride: int = 2,
-        classifier: str = "linear",
-    ) -> None:
-        super().__init__()
-        check_head_args(channels, stride)
-        layers: list[nn.Module] = []
-        for block_in in (in_channels, channels):
-            layers += [
-                nn.Conv2d(block_in, block_in, 3, stride=stride, padding=1, groups=block_in, bias=False),
-                nn.BatchNorm2d(block_in),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(block_in, channels, 1, bias=False),
-                nn.BatchNorm2d(channels),
-                nn.ReLU(inplace=True),
-            ]
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.classifier = make_classifier(classifier, channels, num_classes)
+    def __init__(self, in_channels: int, num_classes: int, channels: int = 256, stride: int = 2,
+                 classifier: str = "linear") -> None:
+        super().__init__(in_channels, num_classes, channels, stride, classifier)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.features(x))
+    @staticmethod
+    def block(in_channels: int, channels: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(in_channels, in_channels, 3, stride=stride, padding=1, groups=in_channels, bias=False),
+                nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True),
+                nn.Conv2d(in_channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
 
 
 class ResNet50(Backbone):
