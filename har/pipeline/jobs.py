@@ -11,8 +11,6 @@ from har.config import from_dict
 from har.data.build import full_splits, write_bundle
 from har.pipeline import grid
 
-log = logging.getLogger(__name__)
-
 
 def setup_job(log_file: str | Path | None, threads: int | None = None) -> None:
     """Send a job's stderr and logging to its log file first, and give torch the job's threads."""
