@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from conftest import calibrated
 
 from har.evaluation.flops import count_macs, dynamic_cost, flops_table
-from har.models import MultiExitNet, create_model, list_models, parse_layout
+from har.models import create_model, list_models, parse_layout
 from har.models.exits import ExitHead, NormedLinear, exit_by_threshold
 
 
@@ -30,16 +30,6 @@ def resnet32_expected_macs(num_classes: int) -> int:
     for in_ch, out_ch, side in ((16, 16, 32), (16, 32, 16), (32, 64, 8)):
         convs += [(in_ch, out_ch, side)] + [(out_ch, out_ch, side)] * 9
     return sum(cin * cout * 9 * side * side for cin, cout, side in convs) + 64 * num_classes
-
-
-def calibrated(model: MultiExitNet, x: torch.Tensor) -> MultiExitNet:
-    """Set batch-norm statistics from one batch so a random model gives varied confidences in eval mode."""
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = None
-    with torch.no_grad():
-        model.train()(x)
-    return model.eval()
 
 
 def test_resnet32_params_and_macs() -> None:

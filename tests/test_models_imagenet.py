@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from torch import nn
+from conftest import calibrated
 
 from har.evaluation.flops import flops_table
 from har.models import MultiExitNet, check_layout, create_model
@@ -89,16 +89,6 @@ def test_cosine_classifier(name: str) -> None:
     assert isinstance(model.backbone.classifier, NormedLinear)
     assert isinstance(model.heads[0].classifier, NormedLinear)
     assert sum(p.numel() for p in model.backbone.parameters()) == REFERENCE[name][0] - 1000  # no bias
-
-
-def calibrated(model: MultiExitNet, x: torch.Tensor) -> MultiExitNet:
-    """Set batch-norm statistics from one batch so a random model gives varied confidences in eval mode."""
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = None
-    with torch.no_grad():
-        model.train()(x)
-    return model.eval()
 
 
 @pytest.mark.parametrize("name", list(MODELS))
