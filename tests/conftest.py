@@ -1,6 +1,7 @@
 """Shared fixtures: small synthetic long-tailed data (seconds on a CPU) and the shared CIFAR-10 copy."""
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +53,12 @@ def calibrated(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
     with torch.no_grad():
         model.train()(x)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """One intra-op thread: small workloads slow down badly when threads contend on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -14,14 +13,7 @@ from har.evaluation.flops import count_macs, dynamic_cost, flops_table
 from har.models import create_model, list_models, parse_layout
 from har.models.exits import ExitHead, NormedLinear, exit_by_threshold
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """One intra-op thread: these small workloads slow down badly when threads contend on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def resnet32_expected_macs(num_classes: int) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from conftest import calibrated
@@ -20,13 +18,7 @@ REFERENCE = {"resnet50": (25_557_032, 4.09, 0.005), "densenet169": (14_149_480, 
 TABLE_V = ["CBBBBE", "CEBBBBE", "CBEBBBE", "CBBEBBE", "CBBBEBE"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """One intra-op thread: these workloads slow down badly when threads contend on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
