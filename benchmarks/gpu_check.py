@@ -45,7 +45,7 @@ def sync_check(bundle: str, steps: tuple[int, int] = (4, 16)) -> dict[int, int]:
     model = trainer.build_model(cfg, data.num_classes).to(device).to(memory_format=torch.channels_last)
     har_loss = trainer.build_loss(cfg, data.class_counts).to(device)
     har_loss.exit_loss.set_weight(torch.ones(data.num_classes, device=device))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = trainer.build_optimizer(cfg, model)
     counts = {}
     for n in steps:
         images = torch.from_numpy(data.train.images[: n * 128]).to(device)

@@ -43,7 +43,15 @@ from har.data import BatchAugment, TensorBatches, normalize
 from har.data.build import RunData, build_data
 from har.engine.checkpoint import load_checkpoint
 from har.engine.signals import StopRequest
-from har.engine.trainer import CHECKPOINT, EpochProgress, _train_epoch, build_loss, build_model, resolve_device
+from har.engine.trainer import (
+    CHECKPOINT,
+    EpochProgress,
+    _train_epoch,
+    build_loss,
+    build_model,
+    build_optimizer,
+    resolve_device,
+)
 from har.evaluation.evaluate import collect_logits
 from har.evaluation.flops import dynamic_cost, flops_table
 from har.models import MultiExitNet
@@ -158,7 +166,7 @@ def time_training(variant: Variant, cfg: RunConfig, data: RunData, device: torch
         model = model.to(memory_format=torch.channels_last)
     har_loss = build_loss(cfg, data.class_counts).to(device)
     t = cfg.train
-    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    optimizer = build_optimizer(cfg, model)
     if variant.fast_data:
         generator = torch.Generator(device=device).manual_seed(t.seed)
         stream = device_stream(data, cfg, device, generator)

@@ -62,3 +62,14 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def feature_shapes(backbone: torch.nn.Module, side: int) -> list[torch.Size]:
+    """Shapes of the feature map after the stem and after each block group, for a side x side image."""
+    with torch.no_grad():
+        x = backbone.stem(torch.zeros(1, 3, side, side))
+        shapes = [x.shape]
+        for group in backbone.groups:
+            x = group(x)
+            shapes.append(x.shape)
+    return shapes

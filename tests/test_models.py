@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import calibrated
+from conftest import calibrated, feature_shapes
 
 from har.evaluation.flops import count_macs, dynamic_cost, flops_table
 from har.models import create_model, list_models, parse_layout
@@ -34,11 +34,7 @@ def test_resnet32_params_and_macs() -> None:
 
 def test_backbone_positions_match_feature_maps() -> None:
     backbone = create_model("resnet32", 10).backbone
-    x = backbone.stem(torch.zeros(1, 3, 32, 32))
-    shapes = [x.shape]
-    for group in backbone.groups:
-        x = group(x)
-        shapes.append(x.shape)
+    shapes = feature_shapes(backbone, 32)
     assert [s[1] for s in shapes] == list(backbone.channels)
     assert [32 // s[2] for s in shapes] == list(backbone.reductions)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import calibrated
+from conftest import calibrated, feature_shapes
 
 from har.evaluation.flops import flops_table
 from har.models import MultiExitNet, check_layout, create_model
@@ -59,12 +59,7 @@ def test_table_v_layouts_give_outputs(backbones: dict[str, Backbone], name: str,
 @pytest.mark.parametrize("name", list(MODELS))
 def test_positions_match_feature_maps(backbones: dict[str, Backbone], name: str) -> None:
     backbone = backbones[name]
-    with torch.no_grad():
-        x = backbone.stem(torch.zeros(1, 3, 64, 64))
-        shapes = [x.shape]
-        for group in backbone.groups:
-            x = group(x)
-            shapes.append(x.shape)
+    shapes = feature_shapes(backbone, 64)
     assert [s[1] for s in shapes] == list(backbone.channels)
     assert [64 // s[2] for s in shapes] == list(backbone.reductions)
 

@@ -66,6 +66,12 @@ def build_loss(cfg: RunConfig, class_counts: list[int]) -> HARLoss:
     return HARLoss(exit_loss, cfg.loss.train_threshold if cfg.loss.har else None)
 
 
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD with the config's lr, momentum and weight decay (LDAM-DRW's optimiser)."""
+    t = cfg.train
+    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
 def prepare_run_dir(cfg: RunConfig, out: Path) -> None:
     """Write the resolved config and its hash, or check they match the folder's; remove the temporaries of a
     job killed while writing (only one job trains a folder at a time)."""
@@ -172,7 +178,7 @@ def train(cfg: RunConfig, out: str | Path, data: RunData | None = None) -> list[
     har_loss = build_loss(cfg, data.class_counts).to(device)
     reweight = ReweightSchedule(cfg.loss.reweight, data.class_counts, beta=cfg.loss.cb_beta,
                                 drw_epoch=cfg.loss.drw_epoch)
-    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: lr_factor(e, t.warmup_epochs, t.lr_milestones, t.lr_decay))
 
