@@ -21,6 +21,10 @@ from typing import Any, Literal
 import yaml
 
 from har.data.augment import CIFAR_MEAN, CIFAR_STD
+from har.data.imagelist import IMAGENET_MEAN, IMAGENET_STD
+
+CIFAR_DATASETS = ("cifar10", "cifar100")
+LIST_DATASETS = ("imagenet_lt", "inat2018")  # read from split lists and an image folder
 
 
 class ConfigError(ValueError):
@@ -31,17 +35,32 @@ class ConfigError(ValueError):
 class DataConfig:
     """Which long-tailed dataset to build and from where."""
 
-    dataset: Literal["cifar10", "cifar100"] = "cifar10"
+    dataset: Literal["cifar10", "cifar100", "imagenet_lt", "inat2018"] = "cifar10"
     root: str | None = None  # None: the HAR_DATA environment variable, else ./data
-    download: bool = True  # download through torchvision when the files are missing
-    bundle: str | None = None  # file from `har export-data` read instead of the dataset files (GPU machines)
-    ratio: float = 100.0  # imbalance ratio n_max / n_min (>= 1)
-    seed: int = 0  # shuffles each class before the first n_i are kept (LDAM-DRW: 0)
-    val_per_class: int = 50  # balanced validation images per class, from the images the LT subset leaves out
+    download: bool = True  # CIFAR: download through torchvision when the files are missing
+    bundle: str | None = None  # CIFAR: file from `har export-data` read instead of the dataset files (GPU machines)
+    ratio: float = 100.0  # CIFAR: imbalance ratio n_max / n_min (>= 1); the list datasets have theirs fixed
+    seed: int = 0  # CIFAR: shuffles each class before the first n_i are kept (LDAM-DRW: 0)
+    val_per_class: int = 50  # CIFAR: balanced validation images per class, from the images the LT subset leaves out
+    lists: str | None = None  # list datasets: folder with the published split lists; None: <root>/splits
+    images: str | None = None  # list datasets: folder the listed paths are relative to; None: <root>/<dataset>
+    strict_lists: bool = True  # list datasets: refuse a list whose git blob id is not the published one
+    image_size: int = 224  # list datasets: training crop and evaluation centre crop
+    workers: int = 8  # list datasets: data-loader worker processes per training process
+    pin_memory: bool = True  # list datasets: page-locked batches for faster copies to the GPU
     train_fraction: float = 1.0  # < 1 keeps that share of every class (quick CPU runs only)
     eval_fraction: float = 1.0  # < 1 evaluates on that share of every class of val and test (quick runs only)
-    mean: tuple[float, float, float] = CIFAR_MEAN  # LDAM-DRW's normalisation
-    std: tuple[float, float, float] = CIFAR_STD
+    mean: tuple[float, float, float] | None = None  # None: LDAM-DRW's CIFAR statistics, or ImageNet's for lists
+    std: tuple[float, float, float] | None = None
+
+    @property
+    def is_list_dataset(self) -> bool:
+        return self.dataset in LIST_DATASETS
+
+    def normalization(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """The (mean, std) images are normalised with: the configured values, else the dataset's defaults."""
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.is_list_dataset else (CIFAR_MEAN, CIFAR_STD)
+        return tuple(self.mean or mean), tuple(self.std or std)
 
 
 @dataclass
@@ -72,23 +91,42 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation as in LDAM-DRW (SGD, warm-up, two step decays, 200 epochs)."""
+    """Optimisation as in LDAM-DRW (SGD, warm-up, two step decays, 200 epochs); ImageNet-scale runs set theirs."""
 
     epochs: int = 200
-    batch_size: int = 128
+    batch_size: int = 128  # global: split evenly over the processes of a distributed run
     lr: float = 0.1
+    lr_batch: int | None = None  # the global batch `lr` is meant for; set, lr is scaled by batch_size / lr_batch
     momentum: float = 0.9
     weight_decay: float = 2e-4
     warmup_epochs: int = 5  # linear warm-up: lr * (epoch + 1) / warmup_epochs
+    schedule: Literal["step", "cosine"] = "step"  # step: x lr_decay at each milestone; cosine: to 0 over the epochs
     lr_milestones: tuple[int, ...] = (160, 180)  # epochs at which the lr is multiplied by lr_decay
     lr_decay: float = 0.01
+    mixup: Literal["off", "input", "manifold"] = "off"  # Mixup on the images, or Manifold Mixup on pooled features
+    mixup_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha)
     seed: int = 0  # model initialisation, data order and augmentation
     device: str = "auto"  # auto: CUDA when present, else CPU
     deterministic: bool = True  # deterministic algorithms on the CPU (exact resume); GPUs run their fast kernels
     amp: bool | None = None  # bf16 autocast; None: on for CUDA, off for the CPU
     channels_last: bool | None = None  # channels-last memory format; None: on for CUDA, off for the CPU
+    sync_batchnorm: bool = False  # distributed CUDA runs: batch statistics over all processes
     compile: Literal["off", "default", "reduce-overhead"] = "off"  # torch.compile mode; reduce-overhead: CUDA graphs
     log_every: int = 50  # steps between progress updates when stderr is not a terminal
+
+    @property
+    def scaled_lr(self) -> float:
+        """The lr actually used: `lr`, scaled linearly when `lr_batch` names the batch it was tuned for."""
+        return self.lr if self.lr_batch is None else self.lr * self.batch_size / self.lr_batch
+
+
+@dataclass
+class DecoupleConfig:
+    """Stage two of Kang et al.'s decoupled methods, on a stage-one model of this package (Table III)."""
+
+    method: Literal["none", "crt", "lws", "tau_norm"] = "none"  # none: ordinary (stage-one) training
+    stage_one: str | None = None  # the stage-one run folder, whose last.pt is the starting model
+    taus: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(21))  # tau-norm: candidates chosen on val
 
 
 @dataclass
@@ -109,6 +147,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    decouple: DecoupleConfig = field(default_factory=DecoupleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
@@ -120,7 +159,8 @@ class RunConfig:
 
 
 # Fields that change where or how fast a run goes, not what it computes: left out of the hash.
-RUNTIME_FIELDS = {("data", "root"), ("data", "download"), ("data", "bundle"), ("train", "device"),
+RUNTIME_FIELDS = {("data", "root"), ("data", "download"), ("data", "bundle"), ("data", "lists"), ("data", "images"),
+                  ("data", "strict_lists"), ("data", "workers"), ("data", "pin_memory"), ("train", "device"),
                   ("train", "log_every"), ("train", "compile")}
 
 
@@ -139,11 +179,15 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; return it in the field's own type."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
+        options = typing.get_args(tp)
+        for option in options:
             try:
                 return _coerce(key, value, option)
             except ConfigError:
                 continue
+        real = [o for o in options if o is not type(None)]
+        if value is not None and len(real) == 1:  # `X | None`: say what was wrong with it as an X
+            _coerce(key, value, real[0])
     elif origin is Literal:
         if value in typing.get_args(tp):
             return value
@@ -201,7 +245,9 @@ def _check_ranges(cfg: RunConfig) -> None:
         ("data.val_per_class", cfg.data.val_per_class, cfg.data.val_per_class >= 0, ">= 0"),
         ("data.train_fraction", cfg.data.train_fraction, 0 < cfg.data.train_fraction <= 1, "in (0, 1]"),
         ("data.eval_fraction", cfg.data.eval_fraction, 0 < cfg.data.eval_fraction <= 1, "in (0, 1]"),
-        ("data.std", cfg.data.std, all(s > 0 for s in cfg.data.std), "all > 0"),
+        ("data.std", cfg.data.std, all(s > 0 for s in cfg.data.std or (1,)), "all > 0"),
+        ("data.image_size", cfg.data.image_size, cfg.data.image_size >= 8, ">= 8"),
+        ("data.workers", cfg.data.workers, cfg.data.workers >= 0, ">= 0"),
         ("model.exit_channels", cfg.model.exit_channels, (cfg.model.exit_channels or 1) >= 1, ">= 1 or null"),
         ("model.exit_stride", cfg.model.exit_stride, cfg.model.exit_stride >= 1, ">= 1"),
         ("loss.focal_gamma", cfg.loss.focal_gamma, cfg.loss.focal_gamma >= 0, ">= 0"),
@@ -213,6 +259,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         ("train.epochs", cfg.train.epochs, cfg.train.epochs >= 0, ">= 0"),
         ("train.batch_size", cfg.train.batch_size, cfg.train.batch_size >= 1, ">= 1"),
         ("train.lr", cfg.train.lr, cfg.train.lr > 0, "> 0"),
+        ("train.lr_batch", cfg.train.lr_batch, (cfg.train.lr_batch or 1) >= 1, ">= 1 or null"),
+        ("train.mixup_alpha", cfg.train.mixup_alpha, cfg.train.mixup_alpha > 0, "> 0"),
         ("train.momentum", cfg.train.momentum, 0 <= cfg.train.momentum < 1, "in [0, 1)"),
         ("train.weight_decay", cfg.train.weight_decay, cfg.train.weight_decay >= 0, ">= 0"),
         ("train.warmup_epochs", cfg.train.warmup_epochs, cfg.train.warmup_epochs >= 0, ">= 0"),
@@ -237,6 +285,13 @@ def _check_ranges(cfg: RunConfig) -> None:
     except ValueError as exc:
         key = "model.layout" if "ayout" in str(exc) else "model.name"
         raise ConfigError(f"{key}: {exc}") from exc
+    if cfg.decouple.method != "none" and not cfg.decouple.stage_one:
+        raise ConfigError(f"decouple.stage_one: {cfg.decouple.method} needs the stage-one run folder; set "
+                          f"decouple.stage_one to the folder a plain run trained into")
+    if cfg.decouple.method != "none" and cfg.train.mixup != "off":
+        raise ConfigError("train.mixup: stage two of a decoupled method trains without mixup; set it to off")
+    if cfg.decouple.method == "tau_norm" and not cfg.decouple.taus:
+        raise ConfigError("decouple.taus: tau-norm needs at least one candidate tau")
     if cfg.train.device not in ("auto", "cpu") and not cfg.train.device.startswith("cuda"):
         raise ConfigError(f"train.device: {cfg.train.device!r} is not allowed; choose auto, cpu, cuda or cuda:N")
 

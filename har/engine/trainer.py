@@ -69,7 +69,7 @@ def build_loss(cfg: RunConfig, class_counts: list[int]) -> HARLoss:
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """SGD with the config's lr, momentum and weight decay (LDAM-DRW's optimiser)."""
     t = cfg.train
-    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=t.scaled_lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
 
 def prepare_run_dir(cfg: RunConfig, out: Path) -> None:
@@ -180,7 +180,7 @@ def train(cfg: RunConfig, out: str | Path, data: RunData | None = None) -> list[
                                 drw_epoch=cfg.loss.drw_epoch)
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda e: lr_factor(e, t.warmup_epochs, t.lr_milestones, t.lr_decay))
+        optimizer, lambda e: lr_factor(e, t.warmup_epochs, t.lr_milestones, t.lr_decay, t.schedule, t.epochs))
 
     start, partial = 0, None
     ckpt_path, prev_path = out / CHECKPOINT, out / PREVIOUS
