@@ -50,8 +50,8 @@ def sync_check(bundle: str, steps: tuple[int, int] = (4, 16)) -> dict[int, int]:
     for n in steps:
         images = torch.from_numpy(data.train.images[: n * 128]).to(device)
         labels = torch.from_numpy(data.train.labels[: n * 128]).to(device)
-        batches = TensorBatches(images, labels, 128, shuffle=True, augment=BatchAugment(cfg.data.mean, cfg.data.std),
-                                mean=cfg.data.mean, std=cfg.data.std)
+        batches = TensorBatches(images, labels, 128, shuffle=True, augment=BatchAugment(*cfg.data.normalization()),
+                                mean=cfg.data.normalization()[0], std=cfg.data.normalization()[1])
         generator = torch.Generator(device=device).manual_seed(0)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -40,7 +40,7 @@ from torchvision import transforms
 from har.atomic import atomic_write_json, atomic_write_text
 from har.config import RunConfig, load_config
 from har.data import BatchAugment, TensorBatches, normalize
-from har.data.build import RunData, build_data
+from har.data.build import RunData, Split, build_data
 from har.engine.checkpoint import load_checkpoint
 from har.engine.signals import StopRequest
 from har.engine.trainer import (
@@ -136,8 +136,8 @@ def device_stream(data: RunData, cfg: RunConfig, device: torch.device,
     """The package's path: the training set sits on the device as uint8, batches are gathered and augmented there."""
     batches = TensorBatches(torch.from_numpy(data.train.images).to(device),
                             torch.from_numpy(data.train.labels).to(device), cfg.train.batch_size, shuffle=True,
-                            augment=BatchAugment(cfg.data.mean, cfg.data.std), mean=cfg.data.mean,
-                            std=cfg.data.std, drop_last=True)
+                            augment=BatchAugment(*cfg.data.normalization()), mean=cfg.data.normalization()[0],
+                            std=cfg.data.normalization()[1], drop_last=True)
     while True:
         yield from batches.epoch(generator)
 
@@ -146,7 +146,7 @@ def reference_stream(data: RunData, cfg: RunConfig, device: torch.device, worker
                      generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
     """LDAM-DRW's path: per-image PIL transforms in DataLoader workers, then a host-to-device copy every step."""
     transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                                    transforms.ToTensor(), transforms.Normalize(cfg.data.mean, cfg.data.std)])
+                                    transforms.ToTensor(), transforms.Normalize(*cfg.data.normalization())])
     loader = DataLoader(PILImages(data.train.images, data.train.labels, transform), batch_size=cfg.train.batch_size,
                         shuffle=True, num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
                         persistent_workers=workers > 0, generator=generator)
@@ -257,8 +257,9 @@ def time_inference(model: MultiExitNet, cfg: RunConfig, data: RunData, device: t
     model = model.to(device).eval()
     images = data.test.images[:args.eval_images]
     table = flops_table(model)
-    logits = list(torch.from_numpy(collect_logits(model, images, cfg, device)))
-    batches = normalize(torch.from_numpy(images).to(device), cfg.data.mean, cfg.data.std).split(args.eval_batch)
+    logits = list(torch.from_numpy(collect_logits(model, Split(images, data.test.labels[:args.eval_images]), cfg,
+                                                  device)))
+    batches = normalize(torch.from_numpy(images).to(device), *cfg.data.normalization()).split(args.eval_batch)
     chosen = choose_thresholds(logits, table, args.target_savings)
     thresholds = list(dict.fromkeys([*chosen.values(), NO_EXIT]))  # one row per s, however many targets chose it
     forwards = [model.forward_static, *(functools.partial(model.forward_early_exit, exit_threshold=s)

@@ -19,7 +19,7 @@ import yaml
 from conftest import synthetic_data
 from test_train import TINY, without_time
 
-import har.engine.trainer as trainer_module
+import har.data.batches as batches_module
 from har.cli import main
 from har.config import load_config
 from har.data.build import write_bundle
@@ -152,7 +152,7 @@ def test_sigusr1_stops_after_the_step_with_status_75_and_restores_the_handlers(s
                                                                                call, epoch_done, partial):
     """SLURM's warning signal, sent from inside a known step of this process (in the last step of an epoch, the
     epoch's own checkpoint is the stop's)."""
-    real = trainer_module.BatchAugment
+    real = batches_module.BatchAugment
     calls = []
 
     class SignalsAtStep(real):
@@ -162,7 +162,7 @@ def test_sigusr1_stops_after_the_step_with_status_75_and_restores_the_handlers(s
                 os.kill(os.getpid(), signal.SIGUSR1)
             return super().__call__(images, generator)
 
-    monkeypatch.setattr(trainer_module, "BatchAugment", SignalsAtStep)
+    monkeypatch.setattr(batches_module, "BatchAugment", SignalsAtStep)
     before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingInterrupted) as stopped:
         train(setup.cfg, tmp_path / "run")
@@ -227,7 +227,7 @@ def test_unreadable_last_checkpoint_resumes_from_prev_and_both_unreadable_is_an_
 
 
 def test_nan_in_the_data_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
-    real = trainer_module.BatchAugment
+    real = batches_module.BatchAugment
     calls = []
 
     class NaNAtStep10(real):
@@ -236,7 +236,7 @@ def test_nan_in_the_data_stops_with_epoch_and_step_and_keeps_the_last_good_check
             x = super().__call__(images, generator)
             return x.index_fill(0, torch.tensor([3]), float("nan")) if len(calls) == 10 else x
 
-    monkeypatch.setattr(trainer_module, "BatchAugment", NaNAtStep10)
+    monkeypatch.setattr(batches_module, "BatchAugment", NaNAtStep10)
     with pytest.raises(RunError, match=r"non-finite training loss at epoch 1, step 2 \(both 0-based; 7 steps"):
         train(setup.cfg, tmp_path / "run")
     ckpt = checkpoint(tmp_path / "run")

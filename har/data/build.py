@@ -1,4 +1,8 @@
-"""From a data config to the three splits of one run: LT train, balanced validation, balanced test."""
+"""From a data config to the three splits of one run: LT train, balanced validation, balanced test.
+
+CIFAR splits are arrays (cut here, or read from a bundle); ImageNet-LT and iNaturalist 2018 splits are published
+lists of image files, checked against their git blob ids and for missing images before any training starts.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,9 @@ from har.atomic import atomic_write
 from har.config import DataConfig
 from har.data.cifar import load_cifar, resolve_data_root
 from har.data.errors import DataError
+from har.data.imagelist import PublishedList, SplitList, check_images_exist, read_split_list, verify_split_list
+from har.data.imagenet_lt import IMAGENET_LT_LISTS
+from har.data.inat import INAT2018_LISTS
 from har.data.longtail import make_longtail_split, shot_groups, subsample_per_class
 
 log = logging.getLogger(__name__)
@@ -33,12 +40,27 @@ class Split:
 
 
 @dataclass(frozen=True)
+class ListSplit:
+    """Images of a split list under an image root, decoded and transformed by data-loader workers."""
+
+    entries: SplitList
+    root: Path
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.entries.labels
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+@dataclass(frozen=True)
 class RunData:
     """What training and evaluation of one run read."""
 
-    train: Split
-    val: Split
-    test: Split
+    train: Split | ListSplit
+    val: Split | ListSplit
+    test: Split | ListSplit
     class_counts: list[int]  # training images per class: the long-tailed profile the losses see
     groups: dict[str, list[int]]  # many / medium / few class ids by training count
     classes: list[str]
@@ -47,30 +69,38 @@ class RunData:
     def num_classes(self) -> int:
         return len(self.class_counts)
 
-    def split(self, name: str) -> Split:
+    def split(self, name: str) -> Split | ListSplit:
         if name not in ("train", "val", "test"):
             raise ValueError(f"unknown split {name!r}; choose train, val or test")
         return getattr(self, name)
 
 
 def build_data(cfg: DataConfig) -> RunData:
-    """The splits of a run: from the dataset files, or from a bundle written by `export_bundle`."""
-    full = read_bundle(cfg) if cfg.bundle else full_splits(cfg)
+    """The splits of a run: from the dataset files, a bundle written by `export_bundle`, or split lists."""
+    if cfg.is_list_dataset:
+        full = list_splits(cfg)
+    else:
+        full = read_bundle(cfg) if cfg.bundle else full_splits(cfg)
     if cfg.train_fraction == 1 and cfg.eval_fraction == 1:
         return full
     train = _subsample(full.train, cfg.train_fraction)
     log.info("quick run: keeping %d of %d long-tailed training images", len(train), len(full.train))
+    if not all(np.bincount(train.labels, minlength=full.num_classes)):
+        raise DataError(f"data.train_fraction {cfg.train_fraction} leaves a class without training images; raise it")
     return RunData(train=train, val=_subsample(full.val, cfg.eval_fraction),
                    test=_subsample(full.test, cfg.eval_fraction),
                    class_counts=np.bincount(train.labels, minlength=full.num_classes).tolist(),
                    groups=full.groups, classes=full.classes)
 
 
-def _subsample(split: Split, fraction: float) -> Split:
+def _subsample(split: Split | ListSplit, fraction: float) -> Split | ListSplit:
     """The first share of every class (quick runs keep the long-tailed profile)."""
     if fraction == 1:
         return split
     keep = subsample_per_class(np.arange(len(split)), split.labels, fraction)
+    if isinstance(split, ListSplit):
+        entries = split.entries
+        return ListSplit(SplitList([entries.paths[i] for i in keep], entries.labels[keep], entries.source), split.root)
     return Split(split.images[keep], split.labels[keep])
 
 
@@ -89,16 +119,55 @@ def full_splits(cfg: DataConfig) -> RunData:
     )
 
 
+PUBLISHED_LISTS: dict[str, dict[str, PublishedList]] = {"imagenet_lt": IMAGENET_LT_LISTS, "inat2018": INAT2018_LISTS}
+
+
+def list_splits(cfg: DataConfig) -> RunData:
+    """The published train / val / test lists of ImageNet-LT or iNaturalist 2018, verified, on their image root.
+
+    Each list is checked against its published git blob id (refused when `data.strict_lists`, else a warning),
+    every listed image must exist, labels must be 0..C-1 with every class in the training list. iNaturalist 2018
+    has no public test labels: as in Kang et al. and later work, its validation list is also the test split
+    (a warning says so, as s is then chosen on the split that is reported).
+    """
+    root = resolve_data_root(cfg.root)
+    lists = Path(cfg.lists) if cfg.lists else root / "splits"
+    images = Path(cfg.images) if cfg.images else root / cfg.dataset
+    entries: dict[str, SplitList] = {}
+    for name, published in PUBLISHED_LISTS[cfg.dataset].items():
+        path = lists / published.file_name
+        verify_split_list(path, published.blob_id, strict=cfg.strict_lists, expected_lines=published.lines)
+        entries[name] = read_split_list(path)
+        check_images_exist(entries[name], images)
+    if "test" not in entries:
+        log.warning("%s has no test list: its validation list %s is also the test split (as in published work), so "
+                    "s is chosen on the reported split", cfg.dataset, entries["val"].source)
+        entries["test"] = entries["val"]
+    num_classes = int(max(e.labels.max() for e in entries.values())) + 1
+    counts = np.bincount(entries["train"].labels, minlength=num_classes)
+    if not counts.all():
+        missing = np.flatnonzero(counts == 0)
+        raise DataError(f"{entries['train'].source} has no image of class(es) {missing[:10].tolist()} that the other "
+                        f"lists use; labels must run 0..C-1 with every class in the training list")
+    first = {int(label): path for path, label in zip(reversed(entries["train"].paths),
+                                                     reversed(entries["train"].labels.tolist()))}
+    classes = [Path(first[c]).parent.name for c in range(num_classes)]  # the class folder, e.g. n01440764
+    return RunData(**{name: ListSplit(e, images) for name, e in entries.items()}, class_counts=counts.tolist(),
+                   groups=shot_groups(counts), classes=classes)
+
+
 # What a bundle must agree on with the config asking for it.
 _BUNDLE_KEYS = ("dataset", "ratio", "seed", "val_per_class")
 
 
 def export_bundle(cfg: DataConfig, path: str | Path) -> Path:
-    """Write the full splits of `cfg` (fractions ignored) to one compressed file.
+    """Write the full CIFAR splits of `cfg` (fractions ignored) to one compressed file.
 
     A GPU machine without the dataset files or a network gets exactly what a run reads (CIFAR-10-LT-100:
     about 46 MB instead of 178 MB of pickles); point `data.bundle` at the file there.
     """
+    if cfg.is_list_dataset:
+        raise DataError(f"{cfg.dataset} is read from split lists and image files, not exported; copy the images")
     return write_bundle(full_splits(dataclasses.replace(cfg, bundle=None)), cfg, path)
 
 

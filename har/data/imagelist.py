@@ -161,11 +161,12 @@ def check_images_exist(split: SplitList, image_root: str | Path, limit: int | No
                         f"{top}/ or download the missing images")
 
 
-def image_transform(train: bool, image_size: int = 224) -> Callable:
+def image_transform(train: bool, image_size: int = 224, mean: tuple[float, ...] = IMAGENET_MEAN,
+                    std: tuple[float, ...] = IMAGENET_STD) -> Callable:
     """The standard ImageNet transforms, with ``image_size`` configurable so tests can use tiny images.
 
     Train: RandomResizedCrop + horizontal flip; eval: resize to ``image_size * 256 / 224`` (256 for 224) and
-    centre crop. Both end with ToTensor and normalisation by the ImageNet mean and std.
+    centre crop. Both end with ToTensor and normalisation by ``mean`` and ``std`` (ImageNet's by default).
     """
     from torchvision import transforms  # deferred: importing torchvision takes seconds
 
@@ -173,16 +174,17 @@ def image_transform(train: bool, image_size: int = 224) -> Callable:
         crop = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
     else:
         crop = [transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size)]
-    return transforms.Compose([*crop, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return transforms.Compose([*crop, transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 class ImageListDataset(Dataset):
     """Images of a split list under ``image_root`` as (normalised float tensor 3 x S x S, label) pairs."""
 
-    def __init__(self, split: SplitList, image_root: str | Path, train: bool, image_size: int = 224) -> None:
+    def __init__(self, split: SplitList, image_root: str | Path, train: bool, image_size: int = 224,
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> None:
         self.split = split
         self.root = Path(image_root)
-        self.transform = image_transform(train, image_size)
+        self.transform = image_transform(train, image_size, mean, std)
 
     def __len__(self) -> int:
         return len(self.split)

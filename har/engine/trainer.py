@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -23,17 +24,21 @@ from typing import Any, NoReturn
 import torch
 import yaml
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from har.atomic import atomic_write_text
 from har.config import RunConfig, config_diff, config_hash, dump_config, to_dict
-from har.data.augment import BatchAugment
+from har.data.batches import eval_batches, train_batches
 from har.data.build import RunData, build_data
-from har.data.loader import TensorBatches
+from har.data.loader import ImageBatches, TensorBatches
 from har.engine.checkpoint import RunError, atomic_save, resume_checkpoint
+from har.engine.distributed import Distributed, from_environment, process_group
 from har.engine.schedule import lr_factor
 from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
 from har.losses import HARLoss, ReweightSchedule, build_exit_loss, exit_statistics
+from har.methods import decoupled
+from har.methods.mixup import draw_mixing
 from har.models import MultiExitNet, create_model
 
 log = logging.getLogger(__name__)
@@ -41,22 +46,27 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "last.pt"
 PREVIOUS = "prev.pt"
 METRICS = "metrics.jsonl"
+SINGLE = Distributed()  # a run of one process
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` means CUDA when present."""
+def resolve_device(name: str, ctx: Distributed | None = None) -> torch.device:
+    """`auto` means CUDA when present; a distributed process takes the GPU of its local rank."""
+    local = ctx.local_rank if ctx is not None and ctx.enabled else None
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RunError(f"train.device is {name!r} but CUDA is not available; use auto or cpu")
+    if name == "cuda" and local is not None:
+        return torch.device("cuda", local)
     return torch.device(name)
 
 
 def build_model(cfg: RunConfig, num_classes: int) -> MultiExitNet:
-    """The multi-exit network a config describes."""
-    return create_model(cfg.model.name, num_classes=num_classes, layout=cfg.model.layout,
-                        classifier=cfg.classifier, exit_channels=cfg.model.exit_channels,
-                        exit_stride=cfg.model.exit_stride)
+    """The multi-exit network a config describes (with the final classifier a decoupled stage two trains)."""
+    model = create_model(cfg.model.name, num_classes=num_classes, layout=cfg.model.layout,
+                         classifier=cfg.classifier, exit_channels=cfg.model.exit_channels,
+                         exit_stride=cfg.model.exit_stride)
+    return decoupled.attach(cfg, model)
 
 
 def build_loss(cfg: RunConfig, class_counts: list[int]) -> HARLoss:
@@ -67,9 +77,10 @@ def build_loss(cfg: RunConfig, class_counts: list[int]) -> HARLoss:
 
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """SGD with the config's lr, momentum and weight decay (LDAM-DRW's optimiser)."""
+    """SGD (LDAM-DRW's optimiser) over the parameters that train, with the lr scaled to the global batch."""
     t = cfg.train
-    return torch.optim.SGD(model.parameters(), lr=t.scaled_lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=t.scaled_lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
 
 def prepare_run_dir(cfg: RunConfig, out: Path) -> None:
@@ -133,8 +144,8 @@ class EpochProgress:
     seconds: float = 0.0  # time spent on the epoch by earlier attempts
 
     @classmethod
-    def begin(cls, order: Tensor, num_exits: int) -> EpochProgress:
-        dev = order.device
+    def begin(cls, order: Tensor, num_exits: int, device: torch.device | None = None) -> EpochProgress:
+        dev = order.device if device is None else device
         return cls(order, {"loss": torch.zeros((), device=dev), "normaliser": torch.zeros((), device=dev),
                            "correct": torch.zeros((), device=dev, dtype=torch.long),
                            "exit_counts": torch.zeros(num_exits, device=dev),
@@ -155,14 +166,24 @@ class EpochProgress:
 def train(cfg: RunConfig, out: str | Path, data: RunData | None = None) -> list[dict]:
     """Train (or resume) one run into the folder `out`; return the per-epoch metrics.
 
+    Started by torchrun, every process calls this with the same arguments: each trains on its share of every
+    global batch, and only rank 0 writes the folder.
+
     Args:
         cfg: the validated run config.
         out: the run folder.
         data: already built splits (the config's data section is used to build them when None).
     """
-    out = Path(out)
-    prepare_run_dir(cfg, out)
-    device = resolve_device(cfg.train.device)
+    ctx = from_environment()
+    device = resolve_device(cfg.train.device, ctx)
+    with process_group(ctx, device):
+        return _train(cfg, Path(out), data, ctx, device)
+
+
+def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, device: torch.device) -> list[dict]:
+    if ctx.is_main:
+        prepare_run_dir(cfg, out)
+    ctx.barrier()
     t = cfg.train
     on_cuda = device.type == "cuda"
     amp = on_cuda if t.amp is None else t.amp
@@ -172,9 +193,22 @@ def train(cfg: RunConfig, out: str | Path, data: RunData | None = None) -> list[
     torch.manual_seed(t.seed)
     data = data or build_data(cfg.data)
     model = build_model(cfg, data.num_classes).to(device)
+    stage_two = cfg.decouple.method != "none"
+    if stage_two:
+        decoupled.load_stage_one(cfg, model, device)
+        decoupled.trainable_parameters(cfg, model)
+        if cfg.decouple.method == "tau_norm":
+            return _tau_norm(cfg, out, model, data, device, ctx)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    step_model = model if t.compile == "off" else torch.compile(model, mode=t.compile)
+    wrapped: torch.nn.Module = model
+    if ctx.enabled:
+        if t.sync_batchnorm:
+            if not on_cuda:
+                raise RunError("train.sync_batchnorm needs CUDA (torch's SyncBatchNorm has no CPU kernel); turn it off")
+            wrapped = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if on_cuda else None)
+    step_model = wrapped if t.compile == "off" else torch.compile(wrapped, mode=t.compile)
     har_loss = build_loss(cfg, data.class_counts).to(device)
     reweight = ReweightSchedule(cfg.loss.reweight, data.class_counts, beta=cfg.loss.cb_beta,
                                 drw_epoch=cfg.loss.drw_epoch)
@@ -193,49 +227,94 @@ def train(cfg: RunConfig, out: str | Path, data: RunData | None = None) -> list[
         scheduler.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"])
         start, partial = ckpt["epoch"] + 1, ckpt.get("partial")
+        if partial is not None and not ctx.is_main:  # rank 0's checkpoint holds the sums of every process
+            partial = {**partial, "sums": {k: torch.zeros_like(v) if k != "first_bad_step" else v
+                                           for k, v in partial["sums"].items()}, "seen": 0}
         where = f"at step {partial['step']} of" if partial else "before"
         log.info("resuming %s %s epoch %d (0-based) of %d", out, where, start, t.epochs)
     history = _read_metrics(out / METRICS, start)
 
     def save(epoch_done: int, progress: dict[str, Any] | None = None) -> None:
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch_done, "partial": progress,
-                     "rng": _rng_state(), "config_sha256": config_hash(cfg), "config": to_dict(cfg)},
-                    ckpt_path, keep_previous=prev_path)
+        if ctx.is_main:
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "epoch": epoch_done, "partial": progress,
+                         "rng": _rng_state(), "config_sha256": config_hash(cfg), "config": to_dict(cfg)},
+                        ckpt_path, keep_previous=prev_path)
 
-    n = len(data.train)
-    batches = TensorBatches(torch.from_numpy(data.train.images).to(device),
-                            torch.from_numpy(data.train.labels).to(device), t.batch_size, shuffle=True,
-                            augment=BatchAugment(cfg.data.mean, cfg.data.std), mean=cfg.data.mean,
-                            std=cfg.data.std, drop_last=n % t.batch_size == 1)  # BatchNorm fails on 1 example
-    interactive = sys.stderr.isatty()
+    batches = train_batches(data.train, cfg.data, t.batch_size, device, ctx.rank, ctx.world)
+    balanced_labels = torch.from_numpy(data.train.labels).to(batches.generator_device) if stage_two else None
+    mode = (lambda: decoupled.train_mode(model)) if stage_two else step_model.train
+    interactive = sys.stderr.isatty() and ctx.is_main
     with stop_requests() as stop:
         for epoch in range(start, t.epochs):
             weights = reweight.weights(epoch)
             har_loss.exit_loss.set_weight(None if weights is None else weights.to(device))
-            generator = _epoch_generator(t.seed, epoch, device)
+            generator = _epoch_generator(t.seed, epoch, batches.generator_device)
             if partial is not None:
                 progress = EpochProgress.resume(partial, generator)
                 partial = None
             else:
-                progress = EpochProgress.begin(batches.order(generator), model.num_exits)
+                order = (decoupled.class_balanced_order(balanced_labels, generator) if stage_two
+                         else batches.order(generator))
+                progress = EpochProgress.begin(order, model.num_exits, device)
             row = _train_epoch(step_model, har_loss, optimizer, batches, generator, epoch, cfg, interactive, amp,
-                               progress, stop)
+                               progress, stop, ctx, mode)
             if row is None:  # stopped by a signal inside the epoch
-                save(epoch - 1, {"epoch": epoch, **progress.state_dict(generator)})
+                state = progress.state_dict(generator)
+                if ctx.enabled:  # one checkpoint for all: rank 0 keeps the sums of every process
+                    state["sums"] = _reduce_sums(progress.sums, ctx)
+                    state["seen"] = int(ctx.all_reduce(torch.tensor(progress.seen)))
+                save(epoch - 1, {"epoch": epoch, **state})
                 _stopped(stop, ckpt_path, f"epoch {epoch} (0-based) at step {progress.step} of {len(batches)}")
             row["lr"] = optimizer.param_groups[0]["lr"]
             row["reweighted"] = weights is not None
             scheduler.step()
             history.append(row)
-            # metrics first: rows past the checkpoint's epoch are dropped on resume, and computed again
-            atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+            if ctx.is_main:  # metrics first: rows past the checkpoint's epoch are dropped on resume, computed again
+                atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
             save(epoch)
-            log.info("epoch %d/%d  loss %.4f  train acc %.4f  exit fractions %s  (%.1f s)", epoch + 1, t.epochs,
-                     row["loss"], row["train_top1"], [round(f, 3) for f in row["exit_fraction"]], row["seconds"])
-            if stop.signum is not None and epoch + 1 < t.epochs:
+            if ctx.is_main:
+                log.info("epoch %d/%d  loss %.4f  train acc %.4f  exit fractions %s  (%.1f s)", epoch + 1, t.epochs,
+                         row["loss"], row["train_top1"], [round(f, 3) for f in row["exit_fraction"]], row["seconds"])
+            if _agreed_stop(stop, ctx) and epoch + 1 < t.epochs:
                 _stopped(stop, ckpt_path, f"the end of epoch {epoch} (0-based)")
+    ctx.barrier()  # nobody reads the folder before rank 0 has written it
     return history
+
+
+def _tau_norm(cfg: RunConfig, out: Path, model: MultiExitNet, data: RunData, device: torch.device,
+              ctx: Distributed) -> list[dict]:
+    """tau-norm trains nothing: choose tau on the validation split, scale the classifier, save the model.
+
+    Its checkpoint counts as a finished run of `train.epochs` epochs (the number is not used otherwise).
+    """
+    model.eval()
+    with torch.no_grad():
+        features = torch.cat([model.pooled_features(x).float()
+                              for x in eval_batches(data.val, cfg.data, cfg.eval.batch_size, device)])
+    labels = torch.from_numpy(data.val.labels).to(device)
+    choice = decoupled.choose_tau(features, labels, model.backbone.classifier, cfg.decouple.taus)
+    decoupled.tau_normalize(model.backbone.classifier, choice["tau"])
+    row = {"epoch": cfg.train.epochs - 1, **choice, "chosen_on": "val", "stage_one": cfg.decouple.stage_one}
+    log.info("tau-norm: tau %g chosen on val (top-1 by tau: %s)", choice["tau"], choice["val_top1_by_tau"])
+    if ctx.is_main:
+        atomic_write_text(out / METRICS, json.dumps(row) + "\n")
+        atomic_save({"model": model.state_dict(), "epoch": cfg.train.epochs - 1, "partial": None,
+                     "config_sha256": config_hash(cfg), "config": to_dict(cfg)}, out / CHECKPOINT)
+    ctx.barrier()
+    return [row]
+
+
+def _reduce_sums(sums: dict[str, Tensor], ctx: Distributed) -> dict[str, Tensor]:
+    """An epoch's running sums over all processes (the first non-finite step: the latest any process saw)."""
+    return {k: ctx.all_reduce(v, "max" if k == "first_bad_step" else "sum") for k, v in sums.items()}
+
+
+def _agreed_stop(stop: StopRequest, ctx: Distributed) -> bool:
+    """Whether to stop now; a distributed run stops only when every process agrees on it (a collective)."""
+    if not ctx.enabled:
+        return stop.signum is not None
+    return bool(ctx.all_reduce(torch.tensor(int(stop.signum is not None)), "max"))
 
 
 def _stopped(stop: StopRequest, ckpt_path: Path, where: str) -> NoReturn:
@@ -246,65 +325,83 @@ def _stopped(stop: StopRequest, ckpt_path: Path, where: str) -> NoReturn:
     raise TrainingInterrupted(message)
 
 
-def _train_epoch(model: MultiExitNet, har_loss: HARLoss, optimizer: torch.optim.Optimizer,
-                 batches: TensorBatches, generator: torch.Generator, epoch: int, cfg: RunConfig,
-                 interactive: bool, amp: bool, progress: EpochProgress, stop: StopRequest) -> dict | None:
+def _train_epoch(model: torch.nn.Module, har_loss: HARLoss, optimizer: torch.optim.Optimizer,
+                 batches: TensorBatches | ImageBatches, generator: torch.Generator, epoch: int, cfg: RunConfig,
+                 interactive: bool, amp: bool, progress: EpochProgress, stop: StopRequest,
+                 ctx: Distributed = SINGLE, mode: Callable[[], Any] | None = None) -> dict | None:
     """The rest of an epoch from `progress`: its metrics row, or None when `stop` fired before its last step.
 
     Statistics stay on the device until the end of the epoch: nothing in a step reads a value back to the
-    host except the progress log every `log_every` steps, so the GPU is never left waiting on Python.
+    host except the progress log every `log_every` steps, so the GPU is never left waiting on Python. Each
+    process's loss is its examples' share of the global batch's loss (the normaliser is summed over all
+    processes), so DistributedDataParallel's gradient average is the one-process gradient of that batch.
+    `mode` puts the model in training mode (default: `model.train()`).
     """
-    model.train()
+    (mode or model.train)()
+    t = cfg.train
     device = next(model.parameters()).device
-    k = model.num_exits
+    k = len(progress.sums["exit_counts"])
     sums = progress.sums
     began = time.perf_counter() - progress.seconds
-    bar = tqdm(total=len(batches), initial=progress.step, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+    bar = tqdm(total=len(batches), initial=progress.step, desc=f"epoch {epoch + 1}/{t.epochs}",
                leave=False, disable=not interactive)
     for step, (images, labels) in enumerate(batches.epoch(generator, progress.order, progress.step),
                                             progress.step):
+        mixing = None if t.mixup == "off" else draw_mixing(t.mixup_alpha, t.seed, epoch, step, len(labels), device)
+        if mixing is not None and t.mixup == "input":
+            images = mixing(images)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            outputs = model(images)
+            outputs = model(images, mix_features=mixing) if t.mixup == "manifold" else model(images)
         logits = [out.float() for out in outputs]  # the losses run in float32
         parts = har_loss.components(logits, labels)
+        per_example, normaliser = parts.per_example, parts.normaliser
+        if mixing is not None:  # lam * L(y) + (1 - lam) * L(y[perm]), HAR's exit choice from y
+            partner = har_loss.components(logits, labels[mixing.perm])
+            per_example = mixing.lam * per_example + (1 - mixing.lam) * partner.per_example
+            normaliser = mixing.lam * normaliser + (1 - mixing.lam) * partner.normaliser
+        loss = per_example.sum() * ctx.world / ctx.all_reduce(normaliser.sum())
         optimizer.zero_grad(set_to_none=True)
-        parts.loss.backward()
+        loss.backward()
         optimizer.step()
         with torch.no_grad():
-            sums["loss"] += parts.per_example.sum()
-            sums["normaliser"] += parts.normaliser.sum()
+            sums["loss"] += per_example.detach().sum()
+            sums["normaliser"] += normaliser.sum()
             sums["correct"] += (logits[-1].argmax(1) == labels).sum()
             counts, exit_sums = exit_statistics(parts, k)
             sums["exit_counts"] += counts
             sums["exit_loss"] += exit_sums
-            sums["first_bad_step"].masked_fill_((sums["first_bad_step"] < 0) & ~parts.loss.isfinite(), step)
+            sums["first_bad_step"].masked_fill_((sums["first_bad_step"] < 0) & ~loss.isfinite(), step)
         progress.step, progress.seen = step + 1, progress.seen + len(labels)
         bar.update()
-        if (step + 1) % cfg.train.log_every == 0:
-            _check_finite(progress, epoch, len(batches))
-            if not interactive:
-                log.info("epoch %d step %d/%d loss %.4f", epoch + 1, step + 1, len(batches), parts.loss.item())
-        if stop.signum is not None and step + 1 < len(batches):
+        at_log = (step + 1) % t.log_every == 0
+        if at_log:
+            _check_finite(progress, epoch, len(batches), ctx)
+            if not interactive and ctx.is_main:
+                log.info("epoch %d step %d/%d loss %.4f", epoch + 1, step + 1, len(batches), loss.item())
+        # a distributed run agrees on stopping only at log steps (a collective); one process checks every step
+        if (at_log or not ctx.enabled) and _agreed_stop(stop, ctx) and step + 1 < len(batches):
             bar.close()
-            _check_finite(progress, epoch, len(batches))  # never save a diverged state over a good one
+            _check_finite(progress, epoch, len(batches), ctx)  # never save a diverged state over a good one
             progress.seconds = time.perf_counter() - began
             return None
     bar.close()
-    _check_finite(progress, epoch, len(batches))
+    _check_finite(progress, epoch, len(batches), ctx)
+    sums = _reduce_sums(sums, ctx)
+    seen = int(ctx.all_reduce(torch.tensor(progress.seen)))
     counts = sums["exit_counts"].cpu()
     return {
         "epoch": epoch,
         "loss": (sums["loss"] / sums["normaliser"]).item(),
-        "train_top1": sums["correct"].item() / progress.seen,
-        "exit_fraction": (counts / progress.seen).tolist(),
+        "train_top1": sums["correct"].item() / seen,
+        "exit_fraction": (counts / seen).tolist(),
         "exit_loss": [s / c if c else None for s, c in zip(sums["exit_loss"].cpu().tolist(), counts.tolist())],
         "seconds": time.perf_counter() - began,
     }
 
 
-def _check_finite(progress: EpochProgress, epoch: int, steps: int) -> None:
+def _check_finite(progress: EpochProgress, epoch: int, steps: int, ctx: Distributed = SINGLE) -> None:
     """Stop at the first non-finite loss, before a checkpoint of the diverged model is written (one read-back)."""
-    bad = int(progress.sums["first_bad_step"])
+    bad = int(ctx.all_reduce(progress.sums["first_bad_step"], "max"))
     if bad >= 0:
         raise RunError(f"non-finite training loss at epoch {epoch}, step {bad} (both 0-based; {steps} steps per "
                        f"epoch); no checkpoint of the diverged model was written, {CHECKPOINT} keeps the last good "

@@ -16,14 +16,20 @@ import yaml
 
 from har.atomic import atomic_write, atomic_write_json
 from har.config import RunConfig, config_hash, from_dict
-from har.data.augment import normalize
-from har.data.build import RunData, build_data
+from har.data.batches import eval_batches
+from har.data.build import ListSplit, RunData, Split, build_data
 from har.engine.checkpoint import RunError, load_checkpoint
 from har.engine.trainer import CHECKPOINT, build_model, resolve_device
 from har.evaluation.dynamic import choose_exit_threshold, default_exit_thresholds, dynamic_result, softmax
 from har.evaluation.flops import flops_table
 from har.evaluation.metrics import classification_summary, confusion_matrix
 from har.models import MultiExitNet
+
+
+def input_size(cfg: RunConfig) -> tuple[int, int, int]:
+    """The C x H x W of the images the model sees (32 x 32 for CIFAR, the crop size for image lists)."""
+    side = cfg.data.image_size if cfg.data.is_list_dataset else 32
+    return (3, side, side)
 
 
 def load_run(run_dir: Path, device: torch.device) -> tuple[RunConfig, dict]:
@@ -45,14 +51,11 @@ def load_run(run_dir: Path, device: torch.device) -> tuple[RunConfig, dict]:
 
 
 @torch.no_grad()
-def collect_logits(model: MultiExitNet, images: np.ndarray, cfg: RunConfig, device: torch.device) -> np.ndarray:
+def collect_logits(model: MultiExitNet, split: Split | ListSplit, cfg: RunConfig, device: torch.device) -> np.ndarray:
     """Every exit's logits for a split: float32 [exits, examples, classes]."""
     model.eval()
-    chunks = []
-    for start in range(0, len(images), cfg.eval.batch_size):
-        batch = torch.from_numpy(images[start:start + cfg.eval.batch_size]).to(device)
-        outputs = model(normalize(batch, cfg.data.mean, cfg.data.std))
-        chunks.append(torch.stack(outputs).float().cpu())
+    chunks = [torch.stack(model(images)).float().cpu()
+              for images in eval_batches(split, cfg.data, cfg.eval.batch_size, device)]
     return torch.cat(chunks, dim=1).numpy()
 
 
@@ -89,14 +92,14 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", data: RunData | None
     data = data or build_data(cfg.data)
     model = build_model(cfg, data.num_classes).to(dev)
     model.load_state_dict(ckpt["model"])
-    table = flops_table(model)
+    table = flops_table(model, image_size=input_size(cfg))
     exit_macs = [e["cumulative_macs"] for e in table["exits"]]
     thresholds = cfg.eval.exit_thresholds or default_exit_thresholds(data.num_classes, cfg.classifier)
     reports: dict[str, dict] = {}
     chosen: dict[str, float] = {}
     for split in ("val", "test"):  # val first: it chooses s for both
         part = data.split(split)
-        logits = collect_logits(model, part.images, cfg, dev)
+        logits = collect_logits(model, part, cfg, dev)
         atomic_write(run_dir / "eval" / f"{split}.npz",
                      lambda f: np.savez_compressed(f, logits=logits, labels=part.labels))
         probs = softmax(logits)

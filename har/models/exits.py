@@ -7,7 +7,7 @@ stem and after the first two groups; the trailing 'E' is always the backbone's o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -244,16 +244,27 @@ class MultiExitNet(nn.Module):
         self.heads = nn.ModuleList(backbone.make_exit_head(p, channels, exit_stride) for p in self.exit_positions)
         self.heads.apply(init_weights)
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """Logits of every exit in order; the last entry comes from the backbone's classifier."""
+    def forward(self, x: Tensor, mix_features: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
+        """Logits of every exit in order; the last entry comes from the backbone's classifier.
+
+        ``mix_features`` maps the pooled features before the final classifier (Manifold Mixup).
+        """
         outputs = []
         x = self.backbone.stem(x)
         for group_index, group in enumerate(self.backbone.groups):
             if group_index in self._exit_at_group:
                 outputs.append(self.heads[self._exit_at_group[group_index]](x))
             x = group(x)
-        outputs.append(self.backbone.classifier(self.backbone.pool_features(x)))
+        features = self.backbone.pool_features(x)
+        outputs.append(self.backbone.classifier(features if mix_features is None else mix_features(features)))
         return outputs
+
+    def pooled_features(self, x: Tensor) -> Tensor:
+        """The backbone's pooled features, the input of its classifier (no exit head is computed)."""
+        x = self.backbone.stem(x)
+        for group in self.backbone.groups:
+            x = group(x)
+        return self.backbone.pool_features(x)
 
     def forward_static(self, x: Tensor) -> Tensor:
         """Final logits of the bare backbone, without computing any exit head."""

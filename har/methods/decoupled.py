@@ -1,0 +1,154 @@
+"""Stage two of the decoupled methods of Kang et al. (ICLR 2020, "Decoupling Representation and Classifier for
+Long-Tailed Recognition"), on a finished stage-one run of this package (Table III).
+
+- cRT: the final classifier is re-initialised and re-trained with class-balanced sampling; everything else,
+  batch-norm statistics included, stays as stage one left it.
+- LWS: the classifier's weights stay, a learned scale per class multiplies its logits, trained with
+  class-balanced sampling.
+- tau-norm: no training; each class's weights and bias are divided by the weight norm ** tau, with tau chosen
+  by validation top-1 (``decouple.taus``). Scaling the bias with its weights makes tau-norm a per-class scaling
+  of the logits, like LWS with fixed scales; tau = 0 leaves the classifier unchanged.
+
+Only the final exit's classifier changes; intermediate exits (if stage one had any) are left as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from har.config import RunConfig, from_dict
+from har.engine.checkpoint import RunError, load_checkpoint
+from har.models import MultiExitNet
+from har.models.exits import init_weights
+
+log = logging.getLogger(__name__)
+
+# Stage-one fields that must match the stage-two config: same model, same training data.
+MATCHING = {"model": ("name", "layout", "exit_channels", "exit_stride"),
+            "data": ("dataset", "ratio", "seed", "val_per_class", "train_fraction")}
+
+
+class LearnedScales(nn.Module):
+    """LWS: a classifier whose logits are multiplied by a learned scale per class (initialised to 1)."""
+
+    def __init__(self, classifier: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.scales = nn.Parameter(torch.ones(num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(x) * self.scales
+
+
+def attach(cfg: RunConfig, model: MultiExitNet) -> MultiExitNet:
+    """Give the model the structure stage two trains and saves (LWS wraps the final classifier)."""
+    if cfg.decouple.method == "lws":
+        model.backbone.classifier = LearnedScales(model.backbone.classifier, model.num_classes)
+    return model
+
+
+def load_stage_one(cfg: RunConfig, model: MultiExitNet, device: torch.device) -> str:
+    """Load the stage-one weights of ``cfg.decouple.stage_one`` into ``model``; return its config hash.
+
+    Raises:
+        RunError: the folder is not a finished run, or its model or training data differ from this config's.
+    """
+    folder = Path(cfg.decouple.stage_one)
+    cfg_path, ckpt_path = folder / "config.yaml", folder / "last.pt"
+    if not cfg_path.is_file() or not ckpt_path.is_file():
+        raise RunError(f"decouple.stage_one {folder} is not a trained run folder (config.yaml and last.pt needed); "
+                       f"train stage one there first")
+    first = from_dict(yaml.safe_load(cfg_path.read_text()))
+    if first.decouple.method != "none":
+        raise RunError(f"decouple.stage_one {folder} is itself a stage-two run; point it at a plain run")
+    wrong = [f"{section}.{key}: stage one {getattr(getattr(first, section), key)!r}, here "
+             f"{getattr(getattr(cfg, section), key)!r}"
+             for section, keys in MATCHING.items() for key in keys
+             if getattr(getattr(first, section), key) != getattr(getattr(cfg, section), key)]
+    if first.classifier != cfg.classifier:
+        wrong.append(f"classifier: stage one {first.classifier!r}, here {cfg.classifier!r}")
+    if wrong:
+        raise RunError(f"decouple.stage_one {folder} was trained on another model or data: {'; '.join(wrong)}")
+    ckpt = load_checkpoint(ckpt_path, map_location=device)
+    if ckpt["epoch"] + 1 != first.train.epochs or ckpt.get("partial"):
+        raise RunError(f"decouple.stage_one {folder} is unfinished ({ckpt['epoch'] + 1} of {first.train.epochs} "
+                       f"epochs); finish it with har train first")
+    wrapper = model.backbone.classifier if isinstance(model.backbone.classifier, LearnedScales) else None
+    if wrapper is not None:  # stage one's weights belong to the wrapped classifier
+        model.backbone.classifier = wrapper.classifier
+    model.load_state_dict(ckpt["model"])
+    if wrapper is not None:
+        model.backbone.classifier = wrapper
+    return ckpt["config_sha256"]
+
+
+def trainable_parameters(cfg: RunConfig, model: MultiExitNet) -> list[nn.Parameter]:
+    """Freeze everything but what the method trains (cRT: the re-initialised classifier; LWS: the scales)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    classifier = model.backbone.classifier
+    if cfg.decouple.method == "crt":
+        classifier.apply(init_weights)
+        if isinstance(classifier, nn.Linear):
+            nn.init.zeros_(classifier.bias)
+        params = list(classifier.parameters())
+    elif cfg.decouple.method == "lws":
+        params = [classifier.scales]
+    else:
+        params = []
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def train_mode(model: MultiExitNet) -> None:
+    """Stage two trains with the backbone in eval mode: frozen batch-norm statistics, as Kang et al.'s code."""
+    model.eval()
+    model.backbone.classifier.train()
+
+
+def class_balanced_order(labels: Tensor, generator: torch.Generator) -> Tensor:
+    """An epoch of ``len(labels)`` draws: a class uniformly at random, then one of its examples uniformly.
+
+    Every class is then equally likely at every position (Kang et al.'s class-balanced sampling); rare
+    examples repeat and frequent ones are left out, as with their sampler.
+    """
+    n, dev = len(labels), labels.device
+    sorted_idx = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels)
+    present = torch.nonzero(counts).squeeze(1)
+    starts = torch.cumsum(counts, 0) - counts
+    classes = present[torch.randint(len(present), (n,), generator=generator, device=dev)]
+    offset = (torch.rand(n, generator=generator, device=dev) * counts[classes]).long().clamp_max(counts[classes] - 1)
+    return sorted_idx[starts[classes] + offset]
+
+
+@torch.no_grad()
+def tau_normalize(classifier: nn.Linear, tau: float) -> None:
+    """Divide each class's weights and bias by its weight norm ** tau, in place (tau = 0: unchanged)."""
+    if not isinstance(classifier, nn.Linear):
+        raise RunError(f"tau-norm needs a linear final classifier, got {type(classifier).__name__}; train stage one "
+                       f"with model.classifier: linear")
+    scale = classifier.weight.norm(dim=1).pow(tau)
+    classifier.weight.div_(scale[:, None])
+    if classifier.bias is not None:
+        classifier.bias.div_(scale)
+
+
+@torch.no_grad()
+def choose_tau(features: Tensor, labels: Tensor, classifier: nn.Linear, taus: tuple[float, ...]) -> dict:
+    """Validation top-1 of every candidate tau on pooled features; the best tau (ties: the smallest)."""
+    scores = {}
+    for tau in taus:
+        norm = classifier.weight.norm(dim=1).pow(tau)
+        logits = features @ (classifier.weight / norm[:, None]).T
+        if classifier.bias is not None:
+            logits = logits + classifier.bias / norm
+        scores[tau] = float((logits.argmax(1) == labels).float().mean())
+    best = max(sorted(scores), key=lambda t: scores[t])
+    return {"tau": best, "val_top1_by_tau": {f"{t:g}": scores[t] for t in sorted(scores)}}
