@@ -290,6 +290,11 @@ def _check_ranges(cfg: RunConfig) -> None:
                           f"decouple.stage_one to the folder a plain run trained into")
     if cfg.decouple.method != "none" and cfg.train.mixup != "off":
         raise ConfigError("train.mixup: stage two of a decoupled method trains without mixup; set it to off")
+    if cfg.decouple.method == "tau_norm" and cfg.classifier != "linear":
+        raise ConfigError(f"model.classifier: tau-norm rescales a linear classifier's weight norms, not a "
+                          f"{cfg.classifier} one; use a stage one with model.classifier: linear (and loss ce/focal)")
+    if cfg.data.bundle and cfg.data.is_list_dataset:
+        raise ConfigError(f"data.bundle: {cfg.data.dataset} is read from split lists and images; unset data.bundle")
     if cfg.decouple.method == "tau_norm" and not cfg.decouple.taus:
         raise ConfigError("decouple.taus: tau-norm needs at least one candidate tau")
     if cfg.train.device not in ("auto", "cpu") and not cfg.train.device.startswith("cuda"):
