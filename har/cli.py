@@ -38,12 +38,16 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
-def _train(cfg: RunConfig, out: Path, data: RunData | None = None) -> None:
+def _train(cfg: RunConfig, out: Path, data: RunData | None = None) -> bool:
+    """Train; True in the process that reports (rank 0 of a torchrun launch, or the only one)."""
+    from har.engine.distributed import from_environment
     from har.engine.trainer import train
 
     history = train(cfg, out, data=data)
-    if history:
+    main_process = from_environment().is_main
+    if history and main_process:
         print(json.dumps(history[-1]))
+    return main_process
 
 
 def _evaluate(run: Path, device: str, data: RunData | None = None) -> None:
@@ -67,8 +71,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.set)
     data = build_data(cfg.data)  # once for both steps
-    _train(cfg, args.out, data)
-    _evaluate(args.out, cfg.train.device, data)
+    if _train(cfg, args.out, data):  # one evaluation, by rank 0 of a distributed run
+        _evaluate(args.out, cfg.train.device, data)
 
 
 def cmd_export_data(args: argparse.Namespace) -> None:
@@ -86,7 +90,8 @@ def cmd_flops(args: argparse.Namespace) -> None:
     optional = {"layout": args.layout, "exit_channels": args.exit_channels, "exit_stride": args.exit_stride}
     model = create_model(args.model, num_classes=args.num_classes, classifier=args.classifier,
                          **{k: v for k, v in optional.items() if v is not None})  # unset flags keep model defaults
-    print(json.dumps(flops_table(model), indent=1))
+    side = args.image_size or (32 if args.model == "resnet32" else 224)
+    print(json.dumps(flops_table(model, image_size=(3, side, side)), indent=1))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -121,6 +126,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     fl.add_argument("--classifier", default="linear", choices=["linear", "cosine"], help="default: linear")
     fl.add_argument("--exit-channels", type=int, default=None, help="default: the model's (64)")
     fl.add_argument("--exit-stride", type=int, default=None, help="default: the model's (2)")
+    fl.add_argument("--image-size", type=int, default=None, help="input side (default: 32 for resnet32, else 224)")
     fl.set_defaults(func=cmd_flops)
     return parser
 
