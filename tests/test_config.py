@@ -7,6 +7,8 @@ import pytest
 from har.config import ConfigError, config_diff, config_hash, dump_config, from_dict, load_config, to_dict
 from har.engine.schedule import lr_factor
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def test_defaults_are_the_papers_cifar_settings():
     cfg = load_config(None)
@@ -90,3 +92,23 @@ def test_lr_schedule_matches_ldam_drw():
 def test_shipped_configs_are_valid(path):
     cfg = load_config(path)
     assert cfg.data.dataset in ("cifar10", "cifar100")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "config" / "runs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_run_configs_are_valid(path):
+    load_config(path)
+
+
+def test_lr_scales_linearly_with_the_global_batch_and_cosine_decays_to_zero():
+    cfg = from_dict({"train": {"lr": 0.1, "lr_batch": 256, "batch_size": 1024}})
+    assert cfg.train.scaled_lr == pytest.approx(0.4)
+    assert from_dict({}).train.scaled_lr == 0.1
+    factors = [lr_factor(e, 0, (), 1.0, "cosine", 10) for e in range(10)]
+    assert factors[0] == 1.0 and factors == sorted(factors, reverse=True) and factors[-1] < 0.03
+
+
+def test_list_datasets_default_to_imagenet_normalisation():
+    assert from_dict({"data": {"dataset": "imagenet_lt"}}).data.normalization()[0] == (0.485, 0.456, 0.406)
+    assert from_dict({}).data.normalization()[0] == pytest.approx((0.4914, 0.4822, 0.4465))
+    with pytest.raises(ConfigError, match="data.bundle"):
+        from_dict({"data": {"dataset": "inat2018", "bundle": "x.npz"}})
