@@ -7,8 +7,6 @@ import pytest
 from har.config import ConfigError, config_diff, config_hash, dump_config, from_dict, load_config, to_dict
 from har.engine.schedule import lr_factor
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def test_defaults_are_the_papers_cifar_settings():
     cfg = load_config(None)
@@ -91,12 +89,7 @@ def test_lr_schedule_matches_ldam_drw():
                          ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
     cfg = load_config(path)
-    assert cfg.data.dataset in ("cifar10", "cifar100")
-
-
-@pytest.mark.parametrize("path", sorted((REPO / "config" / "runs").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_run_configs_are_valid(path):
-    load_config(path)
+    assert cfg.train.epochs >= 1 and cfg.model.name in ("resnet32", "resnet50")
 
 
 def test_lr_scales_linearly_with_the_global_batch_and_cosine_decays_to_zero():
