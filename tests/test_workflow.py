@@ -1,5 +1,6 @@
 """The Snakemake pipeline, driven through its CLI on a temporary copy of the workflow and configs."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -9,7 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, shared_cifar_root
+from conftest import REPO, shared_cifar_root, synthetic_data
+
+from har.config import ConfigError
+from har.pipeline import grid, jobs
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -37,23 +41,158 @@ def job_counts(output: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
 
 
+LIST_DATASETS = ("imagenet_lt", "inat2018")
+
+
+def paper_config() -> dict:
+    return yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def expected_jobs(cfg: dict) -> dict[str, int]:
+    """Jobs per rule of a pipeline config, by the grid's rules written out again (not by calling the grid).
+
+    A CIFAR dataset has one split per ratio, a list dataset one split. A dataset runs the trainable methods whose
+    tables meet its tables, the stage-one methods of those, and on Table V's datasets the layout method and its
+    layout variants, each with every seed. Datasets serving Table I search t for their searched methods: one run
+    per t value and search seed, one selection per (split, method).
+    """
+    all_tables = {"I", "II", "III", "IV", "V"}
+    methods = {name: m for name, m in cfg["methods"].items() if m.get("trainable", True)}
+    layouts = cfg.get("layouts") or {}
+    layout_datasets = layouts.get("datasets") or [d["name"] for d in cfg["datasets"]
+                                                  if "V" in d.get("tables", all_tables)]
+    finals = searches = selections = 0
+    for entry in cfg["datasets"]:
+        count = 1 if entry["name"] in LIST_DATASETS else len(entry["ratios"])
+        tables = set(entry.get("tables", all_tables))
+        names = {name for name, m in methods.items() if tables & set(m.get("tables", []))}
+        names |= {methods[name]["stage_one"] for name in names if "stage_one" in methods[name]}
+        variants = 0
+        if entry["name"] in layout_datasets and layouts.get("method") in methods:
+            names.add(layouts["method"])
+            variants = len(layouts["values"])
+        finals += count * (len(names) + variants) * len(cfg["seeds"])
+        if "I" in tables:
+            searched = [methods[name]["t_search"] for name in names if "t_search" in methods[name]]
+            searches += count * sum(len(cfg["t_search"][kind]) for kind in searched) * len(cfg["t_search"]["seeds"])
+            selections += count * len(searched)
+    counts = {"split_build": sum(len(d["ratios"]) for d in cfg["datasets"] if d["name"] not in LIST_DATASETS),
+              "split_verify": sum(d["name"] in LIST_DATASETS for d in cfg["datasets"]),
+              "run_train": finals + searches, "run_evaluate": finals + searches, "t_select": selections,
+              "tables_build": 1, "figures_plot": 1, "all": 1}
+    return {rule: n for rule, n in counts.items() if n}
+
+
 def test_full_paper_config_dry_run_has_every_job(tmp_path):
     work = workdir_copy(tmp_path)
     proc = snakemake(work, "-n", "--quiet", "rules")
-    # 6 splits; 12 trainable methods + 3 Table V layouts, 3 seeds = 270 final runs; t search: 2 methods x 5 t
-    # x 6 splits x 1 seed = 60 runs; one selection per (split, searched method).
-    assert job_counts(proc.stdout) == {"split_build": 6, "run_train": 330, "run_evaluate": 330, "t_select": 12,
-                                       "tables_build": 1, "figures_plot": 1, "all": 1}
-    assert "not trained, the package cannot train them yet" in proc.stderr
-    assert "mixup, manifold_mixup, crt, lws, tau_norm" in proc.stderr
+    # config.yaml today: CIFAR-10 and CIFAR-100 at ratios 100 / 50 / 10 (tables I, II, IV) are 6 bundled splits;
+    # ImageNet-LT (III, V) and iNaturalist 2018 (III) 2 verified ones. CIFAR runs the 14 methods of Tables II and
+    # IV (9 + 5): 6 splits x 14 x 3 seeds = 252 final runs. ImageNet-LT runs Table III's 6 methods (CE, LDAM+DRW,
+    # HAR(LDAM)+DRW, cRT, LWS, tau-norm) and the 5 layouts of Table V: 11 x 3 = 33; iNaturalist 6 x 3 = 18; 303
+    # final runs. t search on CIFAR only: 6 splits x 2 searched methods x 5 t x 1 seed = 60 runs, 6 x 2 = 12
+    # selections. So split_build 6, split_verify 2, run_train = run_evaluate = 363, t_select 12.
+    expected = expected_jobs(paper_config())
+    assert job_counts(proc.stdout) == expected
+    assert (expected["split_build"], expected["split_verify"], expected["run_train"]) == (6, 2, 363)
+    assert "har: not trained" not in proc.stderr  # every method of every table is trained
 
 
 def test_quick_config_dry_run(tmp_path):
     work = workdir_copy(tmp_path)
     proc = snakemake(work, "--configfile", "config/quick.yaml", "-n", "--quiet", "rules")
-    # 10 trainable methods + 1 layout variant, 2 seeds; t search 2 methods x 2 t x 1 seed
-    assert job_counts(proc.stdout) == {"split_build": 1, "run_train": 26, "run_evaluate": 26, "t_select": 2,
-                                       "tables_build": 1, "figures_plot": 1, "all": 1}
+    # 15 methods (mixup, manifold mixup and the decoupled three among them) + 1 layout variant, 2 seeds = 32;
+    # t search 2 methods x 2 t x 1 seed = 4
+    cfg = yaml.safe_load((REPO / "config" / "quick.yaml").read_text())
+    assert job_counts(proc.stdout) == expected_jobs(cfg)
+    assert job_counts(proc.stdout)["run_train"] == 36
+
+
+def test_decoupled_runs_train_after_their_shared_stage_one_run(tmp_path):
+    """cRT, LWS and tau-norm on ImageNet-LT, seed 0: one CE stage-one run, trained first, shared by the three."""
+    work = workdir_copy(tmp_path)
+    targets = [f"results/runs/imagenet_lt/{m}/seed0/train.json" for m in ("crt", "lws", "tau_norm")]
+    proc = snakemake(work, "-n", *targets)  # the job list with each job's input, then the job stats
+    assert job_counts(proc.stdout) == {"split_verify": 1, "run_train": 4}
+    inputs = {m.group(2): m.group(1).split(", ")
+              for m in re.finditer(r"rule run_train:\n\s+input: (.*)\n\s+output: (\S+)", proc.stdout)}
+    stage_one, split = "results/runs/imagenet_lt/ce/seed0/train.json", "results/splits/imagenet_lt/split.json"
+    assert inputs == {stage_one: [split], **{target: [split, stage_one] for target in targets}}
+
+
+def test_grid_of_the_paper_config():
+    """List datasets: one split named after the dataset, no bundle, no t search; a decoupled run's config names
+    its stage-one run folder and rebuilds that run's model."""
+    cfg = paper_config()
+    grid.check_config(cfg)
+    runs = grid.final_runs(cfg) + grid.tsearch_runs(cfg)
+    listed = [s for s in runs if s.dataset in LIST_DATASETS]
+    assert listed and all(s.run_dir.startswith(f"results/runs/{s.dataset}/") for s in listed)
+    assert {s.split for s in listed} == {"imagenet_lt", "inat2018"}
+    assert "results/runs/imagenet_lt/ce/seed0" in {s.run_dir for s in listed}
+    assert not any(s.role == "tsearch" for s in listed) and not any(grid.needs_selected_t(cfg, s) for s in listed)
+    assert {s.split for s in runs if s.dataset == "cifar10"} == {"cifar10-r100", "cifar10-r50", "cifar10-r10"}
+    crt = next(s for s in listed if s.split == "imagenet_lt" and s.method == "crt" and s.seed == 1)
+    first = grid.stage_one_run(cfg, crt)
+    assert first.run_dir == "results/runs/imagenet_lt/ce/seed1" and first in runs
+    two, one = grid.run_config(cfg, crt), grid.run_config(cfg, first)
+    assert (two["decouple"]["method"], two["decouple"]["stage_one"]) == ("crt", first.run_dir)
+    assert one["decouple"]["method"] == "none" and one["data"]["bundle"] is None
+    assert {k: two["model"][k] for k in ("name", "layout")} == {"name": "resnet50", "layout": "CBBBBE"}
+    assert {k: one["model"][k] for k in ("name", "layout")} == {"name": "resnet50", "layout": "CBBBBE"}
+    assert two["train"]["epochs"] == 10 and one["train"]["epochs"] == 100  # stage two's own schedule
+    assert one["train"]["lr_milestones"] == [60, 80] and one["loss"]["drw_epoch"] == 80
+    # Table V: ResNet-50 layouts on ImageNet-LT only; HAR on the list datasets takes the unsearched t (LDAM: 2/C)
+    variants = {s.method for s in runs if s.layout}
+    assert variants == {f"har_ldam_drw@{layout}" for layout in cfg["layouts"]["values"]}
+    assert {s.dataset for s in runs if s.layout} == {"imagenet_lt"}
+    har = next(s for s in listed if s.dataset == "inat2018" and s.method == "har_ldam_drw")
+    assert grid.run_config(cfg, har)["loss"]["train_threshold"] == pytest.approx(2.0 / 8142)
+    # CIFAR keeps ResNet-32 and the package's 200-epoch schedule; methods of Table III alone stay off CIFAR
+    assert not {"crt", "lws", "tau_norm"} & {s.method for s in runs if s.dataset.startswith("cifar")}
+    mixup = next(s for s in runs if s.split == "cifar100-r10" and s.method == "manifold_mixup")
+    values = grid.run_config(cfg, mixup)
+    assert (values["model"]["name"], values["model"]["layout"], values["train"]["epochs"]) == ("resnet32", "CBBBE", 200)
+    assert values["train"]["mixup"] == "manifold"
+
+
+def test_list_dataset_jobs_verify_the_lists_and_train_without_a_bundle(tmp_path, monkeypatch):
+    """The split job of a list dataset writes only the summary (from build_data, which checks the lists and
+    images); its runs get no data.bundle, and a decoupled run's config names its stage-one folder."""
+    cfg, asked, trained = paper_config(), [], []
+    monkeypatch.setattr(jobs, "build_data", lambda data_cfg: asked.append(data_cfg) or synthetic_data((40, 12, 4)))
+    monkeypatch.setattr(jobs, "write_bundle", lambda *args: pytest.fail("a list dataset has no bundle"))
+    jobs.build_split(cfg, "imagenet_lt", grid.LIST_RATIOS["imagenet_lt"], None, tmp_path / "split.json")
+    summary = json.loads((tmp_path / "split.json").read_text())
+    assert (summary["dataset"], summary["ratio"], summary["class_counts"]) == ("imagenet_lt", 10.0, [40, 12, 4])
+    assert summary["sizes"] == {"train": 56, "val": 18, "test": 18} and summary["val_counts"] == [6, 6, 6]
+    assert [(d.dataset, d.bundle, d.train_fraction) for d in asked] == [("imagenet_lt", None, 1.0)]
+
+    monkeypatch.setattr("har.engine.trainer.train", lambda run_cfg, out: trained.append((run_cfg, out)) or [])
+    spec = grid.RunSpec("imagenet_lt", grid.LIST_RATIOS["imagenet_lt"], "lws", 2)
+    jobs.train_run(cfg, spec, None, None, tmp_path / "train.json")
+    (run_cfg, out), = trained
+    assert out == "results/runs/imagenet_lt/lws/seed2" and run_cfg.data.bundle is None
+    assert (run_cfg.decouple.method, run_cfg.decouple.stage_one) == ("lws", "results/runs/imagenet_lt/ce/seed2")
+    assert json.loads((tmp_path / "train.json").read_text())["run"]["split"] == "imagenet_lt"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["methods"]["crt"].update(stage_one="nope"), "methods.crt.stage_one: 'nope' is not a method"),
+    (lambda c: c["methods"]["lws"].update(stage_one="crt"), "methods.lws.stage_one: 'crt' is itself decoupled"),
+    (lambda c: c["methods"]["ce"].update(trainable=False), "methods.crt.stage_one: 'ce' is not trained"),
+    (lambda c: c["methods"]["crt"].pop("stage_one"), "methods.crt: run.decouple.method crt needs stage_one"),
+    (lambda c: c["datasets"][2].update(ratios=[100]), "datasets: imagenet_lt has no imbalance ratio"),
+    (lambda c: c["layouts"].update(datasets=["cifar1000"]), "layouts.datasets: 'cifar1000' is not a dataset"),
+    (lambda c: c["t_search"].pop("unsearched"), "t_search.unsearched.ldam: har_ldam_drw runs on imagenet_lt"),
+])
+def test_grid_refuses_inconsistent_configs(edit, message):
+    cfg = paper_config()
+    edit(cfg)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        grid.check_config(cfg)
+        for spec in grid.final_runs(cfg):
+            grid.run_config(cfg, spec)
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -61,6 +200,8 @@ def test_quick_config_dry_run(tmp_path):
     (lambda c: c["datasets"][0].update(ratios=[0.5]), "0.5 is less than the minimum of 1"),
     (lambda c: c["methods"]["ce"]["run"]["loss"].update(name="hinge"),
      "config: method 'ce': loss.name: 'hinge' is not allowed"),
+    (lambda c: c["methods"]["tau_norm"].update(stage_one="ce_plain"),
+     "config: methods.tau_norm.stage_one: 'ce_plain' is not a method of this config"),
 ])
 def test_bad_config_stops_before_any_job(tmp_path, edit, message):
     work = workdir_copy(tmp_path)
@@ -92,6 +233,9 @@ def test_ci_config_runs_end_to_end_and_reruns_only_what_changed(tmp_path, monkey
         assert 0 <= mean <= 100
     assert "CI run (tiny, not the paper's setting)" in (tables / "table_II.md").read_text()
     assert list(pd.read_csv(tables / "table_IV.csv", comment="#")["Method"]) == ["CE", "HAR(CE)"]
+    assert list(pd.read_csv(tables / "table_III.csv", comment="#")["Method"]) == ["CE", "tau-norm"]
+    tau = yaml.safe_load((work / "results/runs/cifar10-r100/tau_norm/seed1/config.yaml").read_text())
+    assert tau["decouple"]["stage_one"] == "results/runs/cifar10-r100/ce/seed1"
     table1 = pd.read_csv(tables / "table_I.csv", comment="#")
     assert len(table1) == 2 and (table1["Selected"] == "yes").sum() == 1
     selection = yaml.safe_load((work / "results/selection/cifar10-r100/har_ldam_drw.json").read_text())
@@ -107,7 +251,8 @@ def test_ci_config_runs_end_to_end_and_reruns_only_what_changed(tmp_path, monkey
     cfg["methods"]["ce"]["run"]["loss"]["reweight"] = "cb"
     (work / "edited.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake(work, "--configfile", "edited.yaml", "-n", "--quiet", "rules")
-    assert job_counts(proc.stdout) == {"run_train": 2, "run_evaluate": 2, "tables_build": 1, "figures_plot": 1,
+    # ce's two seeds, and tau_norm's two stage-two runs on them
+    assert job_counts(proc.stdout) == {"run_train": 4, "run_evaluate": 4, "tables_build": 1, "figures_plot": 1,
                                        "all": 1}
     proc = snakemake(work, "--configfile", "config/ci.yaml", "-n", "--quiet", "rules")
     assert "Nothing to be done" in proc.stdout + proc.stderr

@@ -2,21 +2,31 @@
 
 The Snakemake workflow asks this module for every run and path, so the grid logic is plain Python that tests
 can call without Snakemake. A pipeline config (`config.yaml`, validated by `workflow/schemas/config.schema.yaml`)
-lists datasets and ratios, methods (each a partial `har` run config), the t line search (Table I), the exit
-layouts (Table V) and seeds; `run_config` turns one grid point into a complete run config.
+lists datasets (CIFAR with their imbalance ratios, or the list datasets ImageNet-LT and iNaturalist 2018, each with
+its own run fields and the tables it serves), methods (each a partial `har` run config and the tables it appears
+in), the t line search (Table I), the exit layouts (Table V) and seeds; `run_config` turns one grid point into a
+complete run config. A method runs on a dataset when their tables meet; a decoupled method (cRT, LWS, tau-norm)
+starts from the run of its `stage_one` method on the same split and seed.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Any
 
-from har.config import from_dict, to_dict
+from har.config import LIST_DATASETS, ConfigError, ModelConfig, from_dict, to_dict
 
 # The paper's tables, in order: I t line search, II CIFAR-LT, III ImageNet-LT / iNaturalist, IV no
 # re-weighting, V exit layouts.
 TABLES = ("I", "II", "III", "IV", "V")
+
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet_lt": 1000, "inat2018": 8142}
+
+# n_max / n_min of the published training lists (ImageNet-LT 1280 / 5, iNaturalist 2018 1000 / 2). Fixed by the
+# lists, never a run-config field: it only labels a list dataset's split in records and published numbers.
+LIST_RATIOS = {"imagenet_lt": 256.0, "inat2018": 500.0}
 
 
 @dataclass(frozen=True)
@@ -24,7 +34,7 @@ class RunSpec:
     """One training run of the grid."""
 
     dataset: str
-    ratio: float
+    ratio: float  # CIFAR: the imbalance ratio; list datasets: LIST_RATIOS (not part of the split name)
     method: str  # a key of the config's methods, or "<method>@<layout>" for a Table V layout variant
     seed: int
     t_point: float | None = None  # a t grid value of the line search (in units of 1/C for LDAM); None: final run
@@ -52,14 +62,40 @@ class RunSpec:
         return f"results/tsearch/{self.split}/{self.method}/t{self.t_point:g}/seed{self.seed}"
 
 
-def split_name(dataset: str, ratio: float) -> str:
-    """`cifar10-r100`: the folder name of a long-tailed split."""
-    return f"{dataset}-r{ratio:g}"
+def is_list_dataset(dataset: str) -> bool:
+    """ImageNet-LT and iNaturalist 2018: read from published split lists, no bundle, no imbalance ratio to set."""
+    return dataset in LIST_DATASETS
 
 
-def splits(cfg: dict) -> list[tuple[str, float]]:
-    """Every (dataset, ratio) of the config."""
-    return [(d["name"], float(r)) for d in cfg["datasets"] for r in d["ratios"]]
+def split_name(dataset: str, ratio: float | None = None) -> str:
+    """The folder name of a split: `cifar10-r100` for CIFAR, the dataset itself (`imagenet_lt`) for list datasets."""
+    return dataset if is_list_dataset(dataset) else f"{dataset}-r{ratio:g}"
+
+
+def _dataset(cfg: dict, dataset: str) -> dict:
+    for entry in cfg["datasets"]:
+        if entry["name"] == dataset:
+            return entry
+    raise ConfigError(f"datasets: {dataset!r} is not a dataset of this config")
+
+
+def dataset_tables(cfg: dict, dataset: str) -> tuple[str, ...]:
+    """The tables a dataset serves (all of them unless its entry says)."""
+    return tuple(_dataset(cfg, dataset).get("tables") or TABLES)
+
+
+def splits(cfg: dict, table: str | None = None) -> list[tuple[str, float]]:
+    """Every (dataset, ratio) of the config, or those of the datasets serving `table`; a list dataset's ratio is
+    its `LIST_RATIOS` entry (one split per list dataset)."""
+    out = []
+    for entry in cfg["datasets"]:
+        if table is not None and table not in (entry.get("tables") or TABLES):
+            continue
+        if is_list_dataset(entry["name"]):
+            out.append((entry["name"], LIST_RATIOS[entry["name"]]))
+        else:
+            out += [(entry["name"], float(r)) for r in entry["ratios"]]
+    return out
 
 
 def trainable_methods(cfg: dict) -> list[str]:
@@ -71,8 +107,26 @@ def untrainable_methods(cfg: dict) -> list[str]:
 
 
 def searched_methods(cfg: dict) -> list[str]:
-    """Trainable methods whose t comes from the line search."""
+    """Trainable methods whose t comes from the line search (on splits that have one)."""
     return [name for name in trainable_methods(cfg) if cfg["methods"][name].get("t_search")]
+
+
+def decoupled_methods(cfg: dict) -> list[str]:
+    """Trainable methods trained as stage two on the runs of their `stage_one` method (cRT, LWS, tau-norm)."""
+    return [name for name in trainable_methods(cfg) if cfg["methods"][name].get("stage_one")]
+
+
+def is_searched_split(cfg: dict, dataset: str) -> bool:
+    """Table I's line search runs on the datasets serving Table I."""
+    return "I" in dataset_tables(cfg, dataset)
+
+
+def layout_datasets(cfg: dict) -> list[str]:
+    """Datasets of Table V's layout variants: those the layouts section names, else those serving Table V."""
+    layouts = cfg.get("layouts") or {}
+    if layouts.get("datasets") is not None:
+        return list(layouts["datasets"])
+    return [entry["name"] for entry in cfg["datasets"] if "V" in (entry.get("tables") or TABLES)]
 
 
 def layout_variants(cfg: dict) -> list[str]:
@@ -84,22 +138,51 @@ def layout_variants(cfg: dict) -> list[str]:
     return [f"{method}@{layout}" for layout in layouts.get("values", [])]
 
 
+def split_methods(cfg: dict, dataset: str) -> list[str]:
+    """The methods with final runs on a dataset's splits, in config order: those whose tables meet the dataset's,
+    the stage-one methods these need, and on Table V's datasets the layout method (the reference layout)."""
+    tables = set(dataset_tables(cfg, dataset))
+    chosen = {m for m in trainable_methods(cfg) if tables & set(cfg["methods"][m].get("tables") or ())}
+    chosen |= {cfg["methods"][m]["stage_one"] for m in chosen if cfg["methods"][m].get("stage_one")}
+    if layout_variants(cfg) and dataset in layout_datasets(cfg):
+        chosen.add(cfg["layouts"]["method"])
+    return [m for m in cfg["methods"] if m in chosen]
+
+
+def idle_methods(cfg: dict) -> list[str]:
+    """Trainable methods that run on no dataset (their tables meet no dataset's tables)."""
+    used = {m for entry in cfg["datasets"] for m in split_methods(cfg, entry["name"])}
+    return [m for m in trainable_methods(cfg) if m not in used]
+
+
 def final_runs(cfg: dict) -> list[RunSpec]:
-    """Every method (and layout variant) on every split with every seed."""
-    methods = trainable_methods(cfg) + layout_variants(cfg)
-    return [RunSpec(d, r, m, s) for d, r in splits(cfg) for m in methods for s in cfg["seeds"]]
+    """Every method of each split (and Table V's layout variants on their datasets) with every seed."""
+    variants = layout_variants(cfg)
+    on_layouts = set(layout_datasets(cfg))
+    return [RunSpec(d, r, m, s) for d, r in splits(cfg)
+            for m in split_methods(cfg, d) + (variants if d in on_layouts else []) for s in cfg["seeds"]]
 
 
 def tsearch_runs(cfg: dict) -> list[RunSpec]:
-    """Table I's line search: every grid value of t for every searched method, on the search seeds."""
+    """Table I's line search: every grid value of t for every searched method of a searched split, on the search
+    seeds."""
     search = cfg["t_search"]
-    return [RunSpec(d, r, m, s, float(t)) for d, r in splits(cfg) for m in searched_methods(cfg)
+    searched = set(searched_methods(cfg))
+    return [RunSpec(d, r, m, s, float(t)) for d, r in splits(cfg) if is_searched_split(cfg, d)
+            for m in split_methods(cfg, d) if m in searched
             for t in search[cfg["methods"][m]["t_search"]] for s in search["seeds"]]
 
 
 def needs_selected_t(cfg: dict, spec: RunSpec) -> bool:
-    """Final runs of searched methods take t from the selection on the validation split."""
-    return spec.role == "final" and spec.base_method in searched_methods(cfg)
+    """Final runs of searched methods on searched splits take t from the selection on the validation split."""
+    return (spec.role == "final" and spec.base_method in searched_methods(cfg)
+            and is_searched_split(cfg, spec.dataset))
+
+
+def stage_one_run(cfg: dict, spec: RunSpec) -> RunSpec | None:
+    """The run a decoupled run's stage two starts from: its stage-one method on the same split and seed."""
+    first = cfg["methods"][spec.base_method].get("stage_one")
+    return RunSpec(spec.dataset, spec.ratio, first, spec.seed) if first else None
 
 
 def t_value(cfg: dict, method: str, t_point: float, num_classes: int) -> float:
@@ -111,26 +194,132 @@ def t_value(cfg: dict, method: str, t_point: float, num_classes: int) -> float:
 def _merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in extra.items():
-        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else copy.deepcopy(value)
+        out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) else copy.deepcopy(value)
     return out
 
 
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+@functools.cache
+def bare_layout(model: str) -> str:
+    """The layout of `model` without intermediate exits: the stem, one B per block group, the final exit."""
+    from har.models import check_layout
+
+    for groups in range(1, 17):
+        layout = "C" + "B" * groups + "E"
+        try:
+            check_layout(model, layout)
+        except ValueError:
+            continue
+        return layout
+    check_layout(model, None)  # an unknown model: its own message
+    raise ConfigError(f"model.name: no layout without exits fits {model!r}")
+
+
+def _decouple_method(values: dict | None) -> str:
+    return ((values or {}).get("decouple") or {}).get("method") or "none"
+
+
+def check_config(cfg: dict) -> None:
+    """What the schema cannot say about a pipeline config, checked before any job starts (ConfigError)."""
+    names = [entry["name"] for entry in cfg["datasets"]]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"datasets: {', '.join(twice)} listed twice; give each dataset one entry")
+    for entry in cfg["datasets"]:
+        if is_list_dataset(entry["name"]) and "ratios" in entry:
+            raise ConfigError(f"datasets: {entry['name']} has no imbalance ratio to choose (its published lists fix "
+                              f"it, one split); remove its ratios")
+        if _decouple_method(entry.get("run")) != "none":
+            raise ConfigError(f"datasets: {entry['name']}: run.decouple.method is a method's field; give the "
+                              f"method a stage_one instead")
+    if _decouple_method(cfg.get("run_overrides")) != "none":
+        raise ConfigError("run_overrides.decouple.method is a method's field; give the method a stage_one instead")
+    layouts = cfg.get("layouts") or {}
+    for dataset in layouts.get("datasets") or []:
+        if dataset not in names:
+            raise ConfigError(f"layouts.datasets: {dataset!r} is not a dataset of this config (one of {names})")
+    trainable = trainable_methods(cfg)
+    for name in trainable:
+        method = cfg["methods"][name]
+        first, kind = method.get("stage_one"), _decouple_method(method.get("run"))
+        if method.get("exits") is False and ((method.get("run") or {}).get("model") or {}).get("layout"):
+            raise ConfigError(f"methods.{name}: exits false and run.model.layout both set the layout; keep one")
+        if not first:
+            if kind != "none":
+                raise ConfigError(f"methods.{name}: run.decouple.method {kind} needs stage_one, the method whose "
+                                  f"runs stage two starts from")
+            continue
+        where = f"methods.{name}.stage_one: {first!r}"
+        if first not in cfg["methods"]:
+            raise ConfigError(f"{where} is not a method of this config; name the method whose runs stage two "
+                              f"starts from (one of {[m for m in trainable if m != name]})")
+        if first not in trainable:
+            raise ConfigError(f"{where} is not trained (trainable: false); stage two needs its runs")
+        if cfg["methods"][first].get("stage_one"):
+            raise ConfigError(f"{where} is itself decoupled (stage_one {cfg['methods'][first]['stage_one']!r}); "
+                              f"stage two starts from a plain run")
+        if kind == "none":
+            raise ConfigError(f"methods.{name}: stage_one needs run.decouple.method (crt, lws or tau_norm)")
+        for key in ("t_search", "exits"):
+            if key in method:
+                raise ConfigError(f"methods.{name}: a decoupled method has no {key}: it takes the model of its "
+                                  f"stage one ({first}) and trains only the classifier")
+        if layouts.get("method") == name:
+            raise ConfigError(f"layouts.method: {name} is decoupled: its layout is its stage one's; compare the "
+                              f"layouts of {first} instead")
+
+
+def split_data(cfg: dict, dataset: str, ratio: float) -> dict:
+    """The `data` fields of a split's runs: the dataset's run fields, `run_overrides`, the split itself."""
+    values = _merge((_dataset(cfg, dataset).get("run") or {}).get("data") or {},
+                    (cfg.get("run_overrides") or {}).get("data") or {})
+    point: dict[str, Any] = {"dataset": dataset}
+    if cfg.get("data_root") is not None:
+        point["root"] = cfg["data_root"]
+    if not is_list_dataset(dataset):
+        point["ratio"] = ratio
+    return _merge(values, point)
+
+
+def _stage_one_model(cfg: dict, first: RunSpec) -> dict:
+    """The stage-one run's model fields, its classifier resolved: stage two must rebuild exactly that model."""
+    resolved = from_dict(run_config(cfg, first))
+    return {**to_dict(resolved)["model"], "classifier": resolved.classifier}
 
 
 def run_config(cfg: dict, spec: RunSpec, train_threshold: float | None = None) -> dict:
     """The complete, validated `har` run config of one grid point, as plain values.
 
-    Precedence, lowest first: the package defaults, the method's `run` fields, the layout of a Table V variant,
-    the config's `run_overrides` (the quick configuration shortens training there), the grid point itself.
+    Precedence, lowest first: the package defaults, the dataset's `run` fields, (for a decoupled method: its stage
+    one's model), the method's `run` fields (and `exits: false`), the layout of a Table V variant, the config's
+    `run_overrides` (the quick configuration shortens training there), the grid point itself (dataset, ratio,
+    seed, t, the stage-one folder). A searched method on a split without a line search takes the t point of
+    `t_search.unsearched`.
     """
     method = cfg["methods"][spec.base_method]
-    values = _merge(method.get("run", {}), {"model": {"layout": spec.layout}} if spec.layout else {})
-    values = _merge(values, cfg.get("run_overrides") or {})
-    values = _merge(values, {"data": {"dataset": spec.dataset, "ratio": spec.ratio, "root": cfg.get("data_root")},
-                             "train": {"seed": spec.seed}})
+    overrides = cfg.get("run_overrides") or {}
+    values = copy.deepcopy(_dataset(cfg, spec.dataset).get("run") or {})
+    first = stage_one_run(cfg, spec)
+    if first is not None:
+        values = _merge(values, {"model": _stage_one_model(cfg, first)})
+    values = _merge(values, method.get("run") or {})
+    if method.get("exits") is False:
+        name = (_merge(values, overrides).get("model") or {}).get("name") or ModelConfig.name
+        values = _merge(values, {"model": {"layout": bare_layout(name)}})
+    if spec.layout:
+        values = _merge(values, {"model": {"layout": spec.layout}})
+    values = _merge(values, overrides)
+    values = _merge(values, {"data": split_data(cfg, spec.dataset, spec.ratio), "train": {"seed": spec.seed}})
+    if first is not None:
+        values = _merge(values, {"decouple": {"stage_one": first.run_dir}})
     if spec.t_point is not None:
         train_threshold = t_value(cfg, spec.base_method, spec.t_point, NUM_CLASSES[spec.dataset])
+    elif train_threshold is None and method.get("t_search") and not is_searched_split(cfg, spec.dataset):
+        kind = method["t_search"]
+        point = (cfg["t_search"].get("unsearched") or {}).get(kind)
+        if point is None:
+            raise ConfigError(f"t_search.unsearched.{kind}: {spec.base_method} runs on {spec.split}, which has no t "
+                              f"line search (its dataset's tables lack I); give the t point to use there")
+        train_threshold = t_value(cfg, spec.base_method, point, NUM_CLASSES[spec.dataset])
     if train_threshold is not None:
         values = _merge(values, {"loss": {"train_threshold": train_threshold}})
     return to_dict(from_dict(values))

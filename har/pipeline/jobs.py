@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
 from har.atomic import atomic_write_json
 from har.config import from_dict
-from har.data.build import full_splits, write_bundle
+from har.data.build import build_data, full_splits, write_bundle
 from har.pipeline import grid
 
 
@@ -27,16 +28,23 @@ def setup_job(log_file: str | Path | None, threads: int | None = None) -> None:
         torch.set_num_threads(threads)
 
 
-def build_split(cfg: dict, dataset: str, ratio: float, bundle: str | Path, summary: str | Path) -> None:
-    """Cut one long-tailed split once; every run of the split reads the bundle instead of the dataset files."""
-    overrides = (cfg.get("run_overrides") or {}).get("data", {})
-    data_cfg = from_dict({"data": {**overrides, "dataset": dataset, "ratio": ratio,
-                                   "root": cfg.get("data_root")}}).data
-    full = full_splits(data_cfg)
-    write_bundle(full, data_cfg, bundle)
+def build_split(cfg: dict, dataset: str, ratio: float, bundle: str | Path | None, summary: str | Path) -> None:
+    """Prepare one split once, then write its summary. CIFAR: cut the long-tailed split and write the bundle every
+    run of the split reads instead of the dataset files. List datasets (no bundle): verify the published lists
+    (git blob ids) and that every listed image exists, so no training job starts on missing data."""
+    data_cfg = from_dict({"data": grid.split_data(cfg, dataset, ratio)}).data
+    if data_cfg.is_list_dataset:
+        full = build_data(dataclasses.replace(data_cfg, train_fraction=1.0, eval_fraction=1.0))
+        counts = [int(c) for c in full.class_counts]
+        facts = {"dataset": dataset, "ratio": max(counts) / min(counts)}  # n_max / n_min of the lists
+    else:
+        if bundle is None:
+            raise ValueError(f"split {grid.split_name(dataset, ratio)}: a CIFAR split needs a bundle path")
+        full = full_splits(data_cfg)
+        write_bundle(full, data_cfg, bundle)
+        facts = {"dataset": dataset, "ratio": ratio, "seed": data_cfg.seed, "val_per_class": data_cfg.val_per_class}
     atomic_write_json(Path(summary), {
-        "dataset": dataset, "ratio": ratio, "seed": data_cfg.seed, "val_per_class": data_cfg.val_per_class,
-        "classes": full.classes, "class_counts": full.class_counts, "groups": full.groups,
+        **facts, "classes": full.classes, "class_counts": full.class_counts, "groups": full.groups,
         "sizes": {name: len(full.split(name)) for name in ("train", "val", "test")},
         "val_counts": [int((full.val.labels == c).sum()) for c in range(full.num_classes)]})
 
@@ -46,14 +54,19 @@ def selected_threshold(selection: str | Path) -> float:
     return float(json.loads(Path(selection).read_text())["train_threshold"])
 
 
-def train_run(cfg: dict, spec: grid.RunSpec, bundle: str | Path, selection: str | Path | None,
+def train_run(cfg: dict, spec: grid.RunSpec, bundle: str | Path | None, selection: str | Path | None,
               marker: str | Path) -> None:
-    """Train one grid run into its folder, then write the marker that tells Snakemake it is complete."""
+    """Train one grid run into its folder, then write the marker that tells Snakemake it is complete.
+
+    CIFAR runs read their split's bundle; list datasets (`bundle` None) read the verified lists and images. A
+    decoupled run's config names its stage-one run folder, which the workflow trains first.
+    """
     from har.engine.trainer import train
 
     threshold = selected_threshold(selection) if selection else None
     values = grid.run_config(cfg, spec, threshold)
-    values["data"]["bundle"] = str(bundle)
+    if bundle is not None:
+        values["data"]["bundle"] = str(bundle)
     run_cfg = from_dict(values)
     history = train(run_cfg, spec.run_dir)
     atomic_write_json(Path(marker), {"run": grid.describe(cfg, spec), "epochs": len(history),

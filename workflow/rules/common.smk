@@ -1,4 +1,5 @@
 # Config validation and every input function; the grid logic itself lives in har.pipeline.grid.
+import re
 import sys
 
 from snakemake.utils import validate
@@ -8,6 +9,10 @@ from har.pipeline import grid
 from har.reporting.figures import figure_names
 
 validate(config, schema="../schemas/config.schema.yaml")
+try:  # what the schema cannot say (stage-one methods, list datasets, layouts), before any job starts
+    grid.check_config(config)
+except ConfigError as exc:
+    raise ValueError(f"config: {exc}") from None
 
 FINAL_RUNS = grid.final_runs(config)
 TSEARCH_RUNS = grid.tsearch_runs(config)
@@ -18,14 +23,25 @@ for _spec in RUNS.values():  # every run's own fields, checked before any job st
     except ConfigError as exc:
         raise ValueError(f"config: method {_spec.base_method!r}: {exc}") from None
 if grid.untrainable_methods(config):
-    print(f"har: not trained, the package cannot train them yet (left out of every table): "
+    print(f"har: not trained (trainable: false; empty rows in the tables): "
           f"{', '.join(grid.untrainable_methods(config))}", file=sys.stderr)
+if grid.idle_methods(config):
+    print(f"har: not run, their tables meet no dataset's tables: {', '.join(grid.idle_methods(config))}",
+          file=sys.stderr)
 
 SPLITS = {grid.split_name(d, r): (d, r) for d, r in grid.splits(config)}
+# CIFAR splits are cut once into a bundle; list datasets (ImageNet-LT, iNaturalist 2018) are only verified.
+BUNDLED_SPLITS = [split for split, (dataset, _) in SPLITS.items() if not grid.is_list_dataset(dataset)]
+LIST_SPLITS = [split for split, (dataset, _) in SPLITS.items() if grid.is_list_dataset(dataset)]
+
+
+def one_of(names):
+    """A wildcard regex matching exactly these names (and nothing when there are none)."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
 
 
 wildcard_constraints:
-    split="|".join(SPLITS) or "none",
+    split=one_of(SPLITS),
     run_dir=r"results/(runs|tsearch)/[^/]+/[^/]+(/t[^/]+)?/seed[0-9]+",
 
 
@@ -42,15 +58,26 @@ def bundle_of(split):
     return f"results/splits/{split}/data.npz"
 
 
+def summary_of(split):
+    return f"results/splits/{split}/split.json"
+
+
 def selection_file(spec):
     return f"results/selection/{spec.split}/{spec.base_method}.json"
 
 
 def get_run_inputs(wildcards):
     spec = RUNS[wildcards.run_dir]
-    inputs = {"bundle": bundle_of(spec.split)}
+    # CIFAR runs read the split's bundle; list-dataset runs start once the split job has verified the lists
+    if grid.is_list_dataset(spec.dataset):
+        inputs = {"split": summary_of(spec.split)}
+    else:
+        inputs = {"bundle": bundle_of(spec.split)}
     if grid.needs_selected_t(config, spec):
         inputs["selection"] = selection_file(spec)
+    first = grid.stage_one_run(config, spec)
+    if first is not None:  # a decoupled run's stage two starts from its stage-one run, trained once and shared
+        inputs["stage_one"] = f"{first.run_dir}/train.json"
     return inputs
 
 

@@ -21,7 +21,7 @@ rule figures_plot:
     input:
         reports=get_eval_reports(),
         selections=get_selection_files(),
-        bundles=[bundle_of(split) for split in SPLITS],
+        bundles=[bundle_of(split) for split in BUNDLED_SPLITS],  # Fig. 7's test images (CIFAR)
     output:
         report(
             get_figure_files(),

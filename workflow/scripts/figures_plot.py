@@ -1,3 +1,4 @@
+# ruff: noqa: F821 - `snakemake` is the object Snakemake's script directive injects
 from pathlib import Path
 
 from har.pipeline.jobs import load_selections, setup_job

@@ -1,3 +1,4 @@
+# ruff: noqa: F821 - `snakemake` is the object Snakemake's script directive injects
 from har.pipeline.jobs import load_selections, setup_job
 from har.reporting.results import load_results
 from har.reporting.tables import build_tables, load_published
