@@ -233,3 +233,17 @@ def test_figures_without_the_bundle_are_refused_before_plotting(results, tmp_pat
     with pytest.raises(ResultError, match=f"no data bundle for split {SPLIT}"):
         plot_figures(records, root, PIPELINE, SELECTED, tmp_path, {})
     assert not list(tmp_path.iterdir())
+
+
+def test_each_table_reports_only_the_splits_of_the_datasets_serving_it(results, tmp_path):
+    root, records, _ = results
+    cfg = copy.deepcopy(PIPELINE)
+    cfg["datasets"] = [{"name": "cifar10", "ratios": [100], "tables": ["I", "II", "IV", "V"]},
+                       {"name": "imagenet_lt", "tables": ["III"], "run": {"model": {"name": "resnet50"}}}]
+    build_tables(load_results(records, root), cfg, SELECTED, [], tmp_path)
+    tables = {t: pd.read_csv(tmp_path / f"table_{t}.csv", comment="#", dtype=str, keep_default_na=False)
+              for t in grid.TABLES}
+    assert not any("imagenet_lt" in column for column in tables["II"].columns)
+    assert tables["III"]["Split"].tolist() == ["imagenet_lt"]  # no CIFAR rows, and no runs there yet
+    assert (tables["III"]["all"] == "-").all()
+    assert set(tables["V"]["Split"]) == {SPLIT}

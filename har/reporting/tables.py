@@ -107,8 +107,15 @@ def _metric_columns(rows: list[list[str]], columns: list[str], header: str, keys
             row += _with_paper(stats.get(key), metric, fact)
 
 
-def _splits(cfg: dict) -> list[tuple[str, float, str]]:
-    return [(d, r, grid.split_name(d, r)) for d, r in grid.splits(cfg)]
+def _splits(cfg: dict, table_id: str) -> list[tuple[str, float, str]]:
+    """(dataset, ratio, split name) of the splits a table reports: the datasets serving it (Table V: those of
+    the layout variants)."""
+    if table_id == "V":
+        datasets = set(grid.layout_datasets(cfg))
+        pairs = [(d, r) for d, r in grid.splits(cfg) if d in datasets]
+    else:
+        pairs = grid.splits(cfg, table_id)
+    return [(d, r, grid.split_name(d, r)) for d, r in pairs]
 
 
 def _display(cfg: dict, method: str) -> str:
@@ -120,7 +127,7 @@ def table_search(df: pd.DataFrame, cfg: dict, selected: dict, caption: str) -> T
     search = cfg["t_search"]
     units = search.get("per_class_units") or {}
     runs = df[df["role"] == "tsearch"]
-    keys = [(split, m, float(t)) for _, _, split in _splits(cfg) for m in grid.searched_methods(cfg)
+    keys = [(split, m, float(t)) for _, _, split in _splits(cfg, "I") for m in grid.searched_methods(cfg)
             for t in search[cfg["methods"][m]["t_search"]]]
     if not keys:
         return _note("I", caption, "no method of this config has a t line search")
@@ -153,7 +160,7 @@ def table_methods(df: pd.DataFrame, cfg: dict, published: list[dict], table_id: 
     if any(har.values()):
         metrics += [("dyn_top1", "dyn. top-1"), ("dyn_saving", "MACs saving")]
     columns, rows = ["Method"], [[_display(cfg, m)] for m in methods]
-    for dataset, ratio, split in _splits(cfg):
+    for dataset, ratio, split in _splits(cfg, table_id):
         for metric, header in metrics:
             # Static methods have no exit threshold: their dynamic cells stay "-".
             keys = [(split, m) if metric == "top1" or har[m] else None for m in methods]
@@ -170,8 +177,8 @@ def table_shots(df: pd.DataFrame, cfg: dict, published: list[dict], caption: str
         return _note("III", caption, "no run of this config is listed for Table III (the paper's Table III is "
                                      "ImageNet-LT and iNaturalist 2018)")
     stats = _index(summarise(finals, ["split", "method"]), ["split", "method"])
-    keys = [(split, m) for _, _, split in _splits(cfg) for m in methods]
-    splits = {split: (d, r) for d, r, split in _splits(cfg)}
+    keys = [(split, m) for _, _, split in _splits(cfg, "III") for m in methods]
+    splits = {split: (d, r) for d, r, split in _splits(cfg, "III")}
     columns, rows = ["Split", "Method"], [[split, _display(cfg, m)] for split, m in keys]
     for metric, header in (("many", "many"), ("medium", "medium"), ("few", "few"), ("top1", "all")):
         facts = [_fact(published, "III", *splits[split], m, metric) for split, m in keys]
@@ -188,8 +195,8 @@ def table_layouts(df: pd.DataFrame, cfg: dict, published: list[dict], caption: s
         return _note("V", caption, "no exit layout runs in this config")
     stats = _index(summarise(finals, ["split", "method"], RESULT_COLUMNS + ("num_exits",)), ["split", "method"])
     layouts = dict(zip(finals["method"], finals["layout"].fillna("default")))
-    keys = [(split, v) for _, _, split in _splits(cfg) for v in variants]
-    splits = {split: (d, r) for d, r, split in _splits(cfg)}
+    keys = [(split, v) for _, _, split in _splits(cfg, "V") for v in variants]
+    splits = {split: (d, r) for d, r, split in _splits(cfg, "V")}
     columns = ["Split", "Layout", "Exits"]
     rows = [[split, layouts.get(v, v.partition("@")[2] or "default"),
              f"{stats[(split, v)]['num_exits_mean']:.0f}" if (split, v) in stats else "-"] for split, v in keys]
