@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,46 @@ def test_a_distributed_run_stopped_mid_epoch_resumes_to_the_same_result(runs):
     assert all(torch.equal(done[k], reference[k]) for k in done)
     for a, b in zip(rows(out), rows(runs["two"]), strict=True):  # the loss sums were added in another order
         assert a.pop("loss") == pytest.approx(b.pop("loss"), rel=1e-6) and a == b
+
+
+PIPELINE = {"label": "t", "seeds": [0],
+            "datasets": [{"name": "cifar10", "ratios": [100], "resources": {"train": {"gpu": 2, "runtime": 5}}}],
+            "methods": {"ce": {"tables": ["II"], "exits": False, "run": {"loss": {"name": "ce", "har": False}}}},
+            "t_search": {"seeds": [0]},
+            "run_overrides": {"train": {"epochs": 3, "batch_size": 8, "device": "cpu", "log_every": 5}},
+            "resources": {kind: {"runtime": 10, "mem_mb": 1000, "cpus": 1, "gpu": 0}
+                          for kind in ("split", "train", "evaluate", "report")}}
+JOB = """
+import json, sys
+from har.pipeline import grid, jobs
+cfg = json.loads(sys.argv[1])
+jobs.train_run(cfg, grid.final_runs(cfg)[0], "b.npz", None, "train.json", processes=2)
+"""
+
+
+def test_a_pipeline_train_job_with_several_gpus_trains_under_torchrun_and_survives_slurms_warning(tmp_path):
+    from har.config import DataConfig
+    from har.data.build import write_bundle
+    from har.pipeline import grid
+
+    spec = grid.final_runs(PIPELINE)[0]
+    assert grid.run_resources(PIPELINE, spec, "train") == {"runtime": 5, "mem_mb": 1000, "cpus": 1, "gpu": 2}
+    assert grid.run_resources(PIPELINE, spec, "evaluate")["gpu"] == 0
+    write_bundle(synthetic_data(counts=(300, 90, 30)), DataConfig(dataset="cifar10", ratio=100.0), tmp_path / "b.npz")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", JOB, json.dumps(PIPELINE)]
+    job = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / spec.run_dir / "last.pt"
+    while not checkpoint.exists() and job.poll() is None:  # SLURM's warning once the first epoch is saved
+        time.sleep(0.2)
+    job.send_signal(signal.SIGUSR1)
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode != 0 and "SIGTERM received: saved" in stderr, stderr[-3000:]  # forwarded as SIGTERM
+    assert not (tmp_path / "train.json").exists()
+    saved = load_checkpoint(checkpoint)
+    assert saved["epoch"] < 2 or saved["partial"] is not None  # stopped before the end, with a checkpoint
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming" in rerun.stderr
+    marker = json.loads((tmp_path / "train.json").read_text())
+    assert marker["epochs"] == 3 and [r["epoch"] for r in rows(tmp_path / spec.run_dir)] == [0, 1, 2]

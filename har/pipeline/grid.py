@@ -121,6 +121,12 @@ def is_searched_split(cfg: dict, dataset: str) -> bool:
     return "I" in dataset_tables(cfg, dataset)
 
 
+def run_resources(cfg: dict, spec: RunSpec, kind: str) -> dict[str, int]:
+    """What a run's `kind` job (train, evaluate) asks for: the config's resources, its dataset's on top."""
+    own = (_dataset(cfg, spec.dataset).get("resources") or {}).get(kind) or {}
+    return {**cfg["resources"][kind], **own}
+
+
 def layout_datasets(cfg: dict) -> list[str]:
     """Datasets of Table V's layout variants: those the layouts section names, else those serving Table V."""
     layouts = cfg.get("layouts") or {}

@@ -5,18 +5,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
-from har.atomic import atomic_write_json
-from har.config import from_dict
+from har.atomic import atomic_write_json, atomic_write_text
+from har.config import dump_config, from_dict
 from har.data.build import build_data, full_splits, write_bundle
 from har.pipeline import grid
 
 
 def setup_job(log_file: str | Path | None, threads: int | None = None) -> None:
     """Send a job's stderr and logging to its log file first, and give torch the job's threads."""
-    import sys
-
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         sys.stderr = open(log_file, "w", buffering=1)  # noqa: SIM115 - lives as long as the job
@@ -55,22 +56,55 @@ def selected_threshold(selection: str | Path) -> float:
 
 
 def train_run(cfg: dict, spec: grid.RunSpec, bundle: str | Path | None, selection: str | Path | None,
-              marker: str | Path) -> None:
+              marker: str | Path, processes: int = 1) -> None:
     """Train one grid run into its folder, then write the marker that tells Snakemake it is complete.
 
     CIFAR runs read their split's bundle; list datasets (`bundle` None) read the verified lists and images. A
-    decoupled run's config names its stage-one run folder, which the workflow trains first.
+    decoupled run's config names its stage-one run folder, which the workflow trains first. With `processes` > 1
+    (a job given several GPUs) training runs under torchrun, one process per GPU of the job's node, from the
+    resolved config written to `<run folder>/launch.yaml`.
     """
-    from har.engine.trainer import train
+    from har.engine.trainer import METRICS, train
 
     threshold = selected_threshold(selection) if selection else None
     values = grid.run_config(cfg, spec, threshold)
     if bundle is not None:
         values["data"]["bundle"] = str(bundle)
     run_cfg = from_dict(values)
-    history = train(run_cfg, spec.run_dir)
+    if processes > 1:
+        launch = Path(spec.run_dir) / "launch.yaml"
+        launch.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(launch, dump_config(run_cfg))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   "-m", "har.cli", "train", "--config", str(launch), "--out", spec.run_dir]
+        logging.getLogger(__name__).info("training with %d processes: %s", processes, " ".join(command))
+        status = _torchrun(command)
+        if status:
+            raise SystemExit(status)  # the job fails; its retry resumes from the last checkpoint
+        history = [json.loads(line) for line in (Path(spec.run_dir) / METRICS).read_text().splitlines() if line]
+    else:
+        history = train(run_cfg, spec.run_dir)
     atomic_write_json(Path(marker), {"run": grid.describe(cfg, spec), "epochs": len(history),
                                      "final": history[-1] if history else None})
+
+
+def _torchrun(command: list[str]) -> int:
+    """Run torchrun; SLURM's SIGUSR1 warning (or SIGTERM) reaches it as SIGTERM, which it passes to its workers.
+
+    The workers then save a mid-epoch checkpoint and stop (har.engine.signals). torchrun itself would die on
+    SIGUSR1 without telling them, so it starts with SIGUSR1 ignored (its workers install their own handler).
+    """
+    forwarded = (signal.SIGUSR1, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in forwarded}
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited by torchrun
+    try:
+        proc = subprocess.Popen(command)
+        for sig in forwarded:
+            signal.signal(sig, lambda *_: proc.send_signal(signal.SIGTERM))
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def evaluate_run(spec: grid.RunSpec) -> None:

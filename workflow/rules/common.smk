@@ -54,6 +54,17 @@ def resources_for(kind):
     return out
 
 
+def run_resources(kind):
+    """Resources of a run job kind (train, evaluate): the top-level ones, with its dataset's own on top."""
+    names = {"runtime": "runtime", "mem_mb": "mem_mb", "cpus_per_task": "cpus", "gpu": "gpu"}
+
+    def value(key):
+        return lambda wildcards: grid.run_resources(config, RUNS[wildcards.run_dir], kind)[names[key]]
+
+    asked = any(grid.run_resources(config, spec, kind)["gpu"] for spec in RUNS.values())
+    return {key: value(key) for key in names if key != "gpu" or asked}
+
+
 def bundle_of(split):
     return f"results/splits/{split}/data.npz"
 

@@ -11,9 +11,9 @@ rule run_train:
         "logs/{run_dir}/train.log",
     benchmark:
         "logs/{run_dir}/train.benchmark.tsv"
-    threads: config["resources"]["train"]["cpus"]
+    threads: lambda wildcards: grid.run_resources(config, RUNS[wildcards.run_dir], "train")["cpus"]
     resources:
-        **resources_for("train"),
+        **run_resources("train"),
     script:
         "../scripts/run_train.py"
 
@@ -30,8 +30,8 @@ rule run_evaluate:
         "logs/{run_dir}/evaluate.log",
     benchmark:
         "logs/{run_dir}/evaluate.benchmark.tsv"
-    threads: config["resources"]["evaluate"]["cpus"]
+    threads: lambda wildcards: grid.run_resources(config, RUNS[wildcards.run_dir], "evaluate")["cpus"]
     resources:
-        **resources_for("evaluate"),
+        **run_resources("evaluate"),
     script:
         "../scripts/run_evaluate.py"
