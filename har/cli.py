@@ -1,4 +1,6 @@
-"""Command line: `har train | evaluate | run | export-data | flops`. The Snakemake scripts call the same functions."""
+"""Command line: `har train | evaluate | run | export-data | inat-list | imagenet-lt-split | flops`.
+
+The Snakemake scripts call the same functions."""
 
 from __future__ import annotations
 
@@ -83,6 +85,30 @@ def cmd_export_data(args: argparse.Namespace) -> None:
     print(f"written: {path} ({path.stat().st_size / 2**20:.1f} MiB); use it with --set data.bundle={path}")
 
 
+def cmd_inat_list(args: argparse.Namespace) -> None:
+    from har.data.imagelist import write_split_list
+    from har.data.inat import inat_split_list
+
+    entries = inat_split_list(args.annotations)
+    write_split_list(entries, args.out)
+    print(f"written: {args.out} ({len(entries):,} images, {len(set(entries.labels.tolist())):,} classes); if its "
+          f"git blob id differs from the published list's, run with data.strict_lists: false")
+
+
+def cmd_imagenet_lt_split(args: argparse.Namespace) -> None:
+    from har.data.imagelist import write_split_list
+    from har.data.imagenet_lt import IMAGENET_LT_LISTS, make_imagenet_lt_split
+
+    split = make_imagenet_lt_split(args.imagenet, seed=args.seed, max_images=args.max_images,
+                                   min_images=args.min_images, val_per_class=args.val_per_class)
+    for name, entries in (("train", split.train), ("val", split.val)):
+        path = args.out / IMAGENET_LT_LISTS[name].file_name
+        write_split_list(entries, path)
+        print(f"written: {path} ({len(entries):,} images)")
+    print("these are our draws, not the published lists: results on them are not comparable with published "
+          "numbers; train with data.strict_lists: false and the published (or your own) ImageNet_LT_test.txt")
+
+
 def cmd_flops(args: argparse.Namespace) -> None:
     from har.evaluation.flops import flops_table
     from har.models import create_model
@@ -118,6 +144,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", type=Path, required=True, help="bundle file to write, e.g. .carry/cifar10-lt100.npz.xz")
     ex.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     ex.set_defaults(func=cmd_export_data)
+
+    il = sub.add_parser("inat-list", help="write an iNaturalist 2018 split list from an official annotation file")
+    il.add_argument("--annotations", type=Path, required=True, help="train2018.json or val2018.json")
+    il.add_argument("--out", type=Path, required=True, help="list to write, e.g. splits/iNaturalist18_train.txt")
+    il.set_defaults(func=cmd_inat_list)
+
+    lt = sub.add_parser("imagenet-lt-split", help="cut ImageNet-LT-style train / val lists (Pareto, alpha 6) from "
+                                                  "a full ImageNet train folder")
+    lt.add_argument("--imagenet", type=Path, required=True, help="ImageNet root holding train/<class>/ folders")
+    lt.add_argument("--out", type=Path, required=True, help="folder for ImageNet_LT_train.txt and ImageNet_LT_val.txt")
+    lt.add_argument("--seed", type=int, default=0, help="default: 0")
+    lt.add_argument("--max-images", type=int, default=1280, help="largest class (default: 1280, ImageNet-LT's)")
+    lt.add_argument("--min-images", type=int, default=5, help="smallest class (default: 5)")
+    lt.add_argument("--val-per-class", type=int, default=20, help="validation images per class (default: 20)")
+    lt.set_defaults(func=cmd_imagenet_lt_split)
 
     fl = sub.add_parser("flops", help="MACs and parameters of the backbone and of each exit, as JSON")
     fl.add_argument("--model", default="resnet32", help="registered model name (default: resnet32)")

@@ -54,3 +54,27 @@ def test_short_real_cifar10_lt_run_trains_and_evaluates(tmp_path, capsys):
     assert 0.0 <= test["static"]["top1"] <= 1.0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["reweighted"] for r in rows] == [False, True]
+
+
+def test_list_generators_write_the_lists_a_run_reads(tmp_path, capsys):
+    from PIL import Image
+
+    annotations = {"images": [{"id": 1, "file_name": "train_val2018/Aves/3/a.jpg"},
+                              {"id": 2, "file_name": "train_val2018/Aves/5/b.jpg"}],
+                   "annotations": [{"image_id": 1, "category_id": 3}, {"image_id": 2, "category_id": 5}]}
+    (tmp_path / "train2018.json").write_text(json.dumps(annotations))
+    assert main(["inat-list", "--annotations", str(tmp_path / "train2018.json"),
+                 "--out", str(tmp_path / "lists" / "iNaturalist18_train.txt")]) == 0
+    assert (tmp_path / "lists" / "iNaturalist18_train.txt").read_text() == ("train_val2018/Aves/3/a.jpg 3\n"
+                                                                            "train_val2018/Aves/5/b.jpg 5\n")
+    for c in range(3):
+        for i in range(30):
+            path = tmp_path / "imagenet" / "train" / f"n0{c}" / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (4, 4)).save(path)
+    assert main(["imagenet-lt-split", "--imagenet", str(tmp_path / "imagenet"), "--out", str(tmp_path / "lt"),
+                 "--max-images", "20", "--min-images", "2", "--val-per-class", "5"]) == 0
+    train = (tmp_path / "lt" / "ImageNet_LT_train.txt").read_text().splitlines()
+    val = (tmp_path / "lt" / "ImageNet_LT_val.txt").read_text().splitlines()
+    assert len(val) == 3 * 5 and 22 <= len(train) <= 30 and all(line.startswith("train/n0") for line in train + val)
+    assert "not the published lists" in capsys.readouterr().out
