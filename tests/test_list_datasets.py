@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -23,6 +24,7 @@ from har.data.imagelist import ImageListDataset
 from har.data.loader import ImageBatches
 from har.engine.trainer import train
 from har.evaluation.evaluate import evaluate_run
+from har.reporting.figures import fig_exit_examples
 
 TRAIN_COUNTS = (10, 5, 3)
 
@@ -109,6 +111,11 @@ def test_train_and_evaluate_an_imagenet_model_on_image_lists(image_root, tmp_pat
     report = evaluate_run(tmp_path / name, device="cpu")
     assert report["test"]["num_examples"] == 6 and len(report["test"]["exits"]) == 2
     assert report["test"]["flops"]["image_size"] == [3, 32, 32]
+    run = pd.Series({"run_dir": name, "split": "imagenet_lt", "dataset": "imagenet_lt", "method": "har",
+                     "display": "HAR", "seed": 0})
+    fig = fig_exit_examples(run, tmp_path, {"label": "tiny"}, {}, None)  # Fig. 7 reads the images from the lists
+    shown = [image for ax in fig.axes for image in ax.images]
+    assert len(shown) == 6 and shown[0].get_array().shape == (32, 32, 3)  # every test image, up to 8 per exit
 
 
 def tiny_dataset(root: Path) -> ImageListDataset:

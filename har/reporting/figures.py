@@ -18,7 +18,8 @@ from matplotlib.figure import Figure
 
 from har.atomic import atomic_write
 from har.config import from_dict
-from har.data.build import Split, build_data
+from har.data.build import ListSplit, build_data
+from har.data.imagelist import ImageListDataset, image_transform
 from har.evaluation.dynamic import exit_indices, softmax
 from har.pipeline import grid
 from har.reporting.results import (
@@ -243,22 +244,36 @@ def fig_exits(run: pd.Series, root: Path, cfg: dict, selected: dict) -> Figure:
     return fig
 
 
-def _test_split(run_dir: Path, bundle: Path, labels: np.ndarray) -> tuple[Split, list[str]]:
-    """The run's test split from the bundle, in the order of its eval npz (fractions applied as in training)."""
+def _test_split(run_dir: Path, bundle: Path | None, labels: np.ndarray) -> tuple[Callable[[int], np.ndarray],
+                                                                              list[str]]:
+    """The run's test images (one by one, as H x W x 3 uint8) in the order of its eval npz, and the class names.
+
+    CIFAR runs read them from the split's bundle; ImageNet-LT / iNaturalist runs from their list and image
+    folder (resized and centre-cropped as for evaluation)."""
     config = from_dict(read_run_config(run_dir))
-    data = build_data(dataclasses.replace(config.data, bundle=str(bundle)))
+    if config.data.is_list_dataset:
+        data = build_data(config.data)
+    else:
+        data = build_data(dataclasses.replace(config.data, bundle=str(bundle)))
     if len(data.test) != len(labels) or not np.array_equal(data.test.labels, labels):
-        raise ResultError(f"bundle {bundle} does not hold the test split of {run_dir} (labels differ); export the "
-                          f"bundle with the run's data config (har export-data)")
-    return data.test, data.classes
+        raise ResultError(f"the test split of {run_dir}'s data config does not match its eval/test.npz (labels "
+                          f"differ); export the bundle with the run's data config (har export-data) or restore the "
+                          f"lists it was evaluated on")
+    test = data.test
+    if isinstance(test, ListSplit):
+        view = image_transform(False, config.data.image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        dataset = ImageListDataset(test.entries, test.root, train=False, image_size=config.data.image_size)
+        return (lambda i: (view(dataset.load(i)).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)), \
+            data.classes
+    return (lambda i: test.images[i]), data.classes
 
 
-def fig_exit_examples(run: pd.Series, root: Path, cfg: dict, selected: dict, bundle: Path) -> Figure:
+def fig_exit_examples(run: pd.Series, root: Path, cfg: dict, selected: dict, bundle: Path | None) -> Figure:
     """Fig. 7: the first test images leaving at each exit (title: true class; red when misclassified)."""
     run_dir = root / run["run_dir"]
     s = read_eval(run_dir, "test")["dynamic_selected"]["best"]["exit_threshold"]
     logits, labels = read_outputs(run_dir, "test")
-    test, classes = _test_split(run_dir, bundle, labels)
+    image, classes = _test_split(run_dir, bundle, labels)
     probs = softmax(logits)
     where = exit_indices(probs.max(axis=2), s)
     predictions = probs[where, np.arange(len(labels))].argmax(axis=1)
@@ -267,7 +282,7 @@ def fig_exit_examples(run: pd.Series, root: Path, cfg: dict, selected: dict, bun
     for k, row in enumerate(axes):
         leaving = np.flatnonzero(where == k)
         for ax, i in zip(row, leaving[:EXAMPLES_PER_EXIT]):
-            ax.imshow(test.images[i])
+            ax.imshow(image(i))
             ax.set_title(classes[labels[i]], fontsize=8, color="black" if predictions[i] == labels[i] else "red")
         for ax in row:
             ax.set(xticks=[], yticks=[])
@@ -297,7 +312,8 @@ def figure_names(cfg: dict) -> list[str]:
 def plot_figures(records: Sequence[dict], root: str | Path, cfg: dict, selected: dict, out_dir: str | Path,
                  bundles: dict[str, str | Path]) -> list[Path]:
     """Write Figs. 2-7 as PNG and PDF into `out_dir`; return their paths (a figure without data is logged and
-    skipped). `bundles` maps a split to its data bundle, which Fig. 7 reads the test images from."""
+    skipped). `bundles` maps a CIFAR split to its data bundle, which Fig. 7 reads the test images from (an
+    ImageNet-LT / iNaturalist run's images come from its lists)."""
     root, out_dir = Path(root), Path(out_dir)
     df = load_results(records, root)
     ordered = _split_order(cfg, df)
@@ -313,8 +329,9 @@ def plot_figures(records: Sequence[dict], root: str | Path, cfg: dict, selected:
             paths.extend(_save(fig, out_dir, name))
 
     splits = small + large
-    run = _showcase(df, cfg, splits)
-    if run is not None and run["split"] not in bundles:  # checked before any plotting: fail in seconds
+    run = _showcase(df, cfg, large + small)  # the paper shows its exits on ImageNet-LT when it is there
+    bundle = None if run is None or run["dataset"] not in SMALL_DATASETS else bundles.get(run["split"])
+    if run is not None and run["dataset"] in SMALL_DATASETS and bundle is None:  # fail in seconds
         raise ResultError(f"no data bundle for split {run['split']} (Fig. 7 shows its test images); pass "
                           f"bundles={{'{run['split']}': 'results/splits/{run['split']}/data.npz'}}")
     with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.2):
@@ -325,6 +342,7 @@ def plot_figures(records: Sequence[dict], root: str | Path, cfg: dict, selected:
         emit("fig3_confidence", lambda: fig_confidence(df, root, cfg, splits), "no final runs")
         emit("fig4_loss_per_exit", lambda: fig_loss_per_exit(df, root, cfg, splits), "no HAR run")
         emit("fig6_exits", lambda: fig_exits(run, root, cfg, selected) if run is not None else None, "no HAR run")
-        emit("fig7_exit_examples", lambda: fig_exit_examples(run, root, cfg, selected, Path(bundles[run["split"]]))
+        emit("fig7_exit_examples", lambda: fig_exit_examples(run, root, cfg, selected,
+                                                             None if bundle is None else Path(bundle))
              if run is not None else None, "no HAR run")
     return paths
