@@ -38,12 +38,19 @@ class Distributed:
         return self.rank == 0
 
     def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
-        """The tensor reduced over all processes (a copy; itself when the run is one process)."""
+        """The tensor reduced over all processes (a copy on the tensor's device; itself when the run is one
+        process). NCCL reduces only GPU tensors, so a host tensor makes the round trip through this process's GPU."""
         if not self.enabled:
             return tensor
         out = tensor.detach().clone()
+        if dist.get_backend() == "nccl" and not out.is_cuda:
+            out = out.cuda()
         dist.all_reduce(out, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return out
+        return out.to(tensor.device)
+
+    def all_reduce_int(self, value: int, op: str = "sum") -> int:
+        """A host integer reduced over all processes (for counts and flags; one read-back)."""
+        return int(self.all_reduce(torch.tensor(value), op)) if self.enabled else value
 
     def barrier(self) -> None:
         if self.enabled:

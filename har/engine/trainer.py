@@ -121,11 +121,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def _read_metrics(path: Path, before_epoch: int) -> list[dict]:
+def read_history(out: Path, before_epoch: int | None = None) -> list[dict]:
+    """The metrics rows of a run folder (those before `before_epoch` when given; none when there is no file)."""
+    path = out / METRICS
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["epoch"] < before_epoch]
+    return [r for r in rows if before_epoch is None or r["epoch"] < before_epoch]
 
 
 @dataclass
@@ -232,7 +234,7 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
                                            for k, v in partial["sums"].items()}, "seen": 0}
         where = f"at step {partial['step']} of" if partial else "before"
         log.info("resuming %s %s epoch %d (0-based) of %d", out, where, start, t.epochs)
-    history = _read_metrics(out / METRICS, start)
+    history = read_history(out, start)
 
     def save(epoch_done: int, progress: dict[str, Any] | None = None) -> None:
         if ctx.is_main:
@@ -263,7 +265,7 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
                 state = progress.state_dict(generator)
                 if ctx.enabled:  # one checkpoint for all: rank 0 keeps the sums of every process
                     state["sums"] = _reduce_sums(progress.sums, ctx)
-                    state["seen"] = int(ctx.all_reduce(torch.tensor(progress.seen)))
+                    state["seen"] = ctx.all_reduce_int(progress.seen)
                 save(epoch - 1, {"epoch": epoch, **state})
                 _stopped(stop, ckpt_path, f"epoch {epoch} (0-based) at step {progress.step} of {len(batches)}")
             row["lr"] = optimizer.param_groups[0]["lr"]
@@ -312,9 +314,7 @@ def _reduce_sums(sums: dict[str, Tensor], ctx: Distributed) -> dict[str, Tensor]
 
 def _agreed_stop(stop: StopRequest, ctx: Distributed) -> bool:
     """Whether to stop now; a distributed run stops only when every process agrees on it (a collective)."""
-    if not ctx.enabled:
-        return stop.signum is not None
-    return bool(ctx.all_reduce(torch.tensor(int(stop.signum is not None)), "max"))
+    return bool(ctx.all_reduce_int(int(stop.signum is not None), "max"))
 
 
 def _stopped(stop: StopRequest, ckpt_path: Path, where: str) -> NoReturn:
@@ -387,7 +387,7 @@ def _train_epoch(model: torch.nn.Module, har_loss: HARLoss, optimizer: torch.opt
     bar.close()
     _check_finite(progress, epoch, len(batches), ctx)
     sums = _reduce_sums(sums, ctx)
-    seen = int(ctx.all_reduce(torch.tensor(progress.seen)))
+    seen = ctx.all_reduce_int(progress.seen)
     counts = sums["exit_counts"].cpu()
     return {
         "epoch": epoch,

@@ -64,7 +64,7 @@ def train_run(cfg: dict, spec: grid.RunSpec, bundle: str | Path | None, selectio
     (a job given several GPUs) training runs under torchrun, one process per GPU of the job's node, from the
     resolved config written to `<run folder>/launch.yaml`.
     """
-    from har.engine.trainer import METRICS, train
+    from har.engine.trainer import read_history, train
 
     threshold = selected_threshold(selection) if selection else None
     values = grid.run_config(cfg, spec, threshold)
@@ -81,7 +81,7 @@ def train_run(cfg: dict, spec: grid.RunSpec, bundle: str | Path | None, selectio
         status = _torchrun(command)
         if status:
             raise SystemExit(status)  # the job fails; its retry resumes from the last checkpoint
-        history = [json.loads(line) for line in (Path(spec.run_dir) / METRICS).read_text().splitlines() if line]
+        history = read_history(Path(spec.run_dir))
     else:
         history = train(run_cfg, spec.run_dir)
     atomic_write_json(Path(marker), {"run": grid.describe(cfg, spec), "epochs": len(history),
