@@ -23,7 +23,7 @@ import yaml
 from har.data.augment import CIFAR_MEAN, CIFAR_STD
 from har.data.imagelist import IMAGENET_MEAN, IMAGENET_STD
 
-CIFAR_DATASETS = ("cifar10", "cifar100")
+CIFAR_DATASETS = ("cifar10", "cifar100")  # arrays from the pickle layout, cut into long-tailed subsets here
 LIST_DATASETS = ("imagenet_lt", "inat2018")  # read from split lists and an image folder
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import REPO, shared_cifar_root, synthetic_data
 
-from har.config import ConfigError
+from har.config import LIST_DATASETS, ConfigError
 from har.pipeline import grid, jobs
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -41,7 +41,6 @@ def job_counts(output: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
 
 
-LIST_DATASETS = ("imagenet_lt", "inat2018")
 
 
 def paper_config() -> dict:

@@ -43,12 +43,26 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def check_layout(name: str, layout: str | None) -> None:
-    """Validate a model name and exit layout without building the model (config validation uses this)."""
+def _entry(name: str) -> _Entry:
     if name not in _REGISTRY:
         raise ValueError(f"Unknown model {name!r}; choose one of {list_models()}.")
+    return _REGISTRY[name]
+
+
+def _num_groups(name: str) -> int:
+    return _entry(name).default_layout.count("B")
+
+
+def bare_layout(name: str) -> str:
+    """The layout of a registered model without intermediate exits: stem, one B per block group, final exit."""
+    return "C" + "B" * _num_groups(name) + "E"
+
+
+def check_layout(name: str, layout: str | None) -> None:
+    """Validate a model name and exit layout without building the model (config validation uses this)."""
+    groups = _num_groups(name)
     if layout is not None:
-        parse_layout(layout, _REGISTRY[name].default_layout.count("B"))
+        parse_layout(layout, groups)
 
 
 def create_model(
@@ -73,9 +87,7 @@ def create_model(
     Raises:
         ValueError: for an unknown name or invalid arguments.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"Unknown model {name!r}; choose one of {list_models()}.")
-    entry = _REGISTRY[name]
+    entry = _entry(name)
     backbone = entry.builder(num_classes, classifier)
     layout = entry.default_layout if layout is None else layout
     return MultiExitNet(backbone, layout, exit_channels, exit_stride)

@@ -12,17 +12,18 @@ starts from the run of its `stage_one` method on the same split and seed.
 from __future__ import annotations
 
 import copy
-import functools
 from dataclasses import dataclass
 from typing import Any
 
 from har.config import LIST_DATASETS, ConfigError, ModelConfig, from_dict, to_dict
+from har.data.build import PUBLISHED_LISTS
 
 # The paper's tables, in order: I t line search, II CIFAR-LT, III ImageNet-LT / iNaturalist, IV no
 # re-weighting, V exit layouts.
 TABLES = ("I", "II", "III", "IV", "V")
 
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet_lt": 1000, "inat2018": 8142}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100,
+               **{name: lists["train"].num_classes for name, lists in PUBLISHED_LISTS.items()}}
 
 # n_max / n_min of the published training lists (ImageNet-LT 1280 / 5, iNaturalist 2018 1000 / 2). Fixed by the
 # lists, never a run-config field: it only labels a list dataset's split in records and published numbers.
@@ -79,9 +80,14 @@ def _dataset(cfg: dict, dataset: str) -> dict:
     raise ConfigError(f"datasets: {dataset!r} is not a dataset of this config")
 
 
+def _served(entry: dict) -> tuple[str, ...]:
+    """The tables a dataset entry serves (all of them unless it says)."""
+    return tuple(entry.get("tables") or TABLES)
+
+
 def dataset_tables(cfg: dict, dataset: str) -> tuple[str, ...]:
     """The tables a dataset serves (all of them unless its entry says)."""
-    return tuple(_dataset(cfg, dataset).get("tables") or TABLES)
+    return _served(_dataset(cfg, dataset))
 
 
 def splits(cfg: dict, table: str | None = None) -> list[tuple[str, float]]:
@@ -89,7 +95,7 @@ def splits(cfg: dict, table: str | None = None) -> list[tuple[str, float]]:
     its `LIST_RATIOS` entry (one split per list dataset)."""
     out = []
     for entry in cfg["datasets"]:
-        if table is not None and table not in (entry.get("tables") or TABLES):
+        if table is not None and table not in _served(entry):
             continue
         if is_list_dataset(entry["name"]):
             out.append((entry["name"], LIST_RATIOS[entry["name"]]))
@@ -132,7 +138,7 @@ def layout_datasets(cfg: dict) -> list[str]:
     layouts = cfg.get("layouts") or {}
     if layouts.get("datasets") is not None:
         return list(layouts["datasets"])
-    return [entry["name"] for entry in cfg["datasets"] if "V" in (entry.get("tables") or TABLES)]
+    return [entry["name"] for entry in cfg["datasets"] if "V" in _served(entry)]
 
 
 def layout_variants(cfg: dict) -> list[str]:
@@ -204,20 +210,14 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-@functools.cache
-def bare_layout(model: str) -> str:
-    """The layout of `model` without intermediate exits: the stem, one B per block group, the final exit."""
-    from har.models import check_layout
+def _bare_layout(model: str) -> str:
+    """The model's layout without intermediate exits (an unknown model name is a config error)."""
+    from har.models import bare_layout
 
-    for groups in range(1, 17):
-        layout = "C" + "B" * groups + "E"
-        try:
-            check_layout(model, layout)
-        except ValueError:
-            continue
-        return layout
-    check_layout(model, None)  # an unknown model: its own message
-    raise ConfigError(f"model.name: no layout without exits fits {model!r}")
+    try:
+        return bare_layout(model)
+    except ValueError as exc:
+        raise ConfigError(f"model.name: {exc}") from exc
 
 
 def _decouple_method(values: dict | None) -> str:
@@ -310,7 +310,7 @@ def run_config(cfg: dict, spec: RunSpec, train_threshold: float | None = None) -
     values = _merge(values, method.get("run") or {})
     if method.get("exits") is False:
         name = (_merge(values, overrides).get("model") or {}).get("name") or ModelConfig.name
-        values = _merge(values, {"model": {"layout": bare_layout(name)}})
+        values = _merge(values, {"model": {"layout": _bare_layout(name)}})
     if spec.layout:
         values = _merge(values, {"model": {"layout": spec.layout}})
     values = _merge(values, overrides)

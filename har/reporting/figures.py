@@ -17,9 +17,9 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from har.atomic import atomic_write
-from har.config import from_dict
+from har.config import CIFAR_DATASETS, from_dict
 from har.data.build import ListSplit, build_data
-from har.data.imagelist import ImageListDataset, image_transform
+from har.data.imagelist import ImageListDataset
 from har.evaluation.dynamic import exit_indices, softmax
 from har.pipeline import grid
 from har.reporting.results import (
@@ -34,7 +34,6 @@ from har.reporting.results import (
 
 log = logging.getLogger(__name__)
 
-SMALL_DATASETS = ("cifar10", "cifar100")  # Fig. 2; any other dataset (ImageNet-LT, iNaturalist) goes to Fig. 5
 EXAMPLES_PER_EXIT = 8
 
 
@@ -260,11 +259,10 @@ def _test_split(run_dir: Path, bundle: Path | None, labels: np.ndarray) -> tuple
                           f"differ); export the bundle with the run's data config (har export-data) or restore the "
                           f"lists it was evaluated on")
     test = data.test
-    if isinstance(test, ListSplit):
-        view = image_transform(False, config.data.image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-        dataset = ImageListDataset(test.entries, test.root, train=False, image_size=config.data.image_size)
-        return (lambda i: (view(dataset.load(i)).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)), \
-            data.classes
+    if isinstance(test, ListSplit):  # the evaluation's resize and crop, without normalisation
+        view = ImageListDataset(test.entries, test.root, train=False, image_size=config.data.image_size,
+                                mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        return (lambda i: (view[i][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)), data.classes
     return (lambda i: test.images[i]), data.classes
 
 
@@ -297,9 +295,9 @@ def figure_names(cfg: dict) -> list[str]:
     """The figures `plot_figures` writes for a pipeline config (the workflow declares them as outputs)."""
     datasets = {dataset for dataset, _ in grid.splits(cfg)}
     names = []
-    if datasets & set(SMALL_DATASETS):
+    if datasets & set(CIFAR_DATASETS):
         names.append("fig2_accuracy_flops")
-    if datasets - set(SMALL_DATASETS):
+    if datasets - set(CIFAR_DATASETS):
         names.append("fig5_accuracy_flops_large")
     finals = grid.final_runs(cfg)
     if finals:
@@ -317,8 +315,8 @@ def plot_figures(records: Sequence[dict], root: str | Path, cfg: dict, selected:
     root, out_dir = Path(root), Path(out_dir)
     df = load_results(records, root)
     ordered = _split_order(cfg, df)
-    small = [split for dataset, split in ordered if dataset in SMALL_DATASETS]
-    large = [split for dataset, split in ordered if dataset not in SMALL_DATASETS]
+    small = [split for dataset, split in ordered if dataset in CIFAR_DATASETS]
+    large = [split for dataset, split in ordered if dataset not in CIFAR_DATASETS]
     paths: list[Path] = []
 
     def emit(name: str, make: Callable[[], Figure | None], why: str) -> None:
@@ -330,8 +328,8 @@ def plot_figures(records: Sequence[dict], root: str | Path, cfg: dict, selected:
 
     splits = small + large
     run = _showcase(df, cfg, large + small)  # the paper shows its exits on ImageNet-LT when it is there
-    bundle = None if run is None or run["dataset"] not in SMALL_DATASETS else bundles.get(run["split"])
-    if run is not None and run["dataset"] in SMALL_DATASETS and bundle is None:  # fail in seconds
+    bundle = None if run is None or run["dataset"] not in CIFAR_DATASETS else bundles.get(run["split"])
+    if run is not None and run["dataset"] in CIFAR_DATASETS and bundle is None:  # fail in seconds
         raise ResultError(f"no data bundle for split {run['split']} (Fig. 7 shows its test images); pass "
                           f"bundles={{'{run['split']}': 'results/splits/{run['split']}/data.npz'}}")
     with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.2):

@@ -45,24 +45,24 @@ wildcard_constraints:
     run_dir=r"results/(runs|tsearch)/[^/]+/[^/]+(/t[^/]+)?/seed[0-9]+",
 
 
+# Snakemake's resource names and the config's.
+RESOURCE_NAMES = {"runtime": "runtime", "mem_mb": "mem_mb", "cpus_per_task": "cpus", "gpu": "gpu"}
+
+
 def resources_for(kind):
     """SLURM / local resources of a job kind from the config (gpu only when asked for)."""
     r = config["resources"][kind]
-    out = {"runtime": r["runtime"], "mem_mb": r["mem_mb"], "cpus_per_task": r["cpus"]}
-    if r["gpu"]:
-        out["gpu"] = r["gpu"]
-    return out
+    return {key: r[name] for key, name in RESOURCE_NAMES.items() if key != "gpu" or r["gpu"]}
 
 
 def run_resources(kind):
     """Resources of a run job kind (train, evaluate): the top-level ones, with its dataset's own on top."""
-    names = {"runtime": "runtime", "mem_mb": "mem_mb", "cpus_per_task": "cpus", "gpu": "gpu"}
 
-    def value(key):
-        return lambda wildcards: grid.run_resources(config, RUNS[wildcards.run_dir], kind)[names[key]]
+    def value(name):
+        return lambda wildcards: grid.run_resources(config, RUNS[wildcards.run_dir], kind)[name]
 
     asked = any(grid.run_resources(config, spec, kind)["gpu"] for spec in RUNS.values())
-    return {key: value(key) for key in names if key != "gpu" or asked}
+    return {key: value(name) for key, name in RESOURCE_NAMES.items() if key != "gpu" or asked}
 
 
 def bundle_of(split):
