@@ -132,10 +132,10 @@ class ImageBatches(_Batches):
             order = self.order(generator)
         order = order.cpu()
         base = int.from_bytes(hashlib.sha256(order.numpy().tobytes()).digest()[:7], "little")
-        positions = torch.arange(len(order))
+        indices, positions = order.tolist(), torch.arange(len(order))
         shares = [self.share(positions[i * self.batch_size:(i + 1) * self.batch_size]).tolist()
                   for i in range(start, len(self))]
-        batch_sampler = [[(int(order[p]), base + p) for p in share] for share in shares]
+        batch_sampler = [[(indices[p], base + p) for p in share] for share in shares]
         loader = DataLoader(self.items, batch_sampler=batch_sampler, num_workers=self.workers,
                             pin_memory=self.pin_memory, persistent_workers=False)
         for images, labels in loader:
