@@ -46,6 +46,7 @@ def sync_check(bundle: str, steps: tuple[int, int] = (4, 16)) -> dict[int, int]:
     har_loss = trainer.build_loss(cfg, data.class_counts).to(device)
     har_loss.exit_loss.set_weight(torch.ones(data.num_classes, device=device))
     optimizer = trainer.build_optimizer(cfg, model)
+    step_loss = trainer.build_step_loss(model, har_loss, model.num_exits, cfg, amp=True)
     counts = {}
     for n in steps:
         images = torch.from_numpy(data.train.images[: n * 128]).to(device)
@@ -57,8 +58,7 @@ def sync_check(bundle: str, steps: tuple[int, int] = (4, 16)) -> dict[int, int]:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             progress = trainer.EpochProgress.begin(batches.order(generator), model.num_exits)
-            trainer._train_epoch(model, har_loss, optimizer, batches, generator, 0, cfg, False, True, progress,
-                                 StopRequest())
+            trainer._train_epoch(step_loss, optimizer, batches, generator, 0, cfg, False, progress, StopRequest())
             torch.cuda.set_sync_debug_mode("default")
         counts[n] = sum("synchroniz" in str(w.message) for w in caught)
     return counts

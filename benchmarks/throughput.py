@@ -50,6 +50,7 @@ from har.engine.trainer import (
     build_loss,
     build_model,
     build_optimizer,
+    build_step_loss,
     resolve_device,
 )
 from har.evaluation.evaluate import collect_logits
@@ -174,12 +175,12 @@ def time_training(variant: Variant, cfg: RunConfig, data: RunData, device: torch
         generator = torch.Generator().manual_seed(t.seed)
         stream = reference_stream(data, cfg, device, args.workers, generator)
 
-    step_model = torch.compile(model, mode=args.compile_mode) if variant.compiled else model
+    compiled = dataclasses.replace(t, compile=args.compile_mode if variant.compiled else "off")
+    step_loss = build_step_loss(model, har_loss, model.num_exits, dataclasses.replace(cfg, train=compiled), mixed)
 
     def run(steps: int) -> None:
         progress = EpochProgress.begin(torch.empty(0, dtype=torch.long, device=device), model.num_exits)
-        _train_epoch(step_model, har_loss, optimizer, Steps(stream, steps), generator, 0, cfg, False, mixed, progress,
-                     StopRequest())
+        _train_epoch(step_loss, optimizer, Steps(stream, steps), generator, 0, cfg, False, progress, StopRequest())
 
     run(args.warmup)
     synchronize(device)
@@ -387,7 +388,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=128, help="training batch (default: 128)")
     parser.add_argument("--compile", action="store_true",
                         help="add a torch.compile row; the warm-up steps then include the compile (default: off)")
-    parser.add_argument("--compile-mode", default="default",
+    parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"],
                         help="torch.compile mode of that row, e.g. reduce-overhead for CUDA graphs (default: default)")
     parser.add_argument("--steps", type=int, default=30, help="timed training steps per variant (default: 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them (default: 5)")

@@ -44,10 +44,10 @@ def interrupt_in_epoch(epoch, monkeypatch):
     """Make training die inside `epoch` (0-based), as a killed job would; return the undo."""
     real_epoch = trainer_module._train_epoch
 
-    def dies(model, har_loss, optimizer, batches, generator, current, *rest):
+    def dies(step_loss, optimizer, batches, generator, current, *rest):
         if current == epoch:
             raise KeyboardInterrupt
-        return real_epoch(model, har_loss, optimizer, batches, generator, current, *rest)
+        return real_epoch(step_loss, optimizer, batches, generator, current, *rest)
 
     monkeypatch.setattr(trainer_module, "_train_epoch", dies)
     return lambda: monkeypatch.setattr(trainer_module, "_train_epoch", real_epoch)

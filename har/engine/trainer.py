@@ -36,7 +36,8 @@ from har.engine.checkpoint import RunError, atomic_save, resume_checkpoint
 from har.engine.distributed import Distributed, from_environment, process_group
 from har.engine.schedule import lr_factor
 from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
-from har.losses import HARLoss, ReweightSchedule, build_exit_loss, exit_statistics
+from har.engine.step import StepLoss
+from har.losses import HARLoss, ReweightSchedule, build_exit_loss
 from har.methods import decoupled
 from har.methods.mixup import draw_mixing
 from har.models import MultiExitNet, create_model
@@ -81,6 +82,20 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optim
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.SGD(params, lr=t.scaled_lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+def build_step_loss(model: torch.nn.Module, har_loss: HARLoss, num_exits: int, cfg: RunConfig, amp: bool,
+                    distributed: bool = False) -> StepLoss:
+    """Forward, loss and statistics of a step, compiled whole when `train.compile` asks for it.
+
+    A distributed run compiles only the DistributedDataParallel module, the form torch.compile documents for
+    it (it splits the graph at DDP's gradient buckets).
+    """
+    mode = cfg.train.compile
+    if mode != "off" and distributed:
+        model = torch.compile(model, mode=mode)
+    step_loss = StepLoss(model, har_loss, num_exits, cfg.train.mixup, amp)
+    return step_loss if mode == "off" or distributed else torch.compile(step_loss, mode=mode)
 
 
 def prepare_run_dir(cfg: RunConfig, out: Path) -> None:
@@ -210,8 +225,8 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
                 raise RunError("train.sync_batchnorm needs CUDA (torch's SyncBatchNorm has no CPU kernel); turn it off")
             wrapped = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if on_cuda else None)
-    step_model = wrapped if t.compile == "off" else torch.compile(wrapped, mode=t.compile)
     har_loss = build_loss(cfg, data.class_counts).to(device)
+    step_loss = build_step_loss(wrapped, har_loss, model.num_exits, cfg, amp, distributed=ctx.enabled)
     reweight = ReweightSchedule(cfg.loss.reweight, data.class_counts, beta=cfg.loss.cb_beta,
                                 drw_epoch=cfg.loss.drw_epoch)
     optimizer = build_optimizer(cfg, model)
@@ -245,7 +260,7 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
 
     batches = train_batches(data.train, cfg.data, t.batch_size, device, ctx.rank, ctx.world)
     balanced_labels = torch.from_numpy(data.train.labels).to(batches.generator_device) if stage_two else None
-    mode = (lambda: decoupled.train_mode(model)) if stage_two else step_model.train
+    mode = (lambda: decoupled.train_mode(model)) if stage_two else None
     interactive = sys.stderr.isatty() and ctx.is_main
     with stop_requests() as stop:
         for epoch in range(start, t.epochs):
@@ -259,8 +274,8 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
                 order = (decoupled.class_balanced_order(balanced_labels, generator) if stage_two
                          else batches.order(generator))
                 progress = EpochProgress.begin(order, model.num_exits, device)
-            row = _train_epoch(step_model, har_loss, optimizer, batches, generator, epoch, cfg, interactive, amp,
-                               progress, stop, ctx, mode)
+            row = _train_epoch(step_loss, optimizer, batches, generator, epoch, cfg, interactive, progress, stop,
+                               ctx, mode)
             if row is None:  # stopped by a signal inside the epoch
                 state = progress.state_dict(generator)
                 if ctx.enabled:  # one checkpoint for all: rank 0 keeps the sums of every process
@@ -325,22 +340,20 @@ def _stopped(stop: StopRequest, ckpt_path: Path, where: str) -> NoReturn:
     raise TrainingInterrupted(message)
 
 
-def _train_epoch(model: torch.nn.Module, har_loss: HARLoss, optimizer: torch.optim.Optimizer,
-                 batches: TensorBatches | ImageBatches, generator: torch.Generator, epoch: int, cfg: RunConfig,
-                 interactive: bool, amp: bool, progress: EpochProgress, stop: StopRequest,
-                 ctx: Distributed = SINGLE, mode: Callable[[], Any] | None = None) -> dict | None:
+def _train_epoch(step_loss: StepLoss, optimizer: torch.optim.Optimizer, batches: TensorBatches | ImageBatches,
+                 generator: torch.Generator, epoch: int, cfg: RunConfig, interactive: bool, progress: EpochProgress,
+                 stop: StopRequest, ctx: Distributed = SINGLE, mode: Callable[[], Any] | None = None) -> dict | None:
     """The rest of an epoch from `progress`: its metrics row, or None when `stop` fired before its last step.
 
     Statistics stay on the device until the end of the epoch: nothing in a step reads a value back to the
     host except the progress log every `log_every` steps, so the GPU is never left waiting on Python. Each
     process's loss is its examples' share of the global batch's loss (the normaliser is summed over all
     processes), so DistributedDataParallel's gradient average is the one-process gradient of that batch.
-    `mode` puts the model in training mode (default: `model.train()`).
+    `step_loss` is a `StepLoss`, compiled or not; `mode` puts the model in training mode (default: `train()`).
     """
-    (mode or model.train)()
+    (mode or step_loss.train)()
     t = cfg.train
-    device = next(model.parameters()).device
-    k = len(progress.sums["exit_counts"])
+    device = next(step_loss.parameters()).device
     sums = progress.sums
     began = time.perf_counter() - progress.seconds
     bar = tqdm(total=len(batches), initial=progress.step, desc=f"epoch {epoch + 1}/{t.epochs}",
@@ -348,28 +361,17 @@ def _train_epoch(model: torch.nn.Module, har_loss: HARLoss, optimizer: torch.opt
     for step, (images, labels) in enumerate(batches.epoch(generator, progress.order, progress.step),
                                             progress.step):
         mixing = None if t.mixup == "off" else draw_mixing(t.mixup_alpha, t.seed, epoch, step, len(labels), device)
-        if mixing is not None and t.mixup == "input":
-            images = mixing(images)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            outputs = model(images, mix_features=mixing) if t.mixup == "manifold" else model(images)
-        logits = [out.float() for out in outputs]  # the losses run in float32
-        parts = har_loss.components(logits, labels)
-        per_example, normaliser = parts.per_example, parts.normaliser
-        if mixing is not None:  # lam * L(y) + (1 - lam) * L(y[perm]), HAR's exit choice from y
-            partner = har_loss.components(logits, labels[mixing.perm])
-            per_example = mixing.lam * per_example + (1 - mixing.lam) * partner.per_example
-            normaliser = mixing.lam * normaliser + (1 - mixing.lam) * partner.normaliser
-        loss = per_example.sum() * ctx.world / ctx.all_reduce(normaliser.sum())
+        out = step_loss(images, labels, mixing)
+        loss = out.loss_sum * ctx.world / ctx.all_reduce(out.normaliser)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
-            sums["loss"] += per_example.detach().sum()
-            sums["normaliser"] += normaliser.sum()
-            sums["correct"] += (logits[-1].argmax(1) == labels).sum()
-            counts, exit_sums = exit_statistics(parts, k)
-            sums["exit_counts"] += counts
-            sums["exit_loss"] += exit_sums
+            sums["loss"] += out.loss_sum.detach()
+            sums["normaliser"] += out.normaliser
+            sums["correct"] += out.correct
+            sums["exit_counts"] += out.exit_counts
+            sums["exit_loss"] += out.exit_loss
             sums["first_bad_step"].masked_fill_((sums["first_bad_step"] < 0) & ~loss.isfinite(), step)
         progress.step, progress.seen = step + 1, progress.seen + len(labels)
         bar.update()

@@ -1,0 +1,62 @@
+"""The differentiable part of a training step as one module, so `torch.compile` can take all of it.
+
+Compiling only the network leaves the loss, the HAR exit choice and the step's statistics as dozens of small
+eager kernels, each launched from Python: on a GPU that launch time, not arithmetic, bounds a ResNet-32 step.
+`StepLoss` holds forward, loss and statistics together; `train.compile` compiles it whole (with
+`reduce-overhead`, forward and backward each become one CUDA graph replay).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from har.losses import HARLoss, exit_statistics
+from har.methods.mixup import Mixing
+
+
+class StepOutput(NamedTuple):
+    """One batch's loss parts (the caller divides by the normaliser summed over every process) and statistics."""
+
+    loss_sum: Tensor  # sum of the examples' HAR losses; differentiable
+    normaliser: Tensor  # sum of the examples' normalisers (the loss's mean reduction divides by it)
+    correct: Tensor  # examples the last exit classifies correctly (long)
+    exit_counts: Tensor  # examples leaving at each exit [K] (long)
+    exit_loss: Tensor  # summed (unmixed) HAR loss of the examples leaving at each exit [K]
+
+
+class StepLoss(nn.Module):
+    """Forward, HAR loss (mixed with the partners' labels under Mixup) and statistics of one batch.
+
+    Args:
+        model: The multi-exit network, possibly wrapped (DistributedDataParallel, torch.compile).
+        har_loss: The run's HAR loss; its class weights may change between epochs (DRW).
+        num_exits: Number of exits of ``model``.
+        mixup: ``train.mixup``: ``off``, ``input`` (mix the images) or ``manifold`` (mix the pooled features).
+        amp: bf16 autocast for the network; the losses always run in float32.
+    """
+
+    def __init__(self, model: nn.Module, har_loss: HARLoss, num_exits: int, mixup: str = "off",
+                 amp: bool = False) -> None:
+        super().__init__()
+        self.model, self.har_loss = model, har_loss
+        self.num_exits, self.mixup, self.amp = num_exits, mixup, amp
+
+    def forward(self, images: Tensor, labels: Tensor, mixing: Mixing | None = None) -> StepOutput:
+        if mixing is not None and self.mixup == "input":
+            images = mixing(images)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            outputs = self.model(images, mix_features=mixing) if self.mixup == "manifold" else self.model(images)
+        logits = [out.float() for out in outputs]
+        parts = self.har_loss.components(logits, labels)
+        per_example, normaliser = parts.per_example, parts.normaliser
+        if mixing is not None:  # lam * L(y) + (1 - lam) * L(y[perm]), HAR's exit choice from y
+            partner = self.har_loss.components(logits, labels[mixing.perm])
+            per_example = mixing.lam * per_example + (1 - mixing.lam) * partner.per_example
+            normaliser = mixing.lam * normaliser + (1 - mixing.lam) * partner.normaliser
+        with torch.no_grad():
+            correct = (logits[-1].argmax(1) == labels).sum()
+            counts, exit_sums = exit_statistics(parts, self.num_exits)
+        return StepOutput(per_example.sum(), normaliser.sum(), correct, counts, exit_sums)
