@@ -8,6 +8,10 @@ not grow with the number of steps.
 
     har export-data --config config/runs/cifar10_lt100_har_ldam_drw.yaml --out .carry/cifar10-lt100.npz.xz
     python benchmarks/gpu_check.py --bundle .carry/cifar10-lt100.npz.xz --out OUT
+
+On CUDA the runs use `train.compile: reduce-overhead` (CUDA graphs) unless `--compile` says otherwise. The sync
+check compiles the same kind of step first: if compiling fails there, the runs train eagerly and the output says so,
+rather than both runs dying after the session's device time has been spent on them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -26,8 +31,12 @@ RUNS = [("har-ldam-drw", "config/runs/cifar10_lt100_har_ldam_drw.yaml", 78.1),
         ("ldam-drw", "config/runs/cifar10_lt100_ldam_drw.yaml", 77.0)]
 
 
-def sync_check(bundle: str, steps: tuple[int, int] = (4, 16)) -> dict[int, int]:
-    """Synchronising CUDA calls in one training epoch of `steps` batches each; no growth with steps: none per step."""
+def sync_check(bundle: str, compile_mode: str, steps: tuple[int, int] = (4, 16)) -> dict[int, int]:
+    """Synchronising CUDA calls in one training epoch of `steps` batches each; no growth with steps: none per step.
+
+    The step is built as the runs build it (`train.compile` = `compile_mode`); an untimed epoch first compiles it
+    (and records its CUDA graphs), so the counted epochs see only steady-state steps. Raises what compiling raises.
+    """
     import torch
 
     from har.config import from_dict
@@ -39,7 +48,7 @@ def sync_check(bundle: str, steps: tuple[int, int] = (4, 16)) -> dict[int, int]:
 
     cfg = from_dict({"data": {"bundle": bundle}, "loss": {"name": "ldam", "reweight": "drw", "drw_epoch": 0,
                                                           "train_threshold": 0.2},
-                     "train": {"device": "cuda", "log_every": 10**9}})
+                     "train": {"device": "cuda", "log_every": 10**9, "compile": compile_mode}})
     data = build_data(cfg.data)
     device = torch.device("cuda")
     model = trainer.build_model(cfg, data.num_classes).to(device).to(memory_format=torch.channels_last)
@@ -47,18 +56,23 @@ def sync_check(bundle: str, steps: tuple[int, int] = (4, 16)) -> dict[int, int]:
     har_loss.exit_loss.set_weight(torch.ones(data.num_classes, device=device))
     optimizer = trainer.build_optimizer(cfg, model)
     step_loss = trainer.build_step_loss(model, har_loss, model.num_exits, cfg, amp=True)
-    counts = {}
-    for n in steps:
+
+    def epoch(n: int) -> None:
         images = torch.from_numpy(data.train.images[: n * 128]).to(device)
         labels = torch.from_numpy(data.train.labels[: n * 128]).to(device)
         batches = TensorBatches(images, labels, 128, shuffle=True, augment=BatchAugment(*cfg.data.normalization()),
                                 mean=cfg.data.normalization()[0], std=cfg.data.normalization()[1])
         generator = torch.Generator(device=device).manual_seed(0)
+        progress = trainer.EpochProgress.begin(batches.order(generator), model.num_exits)
+        trainer._train_epoch(step_loss, optimizer, batches, generator, 0, cfg, False, progress, StopRequest())
+
+    epoch(steps[0])  # warm-up: compiling and graph recording synchronise, once
+    counts = {}
+    for n in steps:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
-            progress = trainer.EpochProgress.begin(batches.order(generator), model.num_exits)
-            trainer._train_epoch(step_loss, optimizer, batches, generator, 0, cfg, False, progress, StopRequest())
+            epoch(n)
             torch.cuda.set_sync_debug_mode("default")
         counts[n] = sum("synchroniz" in str(w.message) for w in caught)
     return counts
@@ -79,14 +93,24 @@ def main(args: argparse.Namespace) -> int:
 
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (dry run)"
     print(f"device: {name}  torch {torch.__version__}", flush=True)
+    compile_mode = args.compile or ("reduce-overhead" if args.device == "cuda" else "off")
     if args.device == "cuda" and not args.skip_sync_check:
-        counts = sync_check(args.bundle)
+        began = time.perf_counter()
+        try:
+            counts = sync_check(args.bundle, compile_mode)
+        except Exception:  # noqa: BLE001 - a failed compile must not cost the session its full runs
+            print(f"train.compile={compile_mode} FAILED on this machine; the runs train eagerly instead:\n"
+                  f"{traceback.format_exc()[-3000:]}", flush=True)
+            compile_mode = "off"
+            counts = sync_check(args.bundle, compile_mode)
         few, many = (counts[n] for n in sorted(counts))
         verdict = "none per step" if many <= few else "PER-STEP SYNCS"
-        print(f"synchronising calls per epoch by steps in the epoch: {counts} -> {verdict}", flush=True)
+        print(f"synchronising calls per epoch by steps in the epoch (train.compile={compile_mode}): {counts} -> "
+              f"{verdict} ({time.perf_counter() - began:.0f} s, compiling included)", flush=True)
     if args.sync_check_only:
         return 0
-    extra = [x for pair in (("--set", s) for s in args.set) for x in pair]
+    print(f"runs: train.compile={compile_mode}", flush=True)
+    extra = [x for pair in (("--set", s) for s in [f"train.compile={compile_mode}", *args.set]) for x in pair]
     procs = {name: launch(name, config, args.bundle, out, args.device, extra) for name, config, _ in RUNS}
     rows = []
     for name, config, paper in RUNS:
@@ -123,6 +147,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="config override for both runs, e.g. train.epochs=2 for a dry run (default: none)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu only for a dry run of this script (default: cuda)")
+    parser.add_argument("--compile", choices=["off", "default", "reduce-overhead"],
+                        help="train.compile of the sync check and both runs; if compiling fails in the sync check, the "
+                             "runs train eagerly (default: reduce-overhead on CUDA, off on the CPU)")
     parser.add_argument("--sync-check-only", action="store_true", help="stop after the sync check (default: off)")
     parser.add_argument("--skip-sync-check", action="store_true", help="skip the host-sync check (default: run it)")
     return parser

@@ -189,7 +189,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is not None and len(real) == 1:  # `X | None`: say what was wrong with it as an X
             _coerce(key, value, real[0])
     elif origin is Literal:
-        if value in typing.get_args(tp):
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("on" if value else "off") in choices:  # YAML 1.1 reads a bare off as false
+            return "on" if value else "off"
+        if value in choices:
             return value
         raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(typing.get_args(tp))}")
     elif origin is tuple:

@@ -61,6 +61,16 @@ def test_yaml_file_and_overrides(tmp_path):
         load_config(None, ["train.epochs"])
 
 
+def test_a_bare_off_in_yaml_means_the_choice_off(tmp_path):
+    """YAML 1.1 (PyYAML, Snakemake) reads an unquoted off as false; in a field that offers "off" it means that."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  mixup: off\n")
+    cfg = load_config(path, ["train.compile=off"])
+    assert (cfg.train.mixup, cfg.train.compile) == ("off", "off")
+    with pytest.raises(ConfigError, match="loss.name: False is not allowed"):  # no "off" among its choices
+        load_config(None, ["loss.name=off"])
+
+
 def test_resolved_config_round_trips_and_hash_ignores_runtime_fields():
     import yaml
 
