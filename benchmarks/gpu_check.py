@@ -112,11 +112,17 @@ def main(args: argparse.Namespace) -> int:
     print(f"runs: train.compile={compile_mode}", flush=True)
     extra = [x for pair in (("--set", s) for s in [f"train.compile={compile_mode}", *args.set]) for x in pair]
     procs = {name: launch(name, config, args.bundle, out, args.device, extra) for name, config, _ in RUNS}
+    ended: dict[str, float] = {}
+    while len(ended) < len(procs):  # each run's own end: one finishing first must not wait for the other's
+        for name, (proc, _) in procs.items():
+            if name not in ended and proc.poll() is not None:
+                ended[name] = time.perf_counter()
+        time.sleep(0.5)
     rows = []
-    for name, config, paper in RUNS:
+    for name, _, paper in RUNS:
         proc, began = procs[name]
-        code = proc.wait()
-        seconds = time.perf_counter() - began
+        code = proc.returncode
+        seconds = ended[name] - began
         report_path = out / name / "eval" / "test.json"
         if code != 0 or not report_path.exists():
             print(f"{name}: FAILED (exit {code}); see {out / (name + '.log')}", flush=True)

@@ -18,8 +18,10 @@ import dataclasses
 import functools
 import itertools
 import logging
+import multiprocessing
 import os
 import platform
+import queue as queue_module
 import re
 import resource
 import shlex
@@ -29,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -156,11 +159,11 @@ def reference_stream(data: RunData, cfg: RunConfig, device: torch.device, worker
             yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
-def time_training(variant: Variant, cfg: RunConfig, data: RunData, device: torch.device,
-                  args: argparse.Namespace) -> dict:
-    """Images per second of the trainer's step (forward, HAR loss, backward, SGD step) after a warm-up."""
+def prepare_training(variant: Variant, cfg: RunConfig, data: RunData, device: torch.device,
+                     args: argparse.Namespace) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """A function that runs the trainer's step (forward, HAR loss, backward, SGD step) a given number of times,
+    and one that releases the data stream."""
     mixed = variant.mixed and device.type == "cuda"
-    reset_peak_memory(device)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, data.num_classes).to(device)
     if mixed:
@@ -182,20 +185,95 @@ def time_training(variant: Variant, cfg: RunConfig, data: RunData, device: torch
         progress = EpochProgress.begin(torch.empty(0, dtype=torch.long, device=device), model.num_exits)
         _train_epoch(step_loss, optimizer, Steps(stream, steps), generator, 0, cfg, False, progress, StopRequest())
 
+    return run, stream.close  # close() stops the DataLoader workers before the next row
+
+
+def describe(variant: Variant, cfg: RunConfig, device: torch.device, args: argparse.Namespace) -> dict:
+    mixed = variant.mixed and device.type == "cuda"
+    return {"variant": variant.name, "layout": cfg.model.layout, "loss": cfg.loss.name, "har": cfg.loss.har,
+            "data_path": "uint8 on device" if variant.fast_data else f"PIL + DataLoader ({args.workers} workers)",
+            "precision": ("bf16 autocast, channels-last" if mixed else "fp32")
+            + (", compiled" if variant.compiled else ""), "steps": args.steps, "batch_size": cfg.train.batch_size}
+
+
+def time_training(variant: Variant, cfg: RunConfig, data: RunData, device: torch.device,
+                  args: argparse.Namespace) -> dict:
+    """Images per second of the trainer's step after a warm-up."""
+    reset_peak_memory(device)
+    run, close = prepare_training(variant, cfg, data, device, args)
     run(args.warmup)
     synchronize(device)
     began = time.perf_counter()
     run(args.steps)
     synchronize(device)
     seconds = time.perf_counter() - began
-    stream.close()  # stops the DataLoader workers before the next row
-    images = args.steps * t.batch_size  # drop_last: every batch is full
-    return {"variant": variant.name, "layout": cfg.model.layout, "loss": cfg.loss.name, "har": cfg.loss.har,
-            "data_path": "uint8 on device" if variant.fast_data else f"PIL + DataLoader ({args.workers} workers)",
-            "precision": ("bf16 autocast, channels-last" if mixed else "fp32")
-            + (", compiled" if variant.compiled else ""), "steps": args.steps,
-            "batch_size": t.batch_size, "seconds": seconds, "images_per_s": images / seconds,
+    close()
+    images = args.steps * cfg.train.batch_size  # drop_last: every batch is full
+    return {**describe(variant, cfg, device, args), "seconds": seconds, "images_per_s": images / seconds,
             "peak_memory_mib": peak_memory_mib(device)}
+
+
+def shared_worker(variant: Variant, cfg: RunConfig, args: argparse.Namespace, go: Any, queue: Any) -> None:
+    """One of the processes of a shared row: warm up, say so, wait for the common start, train, report."""
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = resolve_device(args.device)
+        run, close = prepare_training(variant, cfg, build_data(cfg.data), device, args)
+        run(args.warmup)
+        synchronize(device)
+        queue.put(("ready", None))
+        go.wait()
+        run(args.steps)
+        synchronize(device)
+        close()
+        queue.put(("done", peak_memory_mib(device)))
+    except BaseException as error:
+        queue.put(("failed", f"{type(error).__name__}: {error}"))
+        raise
+
+
+def time_shared(variant: Variant, cfg: RunConfig, device: torch.device, args: argparse.Namespace) -> dict:
+    """Images per second of `args.share` processes training at once on one device, each a run of its own (as runs
+    of a grid can share a GPU that one small network cannot fill): all their images over the time from the common
+    start to the last one's end. Each process builds its data and warms up (compiles) before the start."""
+    mp = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    go, queue = mp.Event(), mp.Queue()
+    procs = [mp.Process(target=shared_worker, args=(variant, cfg, args, go, queue)) for _ in range(args.share)]
+    for proc in procs:
+        proc.start()
+
+    def collect(kind: str) -> list[Any]:
+        """One `kind` message from every process; a failed or dead one ends the benchmark with its reason."""
+        values = []
+        while len(values) < len(procs):
+            try:
+                got, value = queue.get(timeout=5)
+            except queue_module.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    raise SystemExit(f"a process of the shared row {variant.name} died "
+                                     f"(exit codes {[p.exitcode for p in procs]})") from None
+                continue
+            if got != kind:
+                raise SystemExit(f"a process of the shared row {variant.name} failed: {value}")
+            values.append(value)
+        return values
+
+    try:
+        collect("ready")
+        began = time.perf_counter()
+        go.set()
+        peaks = collect("done")
+        seconds = time.perf_counter() - began
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    images = args.share * args.steps * cfg.train.batch_size
+    return {**describe(variant, cfg, device, args), "variant": f"{variant.name} x{args.share}",
+            "processes": args.share, "seconds": seconds, "images_per_s": images / seconds,
+            "peak_memory_mib": max(peaks)}
 
 
 def load_model(args: argparse.Namespace, cfg: RunConfig, data: RunData) -> tuple[MultiExitNet, str]:
@@ -290,6 +368,10 @@ def machine() -> dict:
             "load_average": os.getloadavg(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def speed_of(result: dict, variant: str) -> float:
+    return next(r["images_per_s"] for r in result["training"] if r["variant"] == variant)
+
+
 def markdown(result: dict) -> str:
     """The results as the tables printed and written beside the JSON."""
     m, inf = result["machine"], result["inference"]
@@ -310,6 +392,12 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['variant']} | {r['layout']} | {loss} | {r['data_path']} | {r['precision']} | "
                      f"{r['images_per_s']:.1f} | {r['peak_memory_mib']:.0f} |")
     lines += ["", f"Speed-up of har-fast over har-reference: {result['speedup_fast_over_reference']:.2f}x"]
+    for r in result["training"]:
+        if "processes" in r:
+            lines += ["", f"{r['variant']}: {r['processes']} processes, each a run of its own, trained at once on the "
+                          f"device; images/s is all their images over the time from their common start to the last "
+                          f"one's end ({r['images_per_s'] / speed_of(result, 'har-reference'):.2f}x har-reference). "
+                          "Peak memory: the largest process's."]
     if result["device"] != "cuda":
         lines += ["", "Peak RSS is process-wide and never decreases: a row shows the maximum so far, not its own."]
     lines += ["", f"## Dynamic inference: {inf['images']} test images, batch {inf['batch_size']}, fp32, "
@@ -348,6 +436,10 @@ def main(args: argparse.Namespace) -> None:
             continue
         log.info("training: %s", variant.name)
         training.append(time_training(variant, configs[variant.name], data, device, args))
+    if args.share > 1:
+        shared = next(v for v in VARIANTS if v.name == ("har-fast-compiled" if args.compile else "har-fast"))
+        log.info("training: %s in %d processes at once", shared.name, args.share)
+        training.append(time_shared(shared, configs[shared.name], device, args))
     speed = {r["variant"]: r["images_per_s"] for r in training}
     log.info("dynamic inference")
     cfg = configs["har-fast"]
@@ -390,6 +482,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="add a torch.compile row; the warm-up steps then include the compile (default: off)")
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"],
                         help="torch.compile mode of that row, e.g. reduce-overhead for CUDA graphs (default: default)")
+    parser.add_argument("--share", type=int, default=1,
+                        help="also time this many processes training at once on the device, each a run of its own "
+                             "(har-fast, or har-fast-compiled with --compile); 1: no such row (default: 1)")
     parser.add_argument("--steps", type=int, default=30, help="timed training steps per variant (default: 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them (default: 5)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),

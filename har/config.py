@@ -353,13 +353,24 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+# Part of every config hash. Bump it when a default changes what runs compute: the hash leaves out fields at their
+# defaults, so that a new field (whose default keeps the old behaviour) leaves existing run folders resumable.
+HASH_VERSION = 1
+
+
 def config_hash(cfg: RunConfig) -> str:
-    """sha256 of the fields that decide what a run computes (not where it runs, nor how it is evaluated)."""
-    values = to_dict(cfg)
-    values.pop("eval")
-    for section, key in RUNTIME_FIELDS:
-        values[section].pop(key, None)
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+    """sha256 of what decides what a run computes: the fields that differ from their defaults, without those
+    that only say where or how fast it runs (`RUNTIME_FIELDS`) or how it is evaluated (`eval`)."""
+    values, defaults = to_dict(cfg), to_dict(RunConfig())
+    decisive: dict[str, Any] = {"hash_version": HASH_VERSION}
+    for section, fields in values.items():
+        if section == "eval":
+            continue
+        changed = {key: value for key, value in fields.items()
+                   if (section, key) not in RUNTIME_FIELDS and value != defaults[section][key]}
+        if changed:
+            decisive[section] = changed
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

@@ -26,12 +26,14 @@ def test_tiny_benchmark_writes_every_row(tmp_path, monkeypatch):
     if root is None:
         pytest.skip("no shared CIFAR-10 copy (set HAR_DATA)")
     monkeypatch.setenv("HAR_DATA", str(root))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # the shared row's spawned processes import the module
     benchmark = load_benchmark(monkeypatch)
     out = tmp_path / "bench"
-    benchmark.main(benchmark.get_args_parser().parse_args([*TINY, "--out", str(out)]))
+    benchmark.main(benchmark.get_args_parser().parse_args([*TINY, "--share", "2", "--out", str(out)]))
     result = json.loads((tmp_path / "bench.json").read_text())
-    assert [r["variant"] for r in result["training"]] == ["har-fast", "har-reference", "ce-bare-fast"]
+    assert [r["variant"] for r in result["training"]] == ["har-fast", "har-reference", "ce-bare-fast", "har-fast x2"]
     assert all(r["images_per_s"] > 0 and r["peak_memory_mib"] > 0 for r in result["training"])
+    assert result["training"][-1]["processes"] == 2
     assert result["speedup_fast_over_reference"] > 0
     rows = result["inference"]["rows"]
     assert rows[-1]["exit_threshold"] == 1.01 and rows[-1]["exit_fractions"][-1] == 1.0

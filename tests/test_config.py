@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from har import config
 from har.config import ConfigError, config_diff, config_hash, dump_config, from_dict, load_config, to_dict
 from har.engine.schedule import lr_factor
 
@@ -69,6 +70,25 @@ def test_a_bare_off_in_yaml_means_the_choice_off(tmp_path):
     assert (cfg.train.mixup, cfg.train.compile) == ("off", "off")
     with pytest.raises(ConfigError, match="loss.name: False is not allowed"):  # no "off" among its choices
         load_config(None, ["loss.name=off"])
+
+
+def test_a_field_added_at_its_default_leaves_the_hash_unchanged(monkeypatch):
+    """Run folders of an older version stay resumable when a new field keeps the old behaviour by default."""
+    cfg = from_dict({"loss": {"name": "ldam"}, "train": {"epochs": 3}})
+    before = config_hash(cfg)
+    real = config.to_dict
+
+    def with_new_field(value):  # as if TrainConfig had gained `new_knob: int = 1`
+        def to_dict(c):
+            values = real(c)
+            values["train"]["new_knob"] = value if c is cfg else 1
+            return values
+        return to_dict
+
+    monkeypatch.setattr(config, "to_dict", with_new_field(1))
+    assert config_hash(cfg) == before
+    monkeypatch.setattr(config, "to_dict", with_new_field(2))
+    assert config_hash(cfg) != before
 
 
 def test_resolved_config_round_trips_and_hash_ignores_runtime_fields():

@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 
 from har.engine import trainer
 from har.engine.step import StepLoss
+from har.losses import build_exit_loss
 from har.methods.mixup import draw_mixing
 
 
@@ -57,4 +58,16 @@ def test_train_compiles_the_whole_step_in_one_process(tmp_path, tiny_data, monke
     history = trainer.train(tiny_config(train={"compile": "reduce-overhead", "epochs": 1, "lr_milestones": []}),
                             tmp_path / "run", data=tiny_data)
     assert calls == [(StepLoss, "reduce-overhead")]
-    assert len(history) == 1
+    assert len(history) == 1 and not history[0]["reweighted"]
+
+
+@pytest.mark.parametrize("name", ["ce", "focal", "ldam"])
+def test_unit_class_weights_give_the_values_of_no_weights(name):
+    """Why a compiled run trains with unit weights before DRW: the same values, and one graph for the whole run."""
+    torch.manual_seed(0)
+    logits, target = 3 * torch.randn(64, 10), torch.randint(0, 10, (64,))
+    loss = build_exit_loss(name, [100 - 9 * i for i in range(10)])
+    plain = loss.per_example(logits, target), loss.normaliser(target)
+    loss.set_weight(torch.ones(10))
+    assert torch.equal(loss.per_example(logits, target), plain[0])
+    assert torch.equal(loss.normaliser(target), plain[1])
