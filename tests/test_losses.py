@@ -175,6 +175,17 @@ def test_set_weight_switches_and_follows_module_device():
         moved.set_weight(torch.ones(4))
 
 
+def test_new_weights_are_written_into_the_same_tensor_never_into_the_callers():
+    """A CUDA-graphed step reads the weight buffer at a fixed address; the schedule's tensors stay untouched."""
+    loss = CrossEntropyLoss()
+    first, second = torch.ones(len(WEIGHT)), t(WEIGHT)
+    loss.set_weight(first)
+    buffer = loss.weight
+    loss.set_weight(second)
+    assert loss.weight is buffer and torch.equal(buffer, second.float())
+    assert torch.equal(first, torch.ones(len(WEIGHT)))  # the first caller's tensor was copied, not adopted
+
+
 def test_build_exit_loss():
     assert isinstance(build_exit_loss("ce", COUNTS), CrossEntropyLoss)
     focal = build_exit_loss("focal", COUNTS, focal_gamma=2.0)

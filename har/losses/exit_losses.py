@@ -39,12 +39,20 @@ class ExitLoss(nn.Module):
         self.set_weight(weight)
 
     def set_weight(self, weight: Tensor | None) -> None:
-        """Replace the class weights (e.g. when DRW switches on), placing them on the module's device."""
-        if weight is not None:
-            if weight.ndim != 1:
-                raise ValueError(f"weight must be 1-D [num_classes], got shape {tuple(weight.shape)}")
-            weight = weight.detach().to(device=self._anchor.device, dtype=torch.float32)
-        self.weight = weight
+        """Replace the class weights (e.g. when DRW switches on), placing them on the module's device.
+
+        New weights of the same shape are copied into the current tensor rather than replacing it: a compiled step
+        replayed as a CUDA graph reads buffers at fixed addresses and would otherwise be recorded again.
+        """
+        if weight is None:
+            self.weight = None
+            return
+        if weight.ndim != 1:
+            raise ValueError(f"weight must be 1-D [num_classes], got shape {tuple(weight.shape)}")
+        if self.weight is not None and self.weight.shape == weight.shape:
+            self.weight.copy_(weight.detach())
+        else:  # a copy of its own, never the caller's tensor, since later weights are written into it
+            self.weight = weight.detach().to(device=self._anchor.device, dtype=torch.float32, copy=True)
 
     def per_example(self, logits: Tensor, target: Tensor) -> Tensor:
         """Per-example loss [N], with the class weight already applied."""
