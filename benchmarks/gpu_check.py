@@ -34,26 +34,26 @@ RUNS = [("har-ldam-drw", "config/runs/cifar10_lt100_har_ldam_drw.yaml", 78.1),
 def sync_check(bundle: str, compile_mode: str, steps: tuple[int, int] = (4, 16)) -> dict[int, int]:
     """Synchronising CUDA calls in one training epoch of `steps` batches each; no growth with steps: none per step.
 
-    The step is built as the runs build it (`train.compile` = `compile_mode`); an untimed epoch first compiles it
-    (and records its CUDA graphs), so the counted epochs see only steady-state steps. Raises what compiling raises.
+    The step is the HAR run's, built as the trainer builds it (`train.compile` = `compile_mode`); an untimed epoch
+    first compiles it (and records its CUDA graphs), so the counted epochs see only steady-state steps; inductor's
+    on-disk cache may then spare the HAR run its own compile. Raises what compiling raises.
     """
     import torch
 
-    from har.config import from_dict
+    from har.config import load_config
     from har.data.augment import BatchAugment
     from har.data.build import build_data
     from har.data.loader import TensorBatches
     from har.engine import trainer
     from har.engine.signals import StopRequest
 
-    cfg = from_dict({"data": {"bundle": bundle}, "loss": {"name": "ldam", "reweight": "drw", "drw_epoch": 0,
-                                                          "train_threshold": 0.2},
-                     "train": {"device": "cuda", "log_every": 10**9, "compile": compile_mode}})
+    cfg = load_config(REPO / RUNS[0][1], [f"data.bundle={bundle}", "train.device=cuda", f"train.log_every={10**9}",
+                                          f"train.compile={compile_mode}"])  # the HAR run's own step
     data = build_data(cfg.data)
     device = torch.device("cuda")
     model = trainer.build_model(cfg, data.num_classes).to(device).to(memory_format=torch.channels_last)
     har_loss = trainer.build_loss(cfg, data.class_counts).to(device)
-    har_loss.exit_loss.set_weight(torch.ones(data.num_classes, device=device))
+    har_loss.exit_loss.set_weight(torch.ones(data.num_classes, device=device))  # as the trainer's before DRW
     optimizer = trainer.build_optimizer(cfg, model)
     step_loss = trainer.build_step_loss(model, har_loss, model.num_exits, cfg, amp=True)
 
