@@ -189,6 +189,7 @@ def prepare_training(variant: Variant, cfg: RunConfig, data: RunData, device: to
 
 
 def describe(variant: Variant, cfg: RunConfig, device: torch.device, args: argparse.Namespace) -> dict:
+    """What a training row ran: model, loss, data path and precision."""
     mixed = variant.mixed and device.type == "cuda"
     return {"variant": variant.name, "layout": cfg.model.layout, "loss": cfg.loss.name, "har": cfg.loss.har,
             "data_path": "uint8 on device" if variant.fast_data else f"PIL + DataLoader ({args.workers} workers)",
@@ -265,6 +266,10 @@ def time_shared(variant: Variant, cfg: RunConfig, device: torch.device, args: ar
         go.set()
         peaks = collect("done")
         seconds = time.perf_counter() - began
+    except BaseException:  # the others may be waiting for a start that will not come
+        for proc in procs:
+            proc.kill()
+        raise
     finally:
         for proc in procs:
             proc.join(timeout=60)

@@ -5,7 +5,10 @@ import json
 import sys
 
 import pytest
+import torch
 from conftest import REPO, shared_cifar_root
+
+from har.config import from_dict
 
 TINY = ["--steps", "1", "--warmup", "1", "--batch-size", "16", "--workers", "1", "--train-fraction", "0.02",
         "--eval-images", "16", "--eval-batch", "8", "--repeats", "1", "--target-savings", "0.25", "--device", "cpu",
@@ -40,3 +43,15 @@ def test_tiny_benchmark_writes_every_row(tmp_path, monkeypatch):
     assert all(r["seconds_per_image"] > 0 and sum(r["exit_fractions"]) == pytest.approx(1.0) for r in rows)
     assert result["inference"]["static_seconds_per_image"] > 0
     assert (tmp_path / "bench.md").read_text().startswith("# har throughput benchmark")
+
+
+def test_a_failing_process_of_a_shared_row_ends_the_benchmark_with_its_reason(monkeypatch):
+    """No hang: the parent reports the child's error and stops the others (here CUDA, absent on this machine)."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA, where asking for it fails")
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    benchmark = load_benchmark(monkeypatch)
+    args = benchmark.get_args_parser().parse_args([*TINY, "--share", "2", "--device", "cuda"])
+    variant = benchmark.VARIANTS[0]
+    with pytest.raises(SystemExit, match="failed: RunError: train.device is 'cuda' but CUDA is not available"):
+        benchmark.time_shared(variant, from_dict({}), torch.device("cpu"), args)
