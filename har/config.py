@@ -373,6 +373,19 @@ def config_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
 
 
+def stored_config_hash(values: dict[str, Any]) -> str | None:
+    """The hash, by this version's rules, of a config stored as plain values (a run folder's config.yaml, a
+    checkpoint's config); None when the values are no longer a valid config.
+
+    Comparing this, not a stored sha256, keeps folders written by an older `har` usable when the hashing rules
+    change or fields are added (at defaults that keep the old behaviour).
+    """
+    try:
+        return config_hash(from_dict(values))
+    except ConfigError:
+        return None
+
+
 def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
     """Human-readable differences between two nested config dicts, as `key: a -> b` lines."""
     lines = []

@@ -115,8 +115,9 @@ def _break_incomplete(run):
     path.write_text(json.dumps(report))
 
 
-def _break_hash(run):
-    (run / "config.sha256").write_text("0" * 64 + "\n")
+def _break_hash(run):  # the folder was trained again with another config after this evaluation
+    path = run / "config.yaml"
+    path.write_text(path.read_text().replace("epochs: ", "epochs: 1", 1))
 
 
 @pytest.mark.parametrize("damage, message", [(_break_missing, "has no eval/test.json"),

@@ -84,6 +84,29 @@ def test_a_folder_of_another_config_is_refused_with_the_difference(tmp_path, tin
         train(tiny_config(train={"epochs": 1}, loss={"name": "focal"}), tmp_path / "run", data=tiny_data)
 
 
+def test_a_folder_of_an_older_har_resumes_and_evaluates(tmp_path, tiny_data, monkeypatch):
+    """Stored hashes of another hashing rule, and stored configs without a field added since (at its default):
+    the folder is still the same run, because hashes are recomputed from the stored configs."""
+    import yaml
+
+    cfg = tiny_config()
+    interrupt_in_epoch(1, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", data=tiny_data)
+    run = tmp_path / "run"
+    old_config = yaml.safe_load((run / "config.yaml").read_text())
+    del old_config["train"]["mixup"]  # as if written before train.mixup existed
+    (run / "config.yaml").write_text(yaml.safe_dump(old_config))
+    (run / "config.sha256").write_text("0" * 64 + "\n")
+    ckpt = torch.load(run / "last.pt", weights_only=False)
+    ckpt.update(config_sha256="0" * 64, config=old_config)
+    torch.save(ckpt, run / "last.pt")
+    monkeypatch.undo()  # no more interruptions
+    history = train(cfg, run, data=tiny_data)
+    assert [r["epoch"] for r in history] == [0, 1, 2]  # resumed after epoch 0
+    evaluate_run(run, device="cpu", data=tiny_data)
+
+
 def test_corrupt_checkpoint_is_reported(tmp_path, tiny_data):
     train(tiny_config(train={"epochs": 1}), tmp_path / "run", data=tiny_data)
     ckpt = tmp_path / "run" / "last.pt"

@@ -28,11 +28,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from har.atomic import atomic_write_text
-from har.config import RunConfig, config_diff, config_hash, dump_config, to_dict
+from har.config import RunConfig, config_diff, config_hash, dump_config, stored_config_hash, to_dict
 from har.data.batches import eval_batches, train_batches
 from har.data.build import RunData, build_data
 from har.data.loader import ImageBatches, TensorBatches
-from har.engine.checkpoint import RunError, atomic_save, resume_checkpoint
+from har.engine.checkpoint import RunError, atomic_save, checkpoint_config_hash, resume_checkpoint
 from har.engine.distributed import Distributed, from_environment, process_group
 from har.engine.schedule import lr_factor
 from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
@@ -107,14 +107,14 @@ def prepare_run_dir(cfg: RunConfig, out: Path) -> None:
             log.info("removing %s, left by a job killed while writing %s", stale, name)
             stale.unlink(missing_ok=True)
     digest = config_hash(cfg)
-    hash_path = out / "config.sha256"
-    if hash_path.exists() and hash_path.read_text().strip() != digest:
-        old = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").exists() else {}
-        diff = "\n  ".join(config_diff(old, to_dict(cfg))) or "(config.yaml missing)"
+    cfg_path = out / "config.yaml"
+    old = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else None
+    if old is not None and stored_config_hash(old) != digest:
+        diff = "\n  ".join(config_diff(old, to_dict(cfg))) or "(none in the values; the folder's config is invalid now)"
         raise RunError(f"{out} holds a run of another config; choose another --out or delete the folder. "
                        f"Differences (folder -> asked):\n  {diff}")
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
-    atomic_write_text(hash_path, digest + "\n")
+    atomic_write_text(cfg_path, dump_config(cfg))
+    atomic_write_text(out / "config.sha256", digest + "\n")
 
 
 def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -237,7 +237,7 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
     ckpt_path, prev_path = out / CHECKPOINT, out / PREVIOUS
     ckpt = resume_checkpoint(ckpt_path, prev_path, map_location=device)
     if ckpt is not None:
-        if ckpt.get("config_sha256") != config_hash(cfg):
+        if checkpoint_config_hash(ckpt) != config_hash(cfg):
             raise RunError(f"{ckpt_path} was written by another config; delete it or choose another --out")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -52,8 +52,8 @@ def attach(cfg: RunConfig, model: MultiExitNet) -> MultiExitNet:
     return model
 
 
-def load_stage_one(cfg: RunConfig, model: MultiExitNet, device: torch.device) -> str:
-    """Load the stage-one weights of ``cfg.decouple.stage_one`` into ``model``; return its config hash.
+def load_stage_one(cfg: RunConfig, model: MultiExitNet, device: torch.device) -> None:
+    """Load the stage-one weights of ``cfg.decouple.stage_one`` into ``model``.
 
     Raises:
         RunError: the folder is not a finished run, or its model or training data differ from this config's.
@@ -84,7 +84,6 @@ def load_stage_one(cfg: RunConfig, model: MultiExitNet, device: torch.device) ->
     model.load_state_dict(ckpt["model"])
     if wrapper is not None:
         model.backbone.classifier = wrapper
-    return ckpt["config_sha256"]
 
 
 def trainable_parameters(cfg: RunConfig, model: MultiExitNet) -> list[nn.Parameter]:

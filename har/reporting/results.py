@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from har.config import stored_config_hash
 from har.engine.trainer import METRICS
 
 # The numeric columns `load_results` adds to each record (fractions in [0, 1], MACs and s as they are).
@@ -68,9 +69,8 @@ def _has(report: dict, dotted: str) -> bool:
 def read_eval(run_dir: Path, split: str) -> dict:
     """`eval/<split>.json` of a run, refused unless complete and computed for the run folder's config."""
     path = run_dir / "eval" / f"{split}.json"
-    hash_path = run_dir / "config.sha256"
-    if not hash_path.is_file():
-        raise ResultError(f"{run_dir} has no config.sha256: not a trained run folder; train it with har train")
+    if not (run_dir / "config.yaml").is_file():
+        raise ResultError(f"{run_dir} has no config.yaml: not a trained run folder; train it with har train")
     if not path.is_file():
         raise ResultError(f"{run_dir} has no eval/{split}.json; evaluate it with har evaluate")
     try:
@@ -82,10 +82,10 @@ def read_eval(run_dir: Path, split: str) -> dict:
     missing = [key for key in _REQUIRED[split] if not _has(report, key)]
     if missing:
         raise ResultError(f"{path} is incomplete (missing {', '.join(missing)}); evaluate {run_dir} again")
-    expected = hash_path.read_text().strip()
+    expected = stored_config_hash(read_run_config(run_dir)) or "(invalid)"
     if report["config_sha256"] != expected:
         raise ResultError(f"{path} was computed for another config (config_sha256 {report['config_sha256'][:12]}, "
-                          f"the folder's config.sha256 {expected[:12]}); evaluate {run_dir} again")
+                          f"the folder's config.yaml {expected[:12]}); evaluate {run_dir} again")
     return report
 
 
