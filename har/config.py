@@ -380,6 +380,8 @@ def stored_config_hash(values: dict[str, Any]) -> str | None:
     Comparing this, not a stored sha256, keeps folders written by an older `har` usable when the hashing rules
     change or fields are added (at defaults that keep the old behaviour).
     """
+    if not isinstance(values, dict):
+        return None
     try:
         return config_hash(from_dict(values))
     except ConfigError:

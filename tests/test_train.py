@@ -107,6 +107,16 @@ def test_a_folder_of_an_older_har_resumes_and_evaluates(tmp_path, tiny_data, mon
     evaluate_run(run, device="cpu", data=tiny_data)
 
 
+def test_an_unreadable_folder_config_is_reported(tmp_path, tiny_data):
+    train(tiny_config(train={"epochs": 1}), tmp_path / "run", data=tiny_data)
+    (tmp_path / "run" / "config.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(RunError, match="config.yaml is unreadable"):
+        train(tiny_config(train={"epochs": 1}), tmp_path / "run", data=tiny_data)
+    (tmp_path / "run" / "config.yaml").write_text("just a string\n")
+    with pytest.raises(RunError, match="not a valid config for this version"):
+        train(tiny_config(train={"epochs": 1}), tmp_path / "run", data=tiny_data)
+
+
 def test_corrupt_checkpoint_is_reported(tmp_path, tiny_data):
     train(tiny_config(train={"epochs": 1}), tmp_path / "run", data=tiny_data)
     ckpt = tmp_path / "run" / "last.pt"

@@ -108,9 +108,13 @@ def prepare_run_dir(cfg: RunConfig, out: Path) -> None:
             stale.unlink(missing_ok=True)
     digest = config_hash(cfg)
     cfg_path = out / "config.yaml"
-    old = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else None
+    try:
+        old = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise RunError(f"{cfg_path} is unreadable ({exc}); delete {out} or choose another --out") from exc
     if old is not None and stored_config_hash(old) != digest:
-        diff = "\n  ".join(config_diff(old, to_dict(cfg))) or "(none in the values; the folder's config is invalid now)"
+        diff = "\n  ".join(config_diff(old, to_dict(cfg))) if isinstance(old, dict) else ""
+        diff = diff or "(none in the values: the folder's config.yaml is not a valid config for this version)"
         raise RunError(f"{out} holds a run of another config; choose another --out or delete the folder. "
                        f"Differences (folder -> asked):\n  {diff}")
     atomic_write_text(cfg_path, dump_config(cfg))
