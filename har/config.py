@@ -373,7 +373,7 @@ def config_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
 
 
-def stored_config_hash(values: dict[str, Any]) -> str | None:
+def stored_config_hash(values: Any) -> str | None:
     """The hash, by this version's rules, of a config stored as plain values (a run folder's config.yaml, a
     checkpoint's config); None when the values are no longer a valid config.
 

@@ -15,18 +15,12 @@ from typing import Any
 import torch
 
 from har.atomic import atomic_write
-from har.config import stored_config_hash
 
 log = logging.getLogger(__name__)
 
 
 class RunError(RuntimeError):
     """A run folder cannot be used as asked (another config, incomplete training, unreadable checkpoint)."""
-
-
-def checkpoint_config_hash(ckpt: dict[str, Any]) -> str | None:
-    """The config hash of a checkpoint, recomputed from the config it holds (`har.config.stored_config_hash`)."""
-    return stored_config_hash(ckpt["config"]) if "config" in ckpt else ckpt.get("config_sha256")
 
 
 def atomic_save(obj: Any, path: Path, keep_previous: Path | None = None) -> None:

@@ -32,7 +32,7 @@ from har.config import RunConfig, config_diff, config_hash, dump_config, stored_
 from har.data.batches import eval_batches, train_batches
 from har.data.build import RunData, build_data
 from har.data.loader import ImageBatches, TensorBatches
-from har.engine.checkpoint import RunError, atomic_save, checkpoint_config_hash, resume_checkpoint
+from har.engine.checkpoint import RunError, atomic_save, resume_checkpoint
 from har.engine.distributed import Distributed, from_environment, process_group
 from har.engine.schedule import lr_factor
 from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
@@ -241,7 +241,7 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
     ckpt_path, prev_path = out / CHECKPOINT, out / PREVIOUS
     ckpt = resume_checkpoint(ckpt_path, prev_path, map_location=device)
     if ckpt is not None:
-        if checkpoint_config_hash(ckpt) != config_hash(cfg):
+        if stored_config_hash(ckpt.get("config")) != config_hash(cfg):
             raise RunError(f"{ckpt_path} was written by another config; delete it or choose another --out")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

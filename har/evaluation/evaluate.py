@@ -15,10 +15,10 @@ import torch
 import yaml
 
 from har.atomic import atomic_write, atomic_write_json
-from har.config import RunConfig, config_hash, from_dict
+from har.config import RunConfig, config_hash, from_dict, stored_config_hash
 from har.data.batches import eval_batches
 from har.data.build import ListSplit, RunData, Split, build_data
-from har.engine.checkpoint import RunError, checkpoint_config_hash, load_checkpoint
+from har.engine.checkpoint import RunError, load_checkpoint
 from har.engine.trainer import CHECKPOINT, build_model, resolve_device
 from har.evaluation.dynamic import choose_exit_threshold, default_exit_thresholds, dynamic_result, softmax
 from har.evaluation.flops import flops_table
@@ -42,7 +42,7 @@ def load_run(run_dir: Path, device: torch.device) -> tuple[RunConfig, dict]:
     if not ckpt_path.exists():
         raise RunError(f"{run_dir} has no {CHECKPOINT}: training has not finished an epoch; run har train")
     ckpt = load_checkpoint(ckpt_path, map_location=device)
-    if checkpoint_config_hash(ckpt) != config_hash(cfg):
+    if stored_config_hash(ckpt.get("config")) != config_hash(cfg):
         raise RunError(f"{ckpt_path} does not belong to {cfg_path} (config hash differs); train the run again")
     if ckpt["epoch"] + 1 != cfg.train.epochs:
         raise RunError(f"{run_dir} is incomplete: {ckpt['epoch'] + 1} of {cfg.train.epochs} epochs trained; "
