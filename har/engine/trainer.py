@@ -269,10 +269,9 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
     with stop_requests() as stop:
         for epoch in range(start, t.epochs):
             weights = reweight.weights(epoch)
-            if weights is None and t.compile != "off":  # unit weights give the same values, and DRW no recompile
-                har_loss.exit_loss.set_weight(torch.ones(data.num_classes, device=device))
-            else:
-                har_loss.exit_loss.set_weight(None if weights is None else weights.to(device))
+            # compiled: unit weights before DRW give the same values, and DRW then needs no recompile
+            unit = weights is None and t.compile != "off"
+            har_loss.exit_loss.set_weight(torch.ones(data.num_classes) if unit else weights)
             generator = _epoch_generator(t.seed, epoch, batches.generator_device)
             if partial is not None:
                 progress = EpochProgress.resume(partial, generator)
