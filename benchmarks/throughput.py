@@ -78,6 +78,10 @@ class Variant:
     cuda_only: bool = False
     compiled: bool = False  # torch.compile (train.compile); only with --compile: compiling takes minutes
 
+    def mixed_on(self, device: torch.device) -> bool:
+        """Whether this row runs mixed on `device`: never on the CPU."""
+        return self.mixed and device.type == "cuda"
+
 
 HAR_CE = ("loss.name=ce", "loss.har=true", "loss.train_threshold=0.9", "model.layout=CEBEBEBE")
 VARIANTS = (
@@ -163,7 +167,7 @@ def prepare_training(variant: Variant, cfg: RunConfig, data: RunData, device: to
                      args: argparse.Namespace) -> tuple[Callable[[int], None], Callable[[], None]]:
     """A function that runs the trainer's step (forward, HAR loss, backward, SGD step) a given number of times,
     and one that releases the data stream."""
-    mixed = variant.mixed and device.type == "cuda"
+    mixed = variant.mixed_on(device)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, data.num_classes).to(device)
     if mixed:
@@ -190,7 +194,7 @@ def prepare_training(variant: Variant, cfg: RunConfig, data: RunData, device: to
 
 def describe(variant: Variant, cfg: RunConfig, device: torch.device, args: argparse.Namespace) -> dict:
     """What a training row ran: model, loss, data path and precision."""
-    mixed = variant.mixed and device.type == "cuda"
+    mixed = variant.mixed_on(device)
     return {"variant": variant.name, "layout": cfg.model.layout, "loss": cfg.loss.name, "har": cfg.loss.har,
             "data_path": "uint8 on device" if variant.fast_data else f"PIL + DataLoader ({args.workers} workers)",
             "precision": ("bf16 autocast, channels-last" if mixed else "fp32")
