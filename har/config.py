@@ -103,7 +103,7 @@ class TrainConfig:
     schedule: Literal["step", "cosine"] = "step"  # step: x lr_decay at each milestone; cosine: to 0 over the epochs
     lr_milestones: tuple[int, ...] = (160, 180)  # epochs at which the lr is multiplied by lr_decay
     lr_decay: float = 0.01
-    mixup: Literal["off", "input", "manifold"] = "off"  # Mixup on the images, or Manifold Mixup on pooled features
+    mixup: Literal["off", "input", "manifold"] = "off"  # Mixup on the images, or Manifold Mixup at a random layer
     mixup_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha)
     seed: int = 0  # model initialisation, data order and augmentation
     device: str = "auto"  # auto: CUDA when present, else CPU
@@ -355,7 +355,7 @@ def dump_config(cfg: RunConfig) -> str:
 
 # Part of every config hash. Bump it when a default changes what runs compute: the hash leaves out fields at their
 # defaults, so that a new field (whose default keeps the old behaviour) leaves existing run folders resumable.
-HASH_VERSION = 1
+HASH_VERSION = 2  # 2: decoupled stage two and Manifold Mixup as their sources run them
 
 
 def config_hash(cfg: RunConfig) -> str:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from har.config import ConfigError
 from har.losses import HARLoss, exit_statistics
 from har.methods.mixup import Mixing
 
@@ -34,13 +35,21 @@ class StepLoss(nn.Module):
         model: The multi-exit network, possibly wrapped (DistributedDataParallel, torch.compile).
         har_loss: The run's HAR loss; its class weights may change between epochs (DRW).
         num_exits: Number of exits of ``model``.
-        mixup: ``train.mixup``: ``off``, ``input`` (mix the images) or ``manifold`` (mix the pooled features).
+        mixup: ``train.mixup``: ``off``, ``input`` (mix the images) or ``manifold`` (mix at the step's layer).
         amp: bf16 autocast for the network; the losses always run in float32.
+
+    Raises:
+        ConfigError: Manifold Mixup on a model with intermediate exits (an exit before the mixing layer would be
+            trained on mixed targets of unmixed features).
     """
 
     def __init__(self, model: nn.Module, har_loss: HARLoss, num_exits: int, mixup: str = "off",
                  amp: bool = False) -> None:
         super().__init__()
+        if mixup == "manifold" and num_exits > 1:
+            raise ConfigError(f"train.mixup: manifold mixes at a random layer, so the model's {num_exits - 1} "
+                              f"intermediate exits would learn mixed targets of unmixed features; train the bare "
+                              f"backbone (model.layout without 'E' before the last, e.g. CBBBE) or use mixup: input")
         self.model, self.har_loss = model, har_loss
         self.num_exits, self.mixup, self.amp = num_exits, mixup, amp
 
@@ -48,7 +57,8 @@ class StepLoss(nn.Module):
         if mixing is not None and self.mixup == "input":
             images = mixing(images)
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            outputs = self.model(images, mix_features=mixing) if self.mixup == "manifold" else self.model(images)
+            manifold = mixing is not None and self.mixup == "manifold"
+            outputs = self.model(images, mix=mixing, mix_at=mixing.layer) if manifold else self.model(images)
         logits = [out.float() for out in outputs]
         parts = self.har_loss.components(logits, labels)
         per_example, normaliser = parts.per_example, parts.normaliser

@@ -309,7 +309,10 @@ def _tau_norm(cfg: RunConfig, out: Path, model: MultiExitNet, data: RunData, dev
               ctx: Distributed) -> list[dict]:
     """tau-norm trains nothing: choose tau on the validation split, scale the classifier, save the model.
 
-    Its checkpoint counts as a finished run of `train.epochs` epochs (the number is not used otherwise).
+    Kang et al. sweep tau on the test features; choosing on val keeps the test images unseen. A val split without
+    some class (CIFAR-LT's head class has no left-out image) biases the choice towards the other classes: the row
+    names those classes (`val_classes_missing`) and the run warns. Its checkpoint counts as a finished run of
+    `train.epochs` epochs (the number is not used otherwise).
     """
     model.eval()
     with torch.no_grad():
@@ -318,8 +321,13 @@ def _tau_norm(cfg: RunConfig, out: Path, model: MultiExitNet, data: RunData, dev
     labels = torch.from_numpy(data.val.labels).to(device)
     choice = decoupled.choose_tau(features, labels, model.backbone.classifier, cfg.decouple.taus)
     decoupled.tau_normalize(model.backbone.classifier, choice["tau"])
-    row = {"epoch": cfg.train.epochs - 1, **choice, "chosen_on": "val", "stage_one": cfg.decouple.stage_one}
+    missing = sorted(set(range(data.num_classes)) - set(data.val.labels.tolist()))
+    row = {"epoch": cfg.train.epochs - 1, **choice, "chosen_on": "val", "val_classes_missing": missing,
+           "stage_one": cfg.decouple.stage_one}
     log.info("tau-norm: tau %g chosen on val (top-1 by tau: %s)", choice["tau"], choice["val_top1_by_tau"])
+    if missing:
+        log.warning("tau-norm: the validation split has no image of classes %s; tau was chosen without them",
+                    missing)
     if ctx.is_main:
         atomic_write_text(out / METRICS, json.dumps(row) + "\n")
         atomic_save({"model": model.state_dict(), "epoch": cfg.train.epochs - 1, "partial": None,

@@ -1,13 +1,13 @@
 """Stage two of the decoupled methods of Kang et al. (ICLR 2020, "Decoupling Representation and Classifier for
-Long-Tailed Recognition"), on a finished stage-one run of this package (Table III).
+Long-Tailed Recognition"), on a finished stage-one run of this package (Table III), as their classifier-balancing
+code runs it (docs/method.md, "Baselines as their sources run them").
 
-- cRT: the final classifier is re-initialised and re-trained with class-balanced sampling; everything else,
-  batch-norm statistics included, stays as stage one left it.
-- LWS: the classifier's weights stay, a learned scale per class multiplies its logits, trained with
-  class-balanced sampling.
-- tau-norm: no training; each class's weights and bias are divided by the weight norm ** tau, with tau chosen
-  by validation top-1 (``decouple.taus``). Scaling the bias with its weights makes tau-norm a per-class scaling
-  of the logits, like LWS with fixed scales; tau = 0 leaves the classifier unchanged.
+- cRT: the final classifier is re-initialised as a new layer of its kind (nn.Linear's own init) and re-trained
+  with class-aware sampling; the backbone's weights stay, its batch-norm statistics are re-estimated (train mode).
+- LWS: the classifier's weights and bias stay, a learned scale per class (initialised to 1) multiplies its logits,
+  trained like cRT.
+- tau-norm: no training; each class's weights are divided by the weight norm ** tau and the bias is dropped at
+  every tau (Kang et al.'s ``tau_norm.py``), with tau chosen by validation top-1 (``decouple.taus``).
 
 Only the final exit's classifier changes; intermediate exits (if stage one had any) are left as they are.
 """
@@ -24,9 +24,12 @@ from torch import Tensor, nn
 from har.config import RunConfig, from_dict
 from har.engine.checkpoint import RunError, load_checkpoint
 from har.models import MultiExitNet
-from har.models.exits import init_weights
+from har.models.exits import make_classifier
 
 log = logging.getLogger(__name__)
+
+# Kang et al.'s ClassAwareSampler (num_samples_cls: 4 in every stage-two config): examples drawn per class visit.
+EXAMPLES_PER_CLASS_VISIT = 4
 
 # Stage-one fields that must match the stage-two config: same model, same training data.
 MATCHING = {"model": ("name", "layout", "exit_channels", "exit_stride"),
@@ -87,14 +90,17 @@ def load_stage_one(cfg: RunConfig, model: MultiExitNet, device: torch.device) ->
 
 
 def trainable_parameters(cfg: RunConfig, model: MultiExitNet) -> list[nn.Parameter]:
-    """Freeze everything but what the method trains (cRT: the re-initialised classifier; LWS: the scales)."""
+    """Freeze everything but what the method trains (cRT: the re-initialised classifier; LWS: the scales).
+
+    cRT's new classifier takes the init of a freshly built layer (nn.Linear's default), as Kang et al.'s stage two
+    builds a new ``nn.Linear`` and skips loading its stage-one weights.
+    """
     for p in model.parameters():
         p.requires_grad_(False)
     classifier = model.backbone.classifier
     if cfg.decouple.method == "crt":
-        classifier.apply(init_weights)
-        if isinstance(classifier, nn.Linear):
-            nn.init.zeros_(classifier.bias)
+        fresh = make_classifier(model.backbone.classifier_kind, model.backbone.channels[-1], model.num_classes)
+        classifier.load_state_dict(fresh.state_dict())
         params = list(classifier.parameters())
     elif cfg.decouple.method == "lws":
         params = [classifier.scales]
@@ -106,48 +112,71 @@ def trainable_parameters(cfg: RunConfig, model: MultiExitNet) -> list[nn.Paramet
 
 
 def train_mode(model: MultiExitNet) -> None:
-    """Stage two trains with the backbone in eval mode: frozen batch-norm statistics, as Kang et al.'s code."""
+    """Stage two trains with the backbone in train mode, as Kang et al.'s ``run_networks.py`` calls ``train()`` on
+    every network: its frozen batch norms re-estimate their running statistics on the class-aware batches. Exit
+    heads stay in eval mode, so intermediate exits are left as they are."""
     model.eval()
-    model.backbone.classifier.train()
+    model.backbone.train()
 
 
-def class_balanced_order(labels: Tensor, generator: torch.Generator) -> Tensor:
-    """An epoch of ``len(labels)`` draws: a class uniformly at random, then one of its examples uniformly.
+def class_balanced_order(labels: Tensor, generator: torch.Generator,
+                         per_visit: int = EXAMPLES_PER_CLASS_VISIT) -> Tensor:
+    """An epoch of ``len(labels)`` draws in Kang et al.'s class-aware order.
 
-    Every class is then equally likely at every position (Kang et al.'s class-balanced sampling); rare
-    examples repeat and frequent ones are left out, as with their sampler.
+    Classes are visited in shuffled rounds (every present class once per round, a fresh shuffle each round); a
+    visit draws the next ``per_visit`` examples of its class, which cycles through its examples in a shuffled
+    order, reshuffled at each wrap. Every class is drawn equally often (up to one visit), rare examples repeat
+    and frequent ones are partly left out. Unlike their sampler, whose cycles carry over between epochs, each
+    epoch starts fresh cycles from its own generator, so a resumed run draws the same order.
     """
     n, dev = len(labels), labels.device
-    sorted_idx = torch.argsort(labels, stable=True)
     counts = torch.bincount(labels)
     present = torch.nonzero(counts).squeeze(1)
-    starts = torch.cumsum(counts, 0) - counts
-    classes = present[torch.randint(len(present), (n,), generator=generator, device=dev)]
-    offset = (torch.rand(n, generator=generator, device=dev) * counts[classes]).long().clamp_max(counts[classes] - 1)
-    return sorted_idx[starts[classes] + offset]
+    visits = -(-n // per_visit)
+    rounds = -(-visits // len(present))
+    shuffles = torch.argsort(torch.rand(rounds, len(present), generator=generator, device=dev), dim=1)
+    visited = present[shuffles].flatten()[:visits]
+    sorted_idx = torch.argsort(labels, stable=True)
+    starts = (torch.cumsum(counts, 0) - counts).tolist()
+    slots = torch.argsort(visited, stable=True)  # the visits of each class, class by class, in visiting order
+    order = torch.empty(visits, per_visit, dtype=torch.long, device=dev)
+    done = 0
+    for c, k in zip(present.tolist(), torch.bincount(visited, minlength=len(counts))[present].tolist(), strict=True):
+        size, need = int(counts[c]), k * per_visit
+        if need == 0:
+            continue
+        cycles = torch.argsort(torch.rand(-(-need // size), size, generator=generator, device=dev), dim=1)
+        order[slots[done:done + k]] = sorted_idx[starts[c] + cycles.flatten()[:need]].view(k, per_visit)
+        done += k
+    return order.flatten()[:n]
 
 
 @torch.no_grad()
 def tau_normalize(classifier: nn.Linear, tau: float) -> None:
-    """Divide each class's weights and bias by its weight norm ** tau, in place (tau = 0: unchanged)."""
+    """Divide each class's weights by its weight norm ** tau and zero the bias, in place.
+
+    Kang et al.'s ``tau_norm.py`` computes the logits as features . (W / ||W||^tau)^T with no bias at every tau,
+    tau = 0 included; a zero bias keeps the layer (and the checkpoint's keys) that the evaluation loads.
+    """
     if not isinstance(classifier, nn.Linear):
         raise RunError(f"tau-norm needs a linear final classifier, got {type(classifier).__name__}; train stage one "
                        f"with model.classifier: linear")
-    scale = classifier.weight.norm(dim=1).pow(tau)
-    classifier.weight.div_(scale[:, None])
+    classifier.weight.copy_(tau_normalized_weight(classifier.weight, tau))
     if classifier.bias is not None:
-        classifier.bias.div_(scale)
+        classifier.bias.zero_()
+
+
+def tau_normalized_weight(weight: Tensor, tau: float) -> Tensor:
+    """W / ||W||^tau, row by row (one class per row): the one formula of tau-norm."""
+    return weight / weight.norm(dim=1, keepdim=True).pow(tau)
 
 
 @torch.no_grad()
 def choose_tau(features: Tensor, labels: Tensor, classifier: nn.Linear, taus: tuple[float, ...]) -> dict:
-    """Validation top-1 of every candidate tau on pooled features; the best tau (ties: the smallest)."""
+    """Top-1 of every candidate tau on pooled features (bias dropped); the best tau (ties: the smallest)."""
     scores = {}
     for tau in taus:
-        norm = classifier.weight.norm(dim=1).pow(tau)
-        logits = features @ (classifier.weight / norm[:, None]).T
-        if classifier.bias is not None:
-            logits = logits + classifier.bias / norm
+        logits = features @ tau_normalized_weight(classifier.weight, tau).T
         scores[tau] = float((logits.argmax(1) == labels).float().mean())
     best = max(sorted(scores), key=lambda t: scores[t])
     return {"tau": best, "val_top1_by_tau": {f"{t:g}": scores[t] for t in sorted(scores)}}

@@ -244,19 +244,24 @@ class MultiExitNet(nn.Module):
         self.heads = nn.ModuleList(backbone.make_exit_head(p, channels, exit_stride) for p in self.exit_positions)
         self.heads.apply(init_weights)
 
-    def forward(self, x: Tensor, mix_features: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
+    def forward(self, x: Tensor, mix: Callable[[Tensor], Tensor] | None = None, mix_at: int = 0) -> list[Tensor]:
         """Logits of every exit in order; the last entry comes from the backbone's classifier.
 
-        ``mix_features`` maps the pooled features before the final classifier (Manifold Mixup).
+        ``mix`` (Manifold Mixup) maps the running feature map after ``mix_at`` block groups (0: the images).
+        Exit heads reading an earlier position see unmixed features.
         """
+        if mix is not None and not 0 <= mix_at <= len(self.backbone.groups):
+            raise ValueError(f"mix_at must be in [0, {len(self.backbone.groups)}] (block groups before the mix), "
+                             f"got {mix_at!r}")
         outputs = []
-        x = self.backbone.stem(x)
+        x = self.backbone.stem(x if mix is None or mix_at != 0 else mix(x))
         for group_index, group in enumerate(self.backbone.groups):
             if group_index in self._exit_at_group:
                 outputs.append(self.heads[self._exit_at_group[group_index]](x))
             x = group(x)
-        features = self.backbone.pool_features(x)
-        outputs.append(self.backbone.classifier(features if mix_features is None else mix_features(features)))
+            if mix is not None and mix_at == group_index + 1:
+                x = mix(x)
+        outputs.append(self.backbone.classifier(self.backbone.pool_features(x)))
         return outputs
 
     def pooled_features(self, x: Tensor) -> Tensor:
