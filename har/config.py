@@ -355,8 +355,8 @@ def _check_thresholds(cfg: RunConfig, t_pending: bool) -> None:
     grid = cfg.eval.exit_thresholds
     if grid is not None and min(grid) >= ceiling:
         raise ConfigError(f"eval.exit_thresholds: none of {list(grid)} can be exceeded: {bound}; put values below it "
-                          f"(e.g. from 1/C = {1.0 / num_classes:.4g} up, or 2.0/C = {2.0 / num_classes:.4g}), one value "
-                          f"above it means no early exit, or unset it for the default sweep")
+                          f"(e.g. from 1/C = {1.0 / num_classes:.4g} up, or 2.0/C = {2.0 / num_classes:.4g}), one "
+                          f"value above it means no early exit, or unset it for the default sweep")
 
 
 def _check_path_kinds(data: DataConfig) -> None:

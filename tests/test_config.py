@@ -112,8 +112,8 @@ def test_resolved_config_round_trips_and_hash_ignores_runtime_fields():
     cfg = from_dict({"train": {"epochs": 3}, "loss": {"name": "ldam", "har": False}})
     again = from_dict(yaml.safe_load(dump_config(cfg)))
     assert again == cfg and config_hash(again) == config_hash(cfg)
-    moved = from_dict({"train": {"epochs": 3, "device": "cpu"}, "loss": {"name": "ldam", "har": False}, "data": {"root": "/x"},
-                       "eval": {"batch_size": 7}})
+    moved = from_dict({"train": {"epochs": 3, "device": "cpu"}, "loss": {"name": "ldam", "har": False},
+                       "data": {"root": "/x"}, "eval": {"batch_size": 7}})
     assert config_hash(moved) == config_hash(cfg)
     other = from_dict({"train": {"epochs": 4}, "loss": {"name": "ldam", "har": False}})
     assert config_hash(other) != config_hash(cfg)

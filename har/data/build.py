@@ -304,7 +304,8 @@ def read_bundle(cfg: DataConfig) -> RunData:
     if wrong:
         raise DataError(f"data.bundle {path} was exported for another split ({'; '.join(wrong)}); export it again "
                         f"with this config")
-    splits = {name: Split(arrays[f"{name}_images"], arrays[f"{name}_labels"].astype(np.int64, copy=False)) for name in _SPLITS}
+    splits = {name: Split(arrays[f"{name}_images"], arrays[f"{name}_labels"].astype(np.int64, copy=False))
+              for name in _SPLITS}
     counts = np.bincount(splits["train"].labels, minlength=len(meta["classes"])).tolist()
     provenance = meta["provenance"] | {"bundle": str(path), "bundle_sha256": str(arrays["sha256"])}
     return RunData(**splits, class_counts=counts, groups=shot_groups(counts), classes=meta["classes"],
