@@ -12,6 +12,9 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import logging
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,9 +25,22 @@ import yaml
 
 from har.data.augment import CIFAR_MEAN, CIFAR_STD
 from har.data.imagelist import IMAGENET_MEAN, IMAGENET_STD
+from har.data.imagenet_lt import IMAGENET_LT_LISTS
+from har.data.inat import INAT2018_LISTS
+from har.evaluation.confidence import confidence_ceiling
+
+log = logging.getLogger(__name__)
 
 CIFAR_DATASETS = ("cifar10", "cifar100")  # arrays from the pickle layout, cut into long-tailed subsets here
 LIST_DATASETS = ("imagenet_lt", "inat2018")  # read from split lists and an image folder
+# Classes of each dataset: what the thresholds are checked against before any data is read.
+DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet_lt": IMAGENET_LT_LISTS["train"].num_classes,
+                   "inat2018": INAT2018_LISTS["train"].num_classes}
+# Seeds: numpy's RandomState takes [0, 2**32); the epoch generators seed torch with seed * 1_000_003 + epoch,
+# which must stay below 2**64, and numpy's default_rng refuses negative seeds.
+SEED_LIMIT = 2**32
+# A float written with an exponent but no dot (1e-3, 5E-4): YAML 1.1 (PyYAML) reads it as a string.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -40,7 +56,7 @@ class DataConfig:
     download: bool = True  # CIFAR: download through torchvision when the files are missing
     bundle: str | None = None  # CIFAR: file from `har export-data` read instead of the dataset files (GPU machines)
     ratio: float = 100.0  # CIFAR: imbalance ratio n_max / n_min (>= 1); the list datasets have theirs fixed
-    seed: int = 0  # CIFAR: shuffles each class before the first n_i are kept (LDAM-DRW: 0)
+    seed: int = 0  # CIFAR: shuffles each class before the first n_i are kept (LDAM-DRW: 0); in [0, 2**32)
     val_per_class: int = 50  # CIFAR: balanced validation images per class, from the images the LT subset leaves out
     lists: str | None = None  # list datasets: folder with the published split lists; None: <root>/splits
     images: str | None = None  # list datasets: folder the listed paths are relative to; None: <root>/<dataset>
@@ -84,16 +100,17 @@ class LossConfig:
     ldam_scale: float = 30.0  # LDAM logit scale s
     reweight: Literal["none", "cb", "drw"] = "none"  # class-balanced weights: never, always, or from drw_epoch
     cb_beta: float = 0.9999  # effective-number beta of the class-balanced weights
-    drw_epoch: int = 160  # first epoch (0-based) with weights under DRW
+    drw_epoch: int = 160  # first epoch (0-based) with weights under DRW; at or past train.epochs warns (never on)
     har: bool = True  # HAR accumulation over exits; False trains every exit on every example
-    train_threshold: float = 0.9  # t: an example exits where it is right with true-class probability > t
+    train_threshold: float = 0.9  # t: an example exits where it is right with true-class probability > t; below
+    # the classifier's confidence ceiling (cosine: e / (e + (C - 1) / e), so LDAM uses about 2 / C)
 
 
 @dataclass
 class TrainConfig:
     """Optimisation as in LDAM-DRW (SGD, warm-up, two step decays, 200 epochs); ImageNet-scale runs set theirs."""
 
-    epochs: int = 200
+    epochs: int = 200  # >= 1
     batch_size: int = 128  # global: split evenly over the processes of a distributed run
     lr: float = 0.1
     lr_batch: int | None = None  # the global batch `lr` is meant for; set, lr is scaled by batch_size / lr_batch
@@ -105,7 +122,7 @@ class TrainConfig:
     lr_decay: float = 0.01
     mixup: Literal["off", "input", "manifold"] = "off"  # Mixup on the images, or Manifold Mixup at a random layer
     mixup_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha)
-    seed: int = 0  # model initialisation, data order and augmentation
+    seed: int = 0  # model initialisation, data order and augmentation; in [0, 2**32)
     device: str = "auto"  # auto: CUDA when present, else CPU
     deterministic: bool = True  # deterministic algorithms on the CPU (exact resume); GPUs run their fast kernels
     amp: bool | None = None  # bf16 autocast; None: on for CUDA, off for the CPU
@@ -135,6 +152,7 @@ class EvalConfig:
 
     batch_size: int = 500
     exit_thresholds: tuple[float, ...] | None = None  # s sweep; None: 21 steps over the classifier's confidence range
+    # (at least one value must lie below the confidence ceiling; one above it means no early exit)
     target_savings: tuple[float, ...] = (0.25,)  # MACs savings at which s is chosen on the validation split
     histogram_bins: int = 20  # confidence histograms (the paper's Fig. 3)
 
@@ -192,6 +210,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         choices = typing.get_args(tp)
         if isinstance(value, bool) and ("on" if value else "off") in choices:  # YAML 1.1 reads a bare off as false
             return "on" if value else "off"
+        if value is True and "off" in choices:  # a bare `on` in a field whose other choices are modes
+            modes = " or ".join(str(c) for c in choices if c != "off")
+            raise ConfigError(f"{key}: on is not a mode; choose {modes} (or off)")
         if value in choices:
             return value
         raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(typing.get_args(tp))}")
@@ -213,8 +234,16 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond any float
+                number = math.inf
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: {value!r} is not a finite number; give an ordinary number")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -241,17 +270,19 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _check_ranges(cfg: RunConfig) -> None:
+def _check_ranges(cfg: RunConfig, t_pending: bool = False) -> None:
     """Values that have the right type but no meaning."""
     checks: list[tuple[str, Any, bool, str]] = [
         ("data.ratio", cfg.data.ratio, cfg.data.ratio >= 1, ">= 1"),
+        ("data.seed", cfg.data.seed, 0 <= cfg.data.seed < SEED_LIMIT, "in [0, 2**32)"),
         ("data.val_per_class", cfg.data.val_per_class, cfg.data.val_per_class >= 0, ">= 0"),
         ("data.train_fraction", cfg.data.train_fraction, 0 < cfg.data.train_fraction <= 1, "in (0, 1]"),
         ("data.eval_fraction", cfg.data.eval_fraction, 0 < cfg.data.eval_fraction <= 1, "in (0, 1]"),
         ("data.std", cfg.data.std, all(s > 0 for s in cfg.data.std or (1,)), "all > 0"),
         ("data.image_size", cfg.data.image_size, cfg.data.image_size >= 8, ">= 8"),
         ("data.workers", cfg.data.workers, cfg.data.workers >= 0, ">= 0"),
-        ("model.exit_channels", cfg.model.exit_channels, (cfg.model.exit_channels or 1) >= 1, ">= 1 or null"),
+        ("model.exit_channels", cfg.model.exit_channels,
+         cfg.model.exit_channels is None or cfg.model.exit_channels >= 1, ">= 1 or null"),
         ("model.exit_stride", cfg.model.exit_stride, cfg.model.exit_stride >= 1, ">= 1"),
         ("loss.focal_gamma", cfg.loss.focal_gamma, cfg.loss.focal_gamma >= 0, ">= 0"),
         ("loss.ldam_max_margin", cfg.loss.ldam_max_margin, cfg.loss.ldam_max_margin > 0, "> 0"),
@@ -259,10 +290,12 @@ def _check_ranges(cfg: RunConfig) -> None:
         ("loss.cb_beta", cfg.loss.cb_beta, 0 <= cfg.loss.cb_beta < 1, "in [0, 1)"),
         ("loss.drw_epoch", cfg.loss.drw_epoch, cfg.loss.drw_epoch >= 0, ">= 0"),
         ("loss.train_threshold", cfg.loss.train_threshold, 0 < cfg.loss.train_threshold < 1, "in (0, 1)"),
-        ("train.epochs", cfg.train.epochs, cfg.train.epochs >= 0, ">= 0"),
+        ("train.epochs", cfg.train.epochs, cfg.train.epochs >= 1, ">= 1"),
+        ("train.seed", cfg.train.seed, 0 <= cfg.train.seed < SEED_LIMIT, "in [0, 2**32)"),
         ("train.batch_size", cfg.train.batch_size, cfg.train.batch_size >= 1, ">= 1"),
         ("train.lr", cfg.train.lr, cfg.train.lr > 0, "> 0"),
-        ("train.lr_batch", cfg.train.lr_batch, (cfg.train.lr_batch or 1) >= 1, ">= 1 or null"),
+        ("train.lr_batch", cfg.train.lr_batch,
+         cfg.train.lr_batch is None or cfg.train.lr_batch >= 1, ">= 1 or null"),
         ("train.mixup_alpha", cfg.train.mixup_alpha, cfg.train.mixup_alpha > 0, "> 0"),
         ("train.momentum", cfg.train.momentum, 0 <= cfg.train.momentum < 1, "in [0, 1)"),
         ("train.weight_decay", cfg.train.weight_decay, cfg.train.weight_decay >= 0, ">= 0"),
@@ -302,12 +335,54 @@ def _check_ranges(cfg: RunConfig) -> None:
         raise ConfigError("decouple.taus: tau-norm needs at least one candidate tau")
     if cfg.train.device not in ("auto", "cpu") and not cfg.train.device.startswith("cuda"):
         raise ConfigError(f"train.device: {cfg.train.device!r} is not allowed; choose auto, cpu, cuda or cuda:N")
+    _check_thresholds(cfg, t_pending)
+    _check_path_kinds(cfg.data)
+    if cfg.loss.reweight == "drw" and cfg.loss.drw_epoch >= cfg.train.epochs:
+        log.warning("loss.drw_epoch %d is not below train.epochs %d: DRW never switches its weights on, so this "
+                    "run trains without re-weighting; lower loss.drw_epoch (0-based) to re-weight",
+                    cfg.loss.drw_epoch, cfg.train.epochs)
 
 
-def from_dict(values: dict[str, Any] | None) -> RunConfig:
-    """Build and validate a run config from nested plain values (as parsed from YAML)."""
+def _check_thresholds(cfg: RunConfig, t_pending: bool) -> None:
+    """Thresholds no exit confidence can exceed turn HAR into plain deep supervision, or s into no early exit."""
+    num_classes = DATASET_CLASSES[cfg.data.dataset]
+    ceiling = confidence_ceiling(num_classes, cfg.classifier)
+    bound = (f"a {cfg.classifier} classifier's softmax on {num_classes} classes ({cfg.data.dataset}) never exceeds "
+             f"{ceiling:.4g}")
+    if cfg.loss.har and not t_pending and cfg.loss.train_threshold >= ceiling:
+        raise ConfigError(f"loss.train_threshold: {cfg.loss.train_threshold!r} can never be exceeded: {bound}, so "
+                          f"no example would exit early; choose a value below it, e.g. 2.0/C = {2.0 / num_classes:.4g}")
+    grid = cfg.eval.exit_thresholds
+    if grid is not None and min(grid) >= ceiling:
+        raise ConfigError(f"eval.exit_thresholds: none of {list(grid)} can be exceeded: {bound}; put values below it "
+                          f"(e.g. from 1/C = {1.0 / num_classes:.4g} up, or 2.0/C = {2.0 / num_classes:.4g}), one "
+                          f"value above it means no early exit, or unset it for the default sweep")
+
+
+def _check_path_kinds(data: DataConfig) -> None:
+    """A path that exists but is the wrong kind of thing is named now, before a run folder is written."""
+    kinds = [("data.root", data.root, True, "the folder holding the datasets"),
+             ("data.bundle", data.bundle, False, "the file `har export-data` wrote"),
+             ("data.lists", data.lists, True, "the folder holding the published split lists"),
+             ("data.images", data.images, True, "the folder the listed image paths are relative to")]
+    for key, value, folder, wanted in kinds:
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if folder and path.exists() and not path.is_dir():
+            raise ConfigError(f"{key}: {path} is a file, not a folder; set it to {wanted}")
+        if not folder and path.is_dir():
+            raise ConfigError(f"{key}: {path} is a folder, not a file; set it to {wanted} (a .npz or .npz.xz)")
+
+
+def from_dict(values: dict[str, Any] | None, *, t_pending: bool = False) -> RunConfig:
+    """Build and validate a run config from nested plain values (as parsed from YAML).
+
+    `t_pending`: `loss.train_threshold` is a placeholder that a later step replaces (the pipeline's final runs
+    before the t line search has selected theirs), so it is not checked against the confidence ceiling.
+    """
     cfg = _build(RunConfig, values or {}, "")
-    _check_ranges(cfg)
+    _check_ranges(cfg, t_pending)
     return cfg
 
 
@@ -317,6 +392,9 @@ def set_override(values: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"override {assignment!r}: expected section.key=value, e.g. train.epochs=2")
     dotted, raw = assignment.split("=", 1)
     *parents, leaf = dotted.strip().split(".")
+    if not raw.strip() and _is_section(dotted.strip()):
+        raise ConfigError(f"{dotted.strip()}: empty value; name a field, e.g. train.epochs=2 (an empty section "
+                          f"would reset all its fields to their defaults)")
     node = values
     for part in parents:
         node = node.setdefault(part, {})
@@ -325,15 +403,31 @@ def set_override(values: dict[str, Any], assignment: str) -> None:
     node[leaf] = yaml.safe_load(raw)
 
 
+def _is_section(dotted: str) -> bool:
+    """Whether a dotted key names a whole section (a dataclass) of the run config."""
+    tp: Any = RunConfig
+    for part in dotted.split("."):
+        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
+        if part not in hints:
+            return False
+        tp = hints[part]
+    return dataclasses.is_dataclass(tp)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML run config (None: all defaults), apply `key=value` overrides, validate."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder; give the path of a YAML run config")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); give a "
+                              f"YAML run config, e.g. one of config/runs/*.yaml") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         if not isinstance(values, dict):

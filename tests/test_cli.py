@@ -17,7 +17,7 @@ def test_flops_prints_the_cost_table(capsys):
 
 @pytest.mark.parametrize("yaml_text, message", [
     ("loss:\n  name: hinge\n", "loss.name: 'hinge' is not allowed; choose one of ['ce', 'focal', 'ldam']"),
-    ("train:\n  epochs: -3\n", "train.epochs: -3 is out of range; it must be >= 0"),
+    ("train:\n  epochs: -3\n", "train.epochs: -3 is out of range; it must be >= 1"),
     ("model:\n  layout: CBBE\n", "Layout 'CBBE' has 2 'B's but the backbone has 3 block groups"),
 ])
 def test_bad_config_stops_before_training_with_the_reason(tmp_path, capsys, yaml_text, message):

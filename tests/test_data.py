@@ -178,6 +178,10 @@ def test_cifar10_shared_copy_loads_with_checksum_warning(cifar10):
     assert arrays.train_labels.dtype == arrays.test_labels.dtype == np.int64
     assert arrays.test_labels[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
     assert arrays.num_classes == 10 and arrays.classes[:2] == ["airplane", "automobile"]
+    provenance = arrays.provenance
+    assert not provenance["official"] and provenance["label"].startswith("CIFAR-10 copy at ")
+    assert set(provenance["files"]) == {f"data_batch_{i}" for i in range(1, 6)} | {"test_batch", "batches.meta"}
+    assert "data_batch_1" in provenance["differing"] and "md5 differs" in provenance["label"]
     # the published per-channel test mean checks that the R,G,B planes became HWC correctly
     np.testing.assert_allclose(arrays.test_images.reshape(-1, 3).mean(0) / 255, [0.4942, 0.4851, 0.4504],
                                atol=1e-4)
@@ -207,6 +211,32 @@ def test_cifar100_fake_files_load(tmp_path, caplog):
     raw = pickle.loads((folder / "train").read_bytes())[b"data"]
     # pixel (y=2, x=7) of channel c sits at column c * 1024 + 2 * 32 + 7 of the release's rows
     np.testing.assert_array_equal(arrays.train_images[4, 2, 7], raw[4, [71, 1024 + 71, 2048 + 71]])
+
+
+def test_provenance_is_official_only_when_every_md5_is_the_releases(tmp_path, monkeypatch):
+    from har.data import cifar
+
+    folder = _write_cifar100(tmp_path)
+    copy = load_cifar("cifar100", tmp_path, expect_official_sizes=False).provenance
+    assert not copy["official"] and copy["differing"] == ["train", "test", "meta"]
+    assert copy["label"] == f"CIFAR-100 copy at {folder} (md5 differs from the official release: train, test, meta)"
+    monkeypatch.setattr(cifar._Spec, "files", lambda self: copy["files"])  # as if these were the release's
+    official = load_cifar("cifar100", tmp_path, expect_official_sizes=False).provenance
+    assert official["official"] and official["label"] == "official CIFAR-100" and official["differing"] == []
+
+
+def test_md5_is_computed_once_per_file_version(tmp_path, monkeypatch):
+    from har.data import cifar
+
+    calls = []
+    real = cifar.hashlib.md5
+    monkeypatch.setattr(cifar.hashlib, "md5", lambda **kw: calls.append(1) or real(**kw))
+    path = tmp_path / "f"
+    path.write_bytes(b"one")
+    first = cifar._md5(path)
+    assert cifar._md5(path) == first and len(calls) == 1
+    path.write_bytes(b"other")  # new size (and mtime): hashed again
+    assert cifar._md5(path) != first and len(calls) == 2
 
 
 def test_small_files_refused_when_official_sizes_expected(tmp_path):

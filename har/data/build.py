@@ -7,12 +7,14 @@ lists of image files, checked against their git blob ids and for missing images 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import logging
 import lzma
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +56,12 @@ class ListSplit:
         return len(self.entries)
 
 
+def unknown_provenance() -> dict[str, Any]:
+    """Data handed over in memory (tests, callers of `train(data=...)`): nothing says where it came from."""
+    return {"dataset": None, "official": False, "files": {}, "differing": [],
+            "label": "data given in memory (origin not recorded)"}
+
+
 @dataclass(frozen=True)
 class RunData:
     """What training and evaluation of one run read."""
@@ -64,6 +72,8 @@ class RunData:
     class_counts: list[int]  # training images per class: the long-tailed profile the losses see
     groups: dict[str, list[int]]  # many / medium / few class ids by training count
     classes: list[str]
+    # which data these are, for the reports: dataset, official (bool), files, differing, label (a caption)
+    provenance: dict[str, Any] = field(default_factory=unknown_provenance)
 
     @property
     def num_classes(self) -> int:
@@ -87,10 +97,14 @@ def build_data(cfg: DataConfig) -> RunData:
     log.info("quick run: keeping %d of %d long-tailed training images", len(train), len(full.train))
     if not all(np.bincount(train.labels, minlength=full.num_classes)):
         raise DataError(f"data.train_fraction {cfg.train_fraction} leaves a class without training images; raise it")
+    label = (f"{full.provenance['label']} (quick run: {cfg.train_fraction:g} of every training class, "
+             f"{cfg.eval_fraction:g} of val and test)")
     return RunData(train=train, val=_subsample(full.val, cfg.eval_fraction),
                    test=_subsample(full.test, cfg.eval_fraction),
                    class_counts=np.bincount(train.labels, minlength=full.num_classes).tolist(),
-                   groups=full.groups, classes=full.classes)
+                   groups=full.groups, classes=full.classes,
+                   provenance=full.provenance | {"train_fraction": cfg.train_fraction,
+                                                 "eval_fraction": cfg.eval_fraction, "label": label})
 
 
 def _subsample(split: Split | ListSplit, fraction: float) -> Split | ListSplit:
@@ -116,10 +130,13 @@ def full_splits(cfg: DataConfig) -> RunData:
         class_counts=list(split.class_counts),
         groups=shot_groups(split.class_counts),
         classes=list(arrays.classes),
+        provenance=arrays.provenance,
     )
 
 
 PUBLISHED_LISTS: dict[str, dict[str, PublishedList]] = {"imagenet_lt": IMAGENET_LT_LISTS, "inat2018": INAT2018_LISTS}
+_LIST_TITLES = {"imagenet_lt": "ImageNet-LT", "inat2018": "iNaturalist 2018"}
+
 
 
 def list_splits(cfg: DataConfig) -> RunData:
@@ -134,9 +151,11 @@ def list_splits(cfg: DataConfig) -> RunData:
     lists = Path(cfg.lists) if cfg.lists else root / "splits"
     images = Path(cfg.images) if cfg.images else root / cfg.dataset
     entries: dict[str, SplitList] = {}
+    blob_ids: dict[str, str] = {}
     for name, published in PUBLISHED_LISTS[cfg.dataset].items():
         path = lists / published.file_name
-        verify_split_list(path, published.blob_id, strict=cfg.strict_lists, expected_lines=published.lines)
+        blob_ids[published.file_name] = verify_split_list(path, published.blob_id, strict=cfg.strict_lists,
+                                                          expected_lines=published.lines)
         entries[name] = read_split_list(path)
         check_images_exist(entries[name], images)
     if "test" not in entries:
@@ -153,7 +172,19 @@ def list_splits(cfg: DataConfig) -> RunData:
                                                      reversed(entries["train"].labels.tolist()))}
     classes = [Path(first[c]).parent.name for c in range(num_classes)]  # the class folder, e.g. n01440764
     return RunData(**{name: ListSplit(e, images) for name, e in entries.items()}, class_counts=counts.tolist(),
-                   groups=shot_groups(counts), classes=classes)
+                   groups=shot_groups(counts), classes=classes,
+                   provenance=list_provenance(cfg.dataset, lists, images, blob_ids))
+
+
+def list_provenance(dataset: str, lists: Path, images: Path, blob_ids: dict[str, str]) -> dict[str, Any]:
+    """The lists a run read (git blob ids) and whether they are the published ones (the images are not hashed)."""
+    published = {p.file_name: p.blob_id for p in PUBLISHED_LISTS[dataset].values()}
+    differing = [name for name, blob in blob_ids.items() if published[name] != blob]
+    title = _LIST_TITLES[dataset]
+    label = (f"published {title} lists" if not differing else
+             f"{title} lists at {lists} (git blob id differs from the published ones: {', '.join(differing)})")
+    return {"dataset": dataset, "official": not differing, "source": str(lists), "images": str(images),
+            "files": dict(blob_ids), "differing": differing, "label": label}
 
 
 # What a bundle must agree on with the config asking for it.
@@ -174,15 +205,33 @@ def export_bundle(cfg: DataConfig, path: str | Path) -> Path:
 # xz over per-channel pixel differences: CIFAR-10-LT-100 + test in 46 MB and 17 s (plain xz: 52 MB, 22 s).
 _XZ_MAGIC = b"\xfd7zXZ\x00"
 _XZ_FILTERS = [{"id": lzma.FILTER_DELTA, "dist": 3}, {"id": lzma.FILTER_LZMA2, "preset": 0}]
+_BUNDLE_FORMAT = 2  # 2: a sha256 over the metadata and the arrays, the source data's provenance
+_SPLITS = ("train", "val", "test")
+_ARRAYS = tuple(f"{name}_{part}" for name in _SPLITS for part in ("images", "labels"))
+_BUNDLE_FIX = ("delete it and write it again with `har export-data --config <run config> --out {path}` (a pipeline "
+               "split, results/splits/<split>/data.npz, is rebuilt by the pipeline when you delete it)")
+
+
+def _bundle_sha256(meta_json: str, arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over the metadata and every array's name, dtype, shape and bytes: any damage changes it."""
+    digest = hashlib.sha256(meta_json.encode())
+    for name in _ARRAYS:
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
 
 
 def write_bundle(data: RunData, cfg: DataConfig, path: str | Path) -> Path:
-    """Write `data` with the data-config fields that identify it; xz-compressed when the name ends in .xz."""
-    meta = {key: getattr(cfg, key) for key in _BUNDLE_KEYS} | {"classes": data.classes}
-    arrays = {f"{name}_{part}": getattr(data.split(name), part)
-              for name in ("train", "val", "test") for part in ("images", "labels")}
+    """Write `data` with the data-config fields that identify it, its sizes, the provenance of the files it was
+    cut from and a checksum; xz-compressed when the name ends in .xz."""
+    arrays = {f"{name}_{part}": getattr(data.split(name), part) for name in _SPLITS for part in ("images", "labels")}
+    meta = {key: getattr(cfg, key) for key in _BUNDLE_KEYS} | {
+        "format": _BUNDLE_FORMAT, "classes": data.classes, "sizes": {name: len(data.split(name)) for name in _SPLITS},
+        "provenance": data.provenance}
+    meta_json = json.dumps(meta, sort_keys=True)
     buffer = io.BytesIO()
-    np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
+    np.savez(buffer, meta=np.array(meta_json), sha256=np.array(_bundle_sha256(meta_json, arrays)), **arrays)
     path = Path(path)
     payload = buffer.getvalue()
     if path.suffix == ".xz":  # worth its compression time only when the file has to travel
@@ -191,24 +240,73 @@ def write_bundle(data: RunData, cfg: DataConfig, path: str | Path) -> Path:
     return path
 
 
-def read_bundle(cfg: DataConfig) -> RunData:
-    """Splits from a bundle file, refused unless it was exported for the same dataset, ratio and seeds."""
-    path = Path(cfg.bundle)
-    if not path.is_file():
-        raise DataError(f"data.bundle {path} does not exist; write it with `har export-data` or unset data.bundle")
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every entry of a bundle file; any failure to decompress or unzip it is a DataError naming the fix."""
+    fix = _BUNDLE_FIX.format(path=path)
     try:
         raw = path.read_bytes()
         if raw.startswith(_XZ_MAGIC):
             raw = lzma.decompress(raw)
-        with np.load(io.BytesIO(raw)) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except (lzma.LZMAError, OSError, ValueError, EOFError) as exc:
-        raise DataError(f"data.bundle {path} is corrupt ({exc}); export it again with `har export-data`") from exc
-    meta = json.loads(str(arrays.pop("meta")))
+        with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except OSError as exc:
+        raise DataError(f"data.bundle {path} cannot be read ({exc}); check its permissions, or {fix}") from exc
+    except Exception as exc:  # damaged zip or xz bytes raise many types (BadZipFile, LZMAError, ValueError, ...)
+        raise DataError(f"data.bundle {path} is corrupt or truncated ({type(exc).__name__}: {exc}); {fix}") from exc
+
+
+def _check_bundle(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The bundle's metadata, after its checksum, its arrays' shapes and its label ranges are checked."""
+    fix = _BUNDLE_FIX.format(path=path)
+    if "meta" not in arrays:
+        raise DataError(f"data.bundle {path} has no metadata (no 'meta' entry): it is not a bundle written by har; "
+                        f"{fix}")
+    if "sha256" not in arrays:
+        raise DataError(f"data.bundle {path} has no checksum: an older har wrote it, and its contents cannot be "
+                        f"checked; {fix}")
+    missing = [name for name in _ARRAYS if name not in arrays]
+    if missing:
+        raise DataError(f"data.bundle {path} lacks {', '.join(missing)}; {fix}")
+    meta_json = str(arrays["meta"])
+    if _bundle_sha256(meta_json, arrays) != str(arrays["sha256"]):
+        raise DataError(f"data.bundle {path} is corrupt: its contents do not match its sha256; {fix}")
+    meta = json.loads(meta_json)
+    num_classes = len(meta["classes"])
+    for name in _SPLITS:
+        images, labels = arrays[f"{name}_images"], arrays[f"{name}_labels"]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+            raise DataError(f"data.bundle {path}: {name} images are {images.dtype} {images.shape}, expected uint8 "
+                            f"N x H x W x 3; {fix}")
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) != len(images):
+            raise DataError(f"data.bundle {path}: {labels.shape} {labels.dtype} {name} labels for {len(images)} "
+                            f"images, expected one integer label per image; {fix}")
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise DataError(f"data.bundle {path}: {name} labels range over [{labels.min()}, {labels.max()}], its "
+                            f"{num_classes} classes need [0, {num_classes}); {fix}")
+        if meta["sizes"][name] != len(labels):
+            raise DataError(f"data.bundle {path}: {len(labels)} {name} images, its metadata says "
+                            f"{meta['sizes'][name]}; {fix}")
+    return meta
+
+
+def read_bundle(cfg: DataConfig) -> RunData:
+    """Splits from a bundle file, checked (checksum, shapes, labels) and refused unless it was exported for the
+    same dataset, ratio and seeds."""
+    path = Path(cfg.bundle)
+    if path.is_dir():
+        raise DataError(f"data.bundle {path} is a folder, not a bundle file; set data.bundle to the file "
+                        f"`har export-data` wrote")
+    if not path.is_file():
+        raise DataError(f"data.bundle {path} does not exist; write it with `har export-data` or unset data.bundle")
+    arrays = _read_arrays(path)
+    meta = _check_bundle(path, arrays)
     wrong = [f"{k}: bundle {meta[k]!r}, config {getattr(cfg, k)!r}" for k in _BUNDLE_KEYS if meta[k] != getattr(cfg, k)]
     if wrong:
         raise DataError(f"data.bundle {path} was exported for another split ({'; '.join(wrong)}); export it again "
                         f"with this config")
-    splits = {name: Split(arrays[f"{name}_images"], arrays[f"{name}_labels"]) for name in ("train", "val", "test")}
+    splits = {name: Split(arrays[f"{name}_images"], arrays[f"{name}_labels"].astype(np.int64, copy=False))
+              for name in _SPLITS}
     counts = np.bincount(splits["train"].labels, minlength=len(meta["classes"])).tolist()
-    return RunData(**splits, class_counts=counts, groups=shot_groups(counts), classes=meta["classes"])
+    provenance = meta["provenance"] | {"bundle": str(path), "bundle_sha256": str(arrays["sha256"])}
+    return RunData(**splits, class_counts=counts, groups=shot_groups(counts), classes=meta["classes"],
+                   provenance=provenance)

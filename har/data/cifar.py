@@ -36,6 +36,7 @@ class CifarArrays:
     test_labels: np.ndarray
     classes: list[str]
     num_classes: int
+    provenance: dict[str, Any]  # which files these are: see `cifar_provenance`
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,11 @@ def load_cifar(name: str, root: Path, download: bool = False,
     root = Path(root)
     _ensure_files(spec, root, download)
     folder = root / spec.folder
-    differing = [f for f, md5 in spec.files().items() if _md5(folder / f) != md5]
-    if differing:
+    md5s = {f: _md5(folder / f) for f in spec.files()}
+    provenance = cifar_provenance(spec.title, name, folder, md5s, spec.files())
+    if provenance["differing"]:
         log.warning("%s: %s differ from the official release (md5); they load, but results may differ "
-                    "slightly from those on the official files", folder, ", ".join(differing))
+                    "slightly from those on the official files", folder, ", ".join(provenance["differing"]))
     cls = spec.torchvision_cls
     classes = _read_classes(folder / cls.meta["filename"], cls.meta["key"], spec)
     train_files = [folder / f for f, _ in cls.train_list]
@@ -109,7 +111,20 @@ def load_cifar(name: str, root: Path, download: bool = False,
     train_images, train_labels = _read_split(train_files, spec, spec.rows_per_train_file,
                                              expect_official_sizes)
     test_images, test_labels = _read_split(test_files, spec, _TEST_ROWS, expect_official_sizes)
-    return CifarArrays(train_images, train_labels, test_images, test_labels, classes, spec.num_classes)
+    return CifarArrays(train_images, train_labels, test_images, test_labels, classes, spec.num_classes, provenance)
+
+
+def cifar_provenance(title: str, dataset: str, folder: Path, md5s: dict[str, str],
+                     official: dict[str, str]) -> dict[str, Any]:
+    """What a run read, for its reports: each file's md5 and whether all are the official release's.
+
+    Re-built copies load too (see the module docstring), so the reports say which kind of data they are on.
+    """
+    differing = [f for f, md5 in official.items() if md5s.get(f) != md5]
+    label = (f"official {title}" if not differing else
+             f"{title} copy at {folder} (md5 differs from the official release: {', '.join(differing)})")
+    return {"dataset": dataset, "official": not differing, "source": str(folder), "files": dict(md5s),
+            "differing": differing, "label": label}
 
 
 def _ensure_files(spec: _Spec, root: Path, download: bool) -> None:
@@ -130,13 +145,21 @@ def _ensure_files(spec: _Spec, root: Path, download: bool) -> None:
                         + _ROOT_FIX.format(folder=spec.folder))
 
 
+# md5 by (path, size, mtime): a process that loads the same files twice (train, then evaluate) hashes them once.
+_MD5_CACHE: dict[tuple[str, int, int], str] = {}
+
+
 def _md5(path: Path) -> str:
     """Hex md5 of a file; a mismatch with the release is a warning, never an error (see load_cifar)."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _MD5_CACHE:
+        digest = hashlib.md5(usedforsecurity=False)
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _MD5_CACHE[key] = digest.hexdigest()
+    return _MD5_CACHE[key]
 
 
 def _unpickle(path: Path) -> dict[str, Any]:

@@ -114,6 +114,7 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", data: RunData | None
         report.update(split=split, run=str(run_dir), config_sha256=config_hash(cfg), chosen_on="val",
                       exit_thresholds_chosen=chosen, flops=table, class_counts=data.class_counts,
                       groups=data.groups)
+        report["data_provenance"] = data.provenance  # which files the run read: official or a copy, their hashes
         atomic_write_json(run_dir / "eval" / f"{split}.json", report)
         reports[split] = report
     return reports

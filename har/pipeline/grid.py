@@ -328,7 +328,8 @@ def run_config(cfg: dict, spec: RunSpec, train_threshold: float | None = None) -
         train_threshold = t_value(cfg, spec.base_method, point, NUM_CLASSES[spec.dataset])
     if train_threshold is not None:
         values = _merge(values, {"loss": {"train_threshold": train_threshold}})
-    return to_dict(from_dict(values))
+    pending = train_threshold is None and needs_selected_t(cfg, spec)  # t comes from the selection job
+    return to_dict(from_dict(values, t_pending=pending))
 
 
 def describe(cfg: dict, spec: RunSpec) -> dict[str, Any]:
