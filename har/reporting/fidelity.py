@@ -68,8 +68,8 @@ def _paper(published: list[PaperValue], table: str, dataset: str, ratio: float, 
 
 def _paired(har: pd.DataFrame, base: pd.DataFrame, column: str) -> tuple[float | None, float | None, int]:
     """Mean, sample std (percent) and count of HAR's `column` minus the baseline's static top-1, seed by seed."""
-    both = har.set_index("seed")[[column]].join(base.set_index("seed")[["top1"]], how="inner", rsuffix="_base")
-    diffs = (100 * (both[column] - both["top1" if column != "top1" else "top1_base"])).dropna()
+    both = har[["seed", column]].merge(base[["seed", "top1"]], on="seed", suffixes=("", "_base"))
+    diffs = (100 * (both[column] - both["top1_base" if column == "top1" else "top1"])).dropna()
     if diffs.empty:
         return None, None, 0
     std = float(diffs.std(ddof=1)) if len(diffs) > 1 else None
@@ -102,8 +102,8 @@ def claim_deltas(df: pd.DataFrame, cfg: dict, published: list[PaperValue]) -> li
                 his, theirs = (_paper(published, table, dataset, ratio, m, "top1") for m in (har, base))
                 paper = None if his is None or theirs is None else his - theirs
                 diff = None if mean is None or paper is None else mean - paper
-                note = "" if static is None else \
-                    f"static HAR minus baseline: {static:+.2f}" + ("" if static_std is None else f" ± {static_std:.2f}")
+                spread = "" if static_std is None else f" ± {static_std:.2f}"
+                note = "" if static is None else f"static HAR minus baseline: {static:+.2f}{spread}"
                 names = [cfg["methods"][m].get("display", m) for m in (har, base)]
                 lines.append(dict(kind="claim", table=table, split=split, method=" - ".join(names), mode=mode,
                                   metric="top-1", ours_mean=mean, ours_std=std, n=n, paper=paper, diff=diff,
