@@ -20,7 +20,8 @@ with open("config.yaml") as f:
 EVERY = copy.deepcopy(PAPER)  # every dataset of the paper, each serving the tables the paper gives it
 EVERY["datasets"] = [{"name": "cifar10", "ratios": [100, 50, 10], "tables": ["II"]},
                      {"name": "cifar100", "ratios": [100, 50, 10], "tables": ["II"]},
-                     {"name": "imagenet_lt", "tables": ["I", "III", "IV", "V"]}, {"name": "inat2018", "tables": ["III"]}]
+                     {"name": "imagenet_lt", "tables": ["I", "III", "IV", "V"]},
+                     {"name": "inat2018", "tables": ["III"]}]
 for _method, _tables in {"ce": ["II", "III", "IV"], "ce_drw": ["II", "III"], "focal_drw": ["III"],
                          "har_ce_drw": ["II", "III"]}.items():
     EVERY["methods"][_method]["tables"] = _tables
