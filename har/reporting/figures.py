@@ -25,6 +25,7 @@ from har.pipeline import grid
 from har.reporting.results import (
     ResultError,
     load_results,
+    provenance_text,
     read_eval,
     read_metrics,
     read_outputs,
@@ -41,7 +42,8 @@ def _save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
         path = out_dir / f"{name}.{ext}"
-        atomic_write(path, lambda f, ext=ext: fig.savefig(f, format=ext, dpi=150))
+        # bbox_inches="tight" keeps the data line under the axes
+        atomic_write(path, lambda f, ext=ext: fig.savefig(f, format=ext, dpi=150, bbox_inches="tight"))
         paths.append(path)
     return paths
 
@@ -324,6 +326,7 @@ def plot_figures(records: Sequence[dict], root: str | Path, cfg: dict, selected:
         if fig is None:
             log.info("%s skipped: %s", name, why)
         else:
+            fig.text(0.5, 0.0, f"Data: {provenance_text(df)}", ha="center", va="top", fontsize="small")
             paths.extend(_save(fig, out_dir, name))
 
     splits = small + large

@@ -7,6 +7,9 @@ A stale, half-written or foreign eval file would otherwise slip silently into th
 from __future__ import annotations
 
 import json
+import math
+import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,13 +22,18 @@ from har.config import stored_config_hash
 from har.engine.trainer import METRICS
 
 # The numeric columns `load_results` adds to each record (fractions in [0, 1], MACs and s as they are).
-RESULT_COLUMNS = ("top1", "many", "medium", "few", "macs", "dyn_s", "dyn_top1", "dyn_saving",
-                  "target_s", "target_top1", "target_saving", "val_top1")
+# dyn_*: at the most accurate s; target_*: at the run's first `saving>=X` choice; best_epoch_top1: the maximum of
+# metrics.jsonl's `test_top1` (LDAM-DRW's best-epoch protocol; NaN when no epoch recorded it).
+RESULT_COLUMNS = ("top1", "many", "medium", "few", "macs", "dyn_s", "dyn_top1", "dyn_saving", "dyn_many",
+                  "dyn_medium", "dyn_few", "target_s", "target_top1", "target_saving", "val_top1", "val_many",
+                  "val_medium", "val_few", "best_epoch_top1")
+# Per `saving>=X` choice of the test report, `load_results` adds the columns `target_column(metric, X)`.
+TARGET_METRICS = ("top1", "saving", "s", "many", "medium", "few")
 
 # The fields of `grid.describe` records and what `load_results` adds besides the metrics.
 RECORD_FIELDS = ("dataset", "ratio", "split", "method", "base_method", "display", "tables", "seed", "t_point", "role",
                  "run_dir")
-RUN_FIELDS = ("target", "har", "train_threshold", "layout", "num_exits")
+RUN_FIELDS = ("target", "har", "train_threshold", "layout", "num_exits", "data_label", "data_official")
 
 # What a report needs from each split's JSON, as key paths.
 _REQUIRED = {
@@ -37,6 +45,10 @@ _REQUIRED = {
 }
 
 
+# Config labels of the paper's own setting (config.yaml says "paper setting"); any other label is flagged.
+PAPER_LABELS = ("paper", "paper setting")
+
+
 class ResultError(ValueError):
     """A run's results are missing, unreadable, incomplete or belong to another config."""
 
@@ -44,9 +56,30 @@ class ResultError(ValueError):
 def setting_label(cfg: dict) -> str:
     """The config's label for captions and titles, flagged unless it is the paper's setting."""
     label = str(cfg.get("label") or "unlabelled config")
-    if label.strip().lower() == "paper" or "not the paper" in label:
+    if label.strip().lower() in PAPER_LABELS or "not the paper" in label:
         return label
     return f"{label} (not the paper's setting)"
+
+
+def target_column(metric: str, saving: float) -> str:
+    """The results column of one metric at the s chosen for a target saving (`saving>=X` of eval/test.json)."""
+    return f"{metric}[saving>={saving:g}]"
+
+
+def provenance_text(df: pd.DataFrame) -> str:
+    """Which data the runs saw, for captions: each distinct `data_provenance` label, flagged unless official."""
+    if df.empty or "data_label" not in df.columns:
+        return "data provenance not recorded"
+    parts = []
+    for label, official in dict.fromkeys(zip(df["data_label"], df["data_official"])):
+        if label is None or (isinstance(label, float) and math.isnan(label)):
+            parts.append("data provenance not recorded")
+        else:
+            official = official is not None and not (isinstance(official, float) and math.isnan(official)) \
+                and bool(official)
+            named = str(label) if "official" in str(label).lower() else f"official {label}"
+            parts.append(named if official else f"{label} (not the official files)")
+    return "; ".join(dict.fromkeys(parts))
 
 
 def _lookup(report: dict, dotted: str) -> Any:
@@ -119,8 +152,9 @@ def read_outputs(run_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path) as archive:
             return archive["logits"], archive["labels"]
-    except (OSError, KeyError, ValueError, EOFError) as exc:
-        raise ResultError(f"{path} is missing or unreadable ({exc}); evaluate {run_dir} again") from exc
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ResultError(f"{path} is missing, truncated or corrupt ({type(exc).__name__}: {exc}); delete it and "
+                          f"evaluate {run_dir} again") from exc
 
 
 def _target(selected: dict) -> tuple[str | None, dict]:
@@ -129,29 +163,69 @@ def _target(selected: dict) -> tuple[str | None, dict]:
     return name, selected.get(name, {})
 
 
+def _targets(selected: dict) -> dict[str, Any]:
+    """Every `saving>=X` choice as `target_column` entries (the s, top-1, saving and shot accuracies reached)."""
+    out: dict[str, Any] = {}
+    for name, entry in selected.items():
+        if not name.startswith("saving>="):
+            continue
+        saving = float(name.removeprefix("saving>="))
+        shot = entry.get("shot") or {}
+        values = {"top1": entry.get("top1"), "saving": entry.get("saving"), "s": entry.get("exit_threshold"),
+                  **{g: shot.get(g) for g in ("many", "medium", "few")}}
+        out.update({target_column(metric, saving): values[metric] for metric in TARGET_METRICS})
+    return out
+
+
+def best_epoch_top1(run_dir: Path) -> float | None:
+    """The best `test_top1` of metrics.jsonl (epochs from the first lr decay on), or None when none recorded it."""
+    path = run_dir / METRICS
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ResultError(f"{path} is missing or unreadable ({exc}); train {run_dir} again") from exc
+    values = [row["test_top1"] for row in rows if isinstance(row, dict) and row.get("test_top1") is not None]
+    return max(values) if values else None
+
+
+def _provenance(test: dict) -> tuple[str | None, bool | None]:
+    """`data_provenance` of the test report (optional: older evaluations lack it)."""
+    info = test.get("data_provenance")
+    if not isinstance(info, dict):
+        return None, None
+    return info.get("label"), info.get("official")
+
+
 def _row(record: dict, root: Path) -> dict:
     run_dir = root / record["run_dir"]
     test, val = read_eval(run_dir, "test"), read_eval(run_dir, "val")
     config = read_run_config(run_dir)
     best = test["dynamic_selected"]["best"]
     target_name, target = _target(test["dynamic_selected"])
-    shot = test["static"]["shot"]
+    shot, best_shot, val_shot = test["static"]["shot"], best.get("shot") or {}, val["static"].get("shot") or {}
+    data_label, data_official = _provenance(test)
     return dict(record, top1=test["static"]["top1"], many=shot["many"], medium=shot["medium"], few=shot["few"],
                 macs=test["static"]["macs"], dyn_s=best["exit_threshold"], dyn_top1=best["top1"],
-                dyn_saving=best["saving"], target=target_name, target_s=target.get("exit_threshold"),
+                dyn_saving=best["saving"], dyn_many=best_shot.get("many"), dyn_medium=best_shot.get("medium"),
+                dyn_few=best_shot.get("few"), target=target_name, target_s=target.get("exit_threshold"),
                 target_top1=target.get("top1"), target_saving=target.get("saving"), val_top1=val["static"]["top1"],
-                har=bool(config["loss"].get("har")), train_threshold=config["loss"].get("train_threshold"),
-                layout=(config.get("model") or {}).get("layout"), num_exits=len(test["flops"]["exits"]))
+                val_many=val_shot.get("many"), val_medium=val_shot.get("medium"), val_few=val_shot.get("few"),
+                best_epoch_top1=best_epoch_top1(run_dir), har=bool(config["loss"].get("har")),
+                train_threshold=config["loss"].get("train_threshold"),
+                layout=(config.get("model") or {}).get("layout"), num_exits=len(test["flops"]["exits"]),
+                data_label=data_label, data_official=data_official, **_targets(test["dynamic_selected"]))
 
 
 def load_results(records: Sequence[dict], root: str | Path) -> pd.DataFrame:
-    """One row per run: the record's fields, static and dynamic test metrics, static validation top-1.
+    """One row per run: the record's fields, static and dynamic test metrics, static validation metrics, the
+    best-epoch top-1, the data provenance and, per `saving>=X` choice of s, the `target_column`s.
 
     Accuracies and savings stay fractions; `har` and `train_threshold` come from the run's own config.yaml.
     """
     rows = [_row(record, Path(root)) for record in records]
     df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=[*RECORD_FIELDS, *RESULT_COLUMNS, *RUN_FIELDS])
-    for column in RESULT_COLUMNS:
+    targets = [c for c in df.columns if "[saving>=" in c]
+    for column in (*RESULT_COLUMNS, *targets):
         df[column] = pd.to_numeric(df[column], errors="coerce").astype(float)
     return df
 
@@ -169,4 +243,4 @@ def summarise(df: pd.DataFrame, by: str | Iterable[str], metrics: Iterable[str] 
     grouped = df[by + metrics].groupby(by, dropna=False, sort=False)[metrics]
     stats = {"mean": grouped.mean(), "std": grouped.std(ddof=1), "n": grouped.count()}
     out = pd.concat([stats[stat][m].rename(f"{m}_{stat}") for m in metrics for stat in stats], axis=1)
-    return out.reset_index()[columns]
+    return pd.concat([out.index.to_frame(index=False), out.reset_index(drop=True)], axis=1)[columns]

@@ -1,10 +1,14 @@
+# Every published value beside ours, judged against our seeds: written with the tables (har.reporting.fidelity).
+FIDELITY_FILES = ["results/tables/fidelity.md", "results/tables/fidelity.csv"]
+
+
 rule tables_build:
     input:
         reports=get_eval_reports(),
         selections=get_selection_files(),
     output:
         report(
-            get_table_files(),
+            get_table_files() + FIDELITY_FILES,
             caption="../report/tables.rst",
             category="Tables",
         ),

@@ -1,7 +1,8 @@
 # ruff: noqa: F821 - `snakemake` is the object Snakemake's script directive injects
 from har.pipeline.jobs import load_selections, setup_job
+from har.reporting.published import load_published
 from har.reporting.results import load_results
-from har.reporting.tables import build_tables, load_published
+from har.reporting.tables import build_tables
 
 setup_job(snakemake.log[0])
 results = load_results(snakemake.params.records, ".")

@@ -1,0 +1,160 @@
+"""The fidelity report: each published value we trained beside ours, judged against the spread of our seeds, and
+the paper's central claims (HAR minus its baseline, per split) as paired differences over seeds.
+
+A single cell can miss the paper by more than the seed noise for reasons shared by every row (data copy, last
+epoch against best epoch); the claims compare what the paper argues, the gain of HAR over its own baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from har.atomic import atomic_write_text
+from har.pipeline import grid
+from har.reporting.published import PaperValue
+from har.reporting.results import provenance_text, setting_label, target_column
+
+if TYPE_CHECKING:
+    from har.reporting.tables import Table
+
+# The paper's central claims: (HAR method, its baseline), compared per split on Tables II and III.
+CLAIMS = (("har_ce_drw", "ce_drw"), ("har_ldam_drw", "ldam_drw"))
+SPREAD = 2.0  # a difference within SPREAD sample std of our seeds is within the noise of our runs
+COLUMNS = ("kind", "table", "split", "method", "mode", "metric", "ours_mean", "ours_std", "n", "paper", "diff",
+           "verdict", "note")
+
+
+def is_quick(cfg: dict) -> bool:
+    """A config that says it is not the paper's setting: its numbers cannot judge the reproduction."""
+    return "not the paper" in setting_label(cfg)
+
+
+def judge(cfg: dict, paper: float | None, diff: float | None, std: float | None, n: int) -> str:
+    """Whether ours - paper lies within SPREAD std of our seeds, or why that cannot be judged."""
+    if is_quick(cfg):
+        return "cannot be judged (quick config, not the paper's setting)"
+    if paper is None:
+        return "no paper value"
+    if diff is None:
+        return "not measured"
+    if n < 2 or std is None:
+        return "cannot be judged (n < 2)"
+    return f"within {SPREAD:g} std" if abs(diff) <= SPREAD * std else f"outside {SPREAD:g} std"
+
+
+def fidelity_lines(tables: Sequence[Table], cfg: dict) -> list[dict]:
+    """One line per published cell whose split and method have runs."""
+    lines = []
+    for table in tables:
+        for c in table.comparisons:
+            if not c.trained:
+                continue
+            diff = None if c.mean is None else c.mean - c.paper
+            note = f"the paper copied this value from {c.copied_from}" if c.copied_from else ""
+            lines.append(dict(kind="cell", table=c.table, split=c.split, method=c.method, mode=c.mode,
+                              metric=c.metric, ours_mean=c.mean, ours_std=c.std, n=c.n, paper=c.paper, diff=diff,
+                              verdict=judge(cfg, c.paper, diff, c.std, c.n), note=note))
+    return lines
+
+
+def _paper(published: list[PaperValue], table: str, dataset: str, ratio: float, method: str,
+           metric: str) -> float | None:
+    found = [v.value for v in published if v.metric == metric and v.matches(table, dataset, ratio, method)]
+    return found[0] if found else None
+
+
+def _paired(har: pd.DataFrame, base: pd.DataFrame, column: str) -> tuple[float | None, float | None, int]:
+    """Mean, sample std (percent) and count of HAR's `column` minus the baseline's static top-1, seed by seed."""
+    both = har[["seed", column]].merge(base[["seed", "top1"]], on="seed", suffixes=("", "_base"))
+    diffs = (100 * (both[column] - both["top1_base" if column == "top1" else "top1"])).dropna()
+    if diffs.empty:
+        return None, None, 0
+    std = float(diffs.std(ddof=1)) if len(diffs) > 1 else None
+    return float(diffs.mean()), std, len(diffs)
+
+
+def claim_deltas(df: pd.DataFrame, cfg: dict, published: list[PaperValue]) -> list[dict]:
+    """Per split of Table II (CIFAR) or III (list datasets) with runs of both methods of a claim: ours (HAR as the
+    paper measures it, dynamic at its saving when evaluated there, minus the baseline's static top-1) against the
+    paper's delta."""
+    finals = df[df["role"] == "final"]
+    lines = []
+    for table in ("II", "III"):
+        for dataset, ratio in grid.splits(cfg, table):
+            if table != ("III" if grid.is_list_dataset(dataset) else "II"):  # the paper's table of the split
+                continue
+            split = grid.split_name(dataset, ratio)
+            for har, base in CLAIMS:
+                runs = {m: finals[(finals["split"] == split) & (finals["method"] == m)] for m in (har, base)}
+                if any(frame.empty for frame in runs.values()):
+                    continue
+                savings = [v.value / 100 for v in published if v.metric == "saving" and
+                           v.matches(table, dataset, ratio, har)]
+                column, mode = "top1", "static (the paper prints no saving here)"
+                if savings:
+                    target = target_column("top1", savings[0])
+                    if target in runs[har] and runs[har][target].notna().any():
+                        column, mode = target, f"dynamic, s for the paper's {100 * savings[0]:g}% saving"
+                    else:
+                        mode = f"static (not evaluated at the paper's {100 * savings[0]:g}% saving)"
+                mean, std, n = _paired(runs[har], runs[base], column)
+                static, static_std, _ = _paired(runs[har], runs[base], "top1")
+                his, theirs = (_paper(published, table, dataset, ratio, m, "top1") for m in (har, base))
+                paper = None if his is None or theirs is None else his - theirs
+                diff = None if mean is None or paper is None else mean - paper
+                spread = "" if static_std is None else f" ± {static_std:.2f}"
+                note = "" if static is None else f"static HAR minus baseline: {static:+.2f}{spread}"
+                names = [cfg["methods"][m].get("display", m) for m in (har, base)]
+                lines.append(dict(kind="claim", table=table, split=split, method=" - ".join(names), mode=mode,
+                                  metric="top-1", ours_mean=mean, ours_std=std, n=n, paper=paper, diff=diff,
+                                  verdict=judge(cfg, paper, diff, std, n), note=note))
+    return lines
+
+
+def _num(value: float | None, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def _markdown(caption: str, frame: pd.DataFrame) -> str:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    header = ["Table", "Split", "Method", "Mode", "Metric", "ours", "n", "paper", "diff", "verdict", "note"]
+    out = [f"**Fidelity report.** {caption}"]
+    for kind, title in (("cell", "Published cells we trained"), ("claim", "Central claims: HAR minus its baseline")):
+        rows = frame[frame["kind"] == kind]
+        out += ["", f"**{title}**", ""]
+        if rows.empty:
+            out.append("(none in this config)")
+            continue
+        out += [line(header), line(["---"] * 5 + ["---:"] * 4 + ["---"] * 2)]
+        for r in rows.to_dict("records"):
+            ours = _num(r["ours_mean"]) + ("" if r["ours_std"] is None or pd.isna(r["ours_std"])
+                                          else f" ± {r['ours_std']:.2f}")
+            out.append(line([r["table"], r["split"], r["method"], r["mode"], r["metric"], ours, str(r["n"]),
+                             _num(r["paper"]), _num(r["diff"], signed=True), r["verdict"], r["note"]]))
+    return "\n".join(out) + "\n"
+
+
+def write_fidelity(tables: Sequence[Table], df: pd.DataFrame, cfg: dict, published: list[PaperValue],
+                   out_dir: str | Path) -> list[Path]:
+    """Write `fidelity.md` and `fidelity.csv` (a `# caption` line, then one row per cell or claim); return them."""
+    frame = pd.DataFrame(fidelity_lines(tables, cfg) + claim_deltas(df, cfg, published), columns=list(COLUMNS))
+    quick = " A quick config: no line can judge the reproduction." if is_quick(cfg) else ""
+    caption = (f"Each published value of Tables I-V whose split and method we trained, ours (mean ± sample std over "
+               f"n seeds, percent) against the paper's; diff: ours - paper; 'within {SPREAD:g} std' when |diff| <= "
+               f"{SPREAD:g} std of our seeds (n < 2: cannot be judged). Claims: HAR minus its baseline per split, "
+               f"paired seed by seed. Our savings count the exit heads' cost. Config: {setting_label(cfg)}. Data: "
+               f"{provenance_text(df[df['role'] == 'final'])}.{quick}")
+    out_dir = Path(out_dir)
+    paths = [out_dir / "fidelity.md", out_dir / "fidelity.csv"]
+    atomic_write_text(paths[0], _markdown(caption, frame))
+    atomic_write_text(paths[1], f"# Fidelity report. {caption}\n" + frame.to_csv(index=False, float_format="%.4f"))
+    return paths
