@@ -78,11 +78,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _record_lock(fd: int, exclusive: bool) -> bool | None:
-    """Take a POSIX record lock on the whole file without waiting: True taken, False held by another process,
-    None where the file system has no record locks."""
+def _record_lock(fd: int, exclusive: bool, wait: bool = False) -> bool | None:
+    """Take a POSIX record lock on the whole file (without waiting unless `wait`): True taken, False held by
+    another process, None where the file system has no record locks."""
     try:
-        fcntl.lockf(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        fcntl.lockf(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB))
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EAGAIN):
             return False
@@ -182,7 +182,7 @@ def acquire(folder: Path, command: str, what: str, read_only_ok: bool = False) -
             raise RunError(f"cannot create the lock file {lock}: {exc.strerror}; the folder must be writable "
                            f"(fix its permissions or choose another folder)") from exc
         else:
-            _record_lock(fd, exclusive=True)  # a new file: nobody else can hold it
+            _record_lock(fd, exclusive=True, wait=True)  # a new file: others only probe it for an instant
             _write_holder(fd, _this_process(command))
             _held[lock] = fd
             return FolderLock(folder, held=True)
