@@ -14,11 +14,17 @@ from typing import TYPE_CHECKING
 from har.config import ConfigError, RunConfig, load_config
 from har.data.errors import DataError
 from har.engine.checkpoint import RunError
+from har.engine.lock import EXIT_LOCKED, FolderBusy
 
 if TYPE_CHECKING:
     from har.data.build import RunData
 
 log = logging.getLogger("har")
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a job stopped with Ctrl-C
+AFTER_CTRL_C = {"train": "run the same command again to resume from the last checkpoint",
+                "run": "run the same command again: training resumes from its last checkpoint",
+                "evaluate": "run the same command again (an evaluation starts over)"}
 
 
 def _fmt(value: float | None) -> str:
@@ -178,9 +184,16 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         args.func(args)
+    except FolderBusy as exc:  # before RunError, its base: another process holds the folder
+        print(f"har {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
     except (ConfigError, DataError, RunError) as exc:
         print(f"har {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        advice = AFTER_CTRL_C.get(args.command, "nothing was written half-way; run the command again")
+        print(f"har {args.command}: interrupted (Ctrl-C); {advice}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

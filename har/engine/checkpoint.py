@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from har.atomic import atomic_write
+from har.atomic import atomic_write, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,16 @@ def atomic_save(obj: Any, path: Path, keep_previous: Path | None = None) -> None
     """`torch.save` in one step; with `keep_previous`, the checkpoint at `path` is first moved there."""
     path = Path(path)
     if keep_previous is not None and path.exists():
-        os.replace(path, keep_previous)
+        _move(path, keep_previous)
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _move(source: Path, target: Path) -> None:
+    """Rename a checkpoint, with a one-line RunError when the folder refuses (read-only, failing disk)."""
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        raise write_failure(target, exc, f"move {source.name} to") from exc
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -71,6 +79,6 @@ def resume_checkpoint(path: Path, previous: Path, map_location: str | torch.devi
     if ckpt is None:
         raise RunError(f"no usable checkpoint: {newest}, and {older}. Delete {path.name} and {previous.name} "
                        f"(in {path.parent}) to train this run from scratch, or choose another --out")
-    os.replace(previous, path)
+    _move(previous, path)
     log.warning("%s; resuming from %s (moved to %s)", newest, previous, path.name)
     return ckpt

@@ -16,7 +16,8 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -28,12 +29,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from har.atomic import atomic_write_text
-from har.config import RunConfig, config_diff, config_hash, dump_config, stored_config_hash, to_dict
+from har.config import ConfigError, RunConfig, config_diff, config_hash, dump_config, stored_config_hash, to_dict
 from har.data.batches import eval_batches, train_batches
 from har.data.build import RunData, build_data
+from har.data.errors import DataError
 from har.data.loader import ImageBatches, TensorBatches
 from har.engine.checkpoint import RunError, atomic_save, resume_checkpoint
 from har.engine.distributed import Distributed, from_environment, process_group
+from har.engine.lock import folder_lock
 from har.engine.schedule import lr_factor
 from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
 from har.engine.step import StepLoss
@@ -98,18 +101,26 @@ def build_step_loss(model: torch.nn.Module, har_loss: HARLoss, num_exits: int, c
     return step_loss if mode == "off" or distributed else torch.compile(step_loss, mode=mode)
 
 
-def prepare_run_dir(cfg: RunConfig, out: Path) -> None:
+def prepare_run_dir(cfg: RunConfig, out: Path) -> bool:
     """Write the resolved config and its hash, or check they match the folder's; remove the temporaries of a
-    job killed while writing (only one job trains a folder at a time)."""
+    job killed while writing (the caller holds the folder's lock). True when this call wrote a new config.yaml.
+
+    Files already holding what would be written are left untouched, so a finished run in a read-only folder
+    can be asked again (and a folder's files keep their dates).
+    """
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.yaml", "config.sha256", METRICS, CHECKPOINT, PREVIOUS):
         for stale in out.glob(f".{name}.*.tmp"):  # har.atomic.atomic_write's temporary names
             log.info("removing %s, left by a job killed while writing %s", stale, name)
-            stale.unlink(missing_ok=True)
+            try:
+                stale.unlink(missing_ok=True)
+            except OSError as exc:  # a read-only folder: harmless, nothing reads temporaries
+                log.warning("could not remove %s (%s)", stale, exc.strerror)
     digest = config_hash(cfg)
     cfg_path = out / "config.yaml"
     try:
-        old = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else None
+        old_text = cfg_path.read_text() if cfg_path.exists() else None
+        old = None if old_text is None else yaml.safe_load(old_text)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise RunError(f"{cfg_path} is unreadable ({exc}); delete {out} or choose another --out") from exc
     if old is not None and stored_config_hash(old) != digest:
@@ -117,8 +128,62 @@ def prepare_run_dir(cfg: RunConfig, out: Path) -> None:
         diff = diff or "(none in the values: the folder's config.yaml is not a valid config for this version)"
         raise RunError(f"{out} holds a run of another config; choose another --out or delete the folder. "
                        f"Differences (folder -> asked):\n  {diff}")
-    atomic_write_text(cfg_path, dump_config(cfg))
-    atomic_write_text(out / "config.sha256", digest + "\n")
+    _write_if_changed(cfg_path, dump_config(cfg), old_text)
+    _write_if_changed(out / "config.sha256", digest + "\n")
+    return old_text is None
+
+
+def _write_if_changed(path: Path, text: str, current: str | None = None) -> None:
+    """Replace `path` with `text` unless it holds it already (`current`: its text, when already read)."""
+    if current is None and path.exists():
+        try:
+            current = path.read_text()
+        except (OSError, UnicodeDecodeError):
+            current = None  # rewritten below
+    if current != text:
+        atomic_write_text(path, text)
+
+
+@contextmanager
+def _owned_run_dir(cfg: RunConfig, out: Path, ctx: Distributed) -> Iterator[None]:
+    """Rank 0 locks the run folder for the whole run and prepares it; a refused input (a named error before the
+    first checkpoint) leaves no folder or config.yaml behind that this call created, so the corrected command
+    then runs on the same --out.
+
+    A folder this process may not write (no lock file could be created) is used unlocked when its run is
+    finished (nothing is written); otherwise it is refused before any training.
+    """
+    if not ctx.is_main:
+        yield
+        return
+    existed, undone = out.exists(), False
+    try:
+        with folder_lock(out, "train", "run folder (--out)", read_only_ok=True) as lock:
+            if not lock.held:
+                _refuse_unfinished_read_only(cfg, out, lock.read_only)
+            created = prepare_run_dir(cfg, out)
+            try:
+                yield
+            except (ConfigError, DataError, RunError):
+                undone = created and not (out / CHECKPOINT).exists() and not (out / PREVIOUS).exists()
+                if undone:
+                    for name in ("config.yaml", "config.sha256", METRICS):
+                        (out / name).unlink(missing_ok=True)
+                    log.info("removed the config this run wrote in %s: it stopped before its first checkpoint", out)
+                raise
+    finally:
+        if undone and not existed:
+            with suppress(OSError):  # only when empty: a file someone else put there stays
+                out.rmdir()
+
+
+def _refuse_unfinished_read_only(cfg: RunConfig, out: Path, why: str) -> None:
+    """A folder that cannot be written can only be read: a finished run passes, anything else is refused."""
+    ckpt = resume_checkpoint(out / CHECKPOINT, out / PREVIOUS)
+    done = 0 if ckpt is None else ckpt["epoch"] + 1
+    if ckpt is None or ckpt.get("partial") is not None or done < cfg.train.epochs:
+        raise RunError(f"{out} cannot be written ({why}) and its run is not finished ({done} of {cfg.train.epochs} "
+                       f"epochs): make the folder writable, or choose another --out")
 
 
 def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -197,14 +262,12 @@ def train(cfg: RunConfig, out: str | Path, data: RunData | None = None) -> list[
     """
     ctx = from_environment()
     device = resolve_device(cfg.train.device, ctx)
-    with process_group(ctx, device):
+    with process_group(ctx, device), _owned_run_dir(cfg, Path(out), ctx):
         return _train(cfg, Path(out), data, ctx, device)
 
 
 def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, device: torch.device) -> list[dict]:
-    if ctx.is_main:
-        prepare_run_dir(cfg, out)
-    ctx.barrier()
+    ctx.barrier()  # rank 0 has locked and prepared the folder
     t = cfg.train
     on_cuda = device.type == "cuda"
     amp = on_cuda if t.amp is None else t.amp

@@ -7,7 +7,9 @@ split, confidence histograms, MACs table). The validation split chooses s; the t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +20,17 @@ from har.atomic import atomic_write, atomic_write_json
 from har.config import RunConfig, config_hash, from_dict, stored_config_hash
 from har.data.batches import eval_batches
 from har.data.build import ListSplit, RunData, Split, build_data
-from har.engine.checkpoint import RunError, load_checkpoint
-from har.engine.trainer import CHECKPOINT, build_model, resolve_device
+from har.engine.checkpoint import RunError, resume_checkpoint
+from har.engine.lock import folder_lock, refuse_if_held
+from har.engine.trainer import CHECKPOINT, PREVIOUS, build_model, resolve_device
 from har.evaluation.dynamic import choose_exit_threshold, default_exit_thresholds, dynamic_result, softmax
 from har.evaluation.flops import flops_table
 from har.evaluation.metrics import classification_summary, confusion_matrix
 from har.models import MultiExitNet
+
+log = logging.getLogger(__name__)
+
+EVAL_DIR = "eval"
 
 
 def input_size(cfg: RunConfig) -> tuple[int, int, int]:
@@ -33,21 +40,39 @@ def input_size(cfg: RunConfig) -> tuple[int, int, int]:
 
 
 def load_run(run_dir: Path, device: torch.device) -> tuple[RunConfig, dict]:
-    """The config and the final checkpoint of a completed run; refuses unfinished or mismatched runs."""
+    """The config and the final checkpoint of a completed run; refuses unfinished or mismatched runs.
+
+    A folder whose `last.pt` is missing or unreadable but whose `prev.pt` holds the checkpoint (a job killed
+    during its final save) gets `prev.pt` back as `last.pt`, as `har train` does.
+    """
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise RunError(f"{run_dir} is not a run folder (no config.yaml); train it first with har train")
     cfg = from_dict(yaml.safe_load(cfg_path.read_text()))
     ckpt_path = run_dir / CHECKPOINT
-    if not ckpt_path.exists():
+    ckpt = resume_checkpoint(ckpt_path, run_dir / PREVIOUS, map_location=device)
+    if ckpt is None:
         raise RunError(f"{run_dir} has no {CHECKPOINT}: training has not finished an epoch; run har train")
-    ckpt = load_checkpoint(ckpt_path, map_location=device)
     if stored_config_hash(ckpt.get("config")) != config_hash(cfg):
         raise RunError(f"{ckpt_path} does not belong to {cfg_path} (config hash differs); train the run again")
     if ckpt["epoch"] + 1 != cfg.train.epochs:
         raise RunError(f"{run_dir} is incomplete: {ckpt['epoch'] + 1} of {cfg.train.epochs} epochs trained; "
                        f"run har train with the same --out to resume")
     return cfg, ckpt
+
+
+@contextmanager
+def _evaluation_folder(run_dir: Path) -> Iterator[Path]:
+    """Lock `eval/` so that two evaluations of a run do not interleave, after checking that no trainer holds
+    the run folder; remove the temporaries of an evaluation killed while writing."""
+    if not (run_dir / "config.yaml").exists():
+        raise RunError(f"{run_dir} is not a run folder (no config.yaml); train it first with har train")
+    refuse_if_held(run_dir, "har evaluate")
+    with folder_lock(run_dir / EVAL_DIR, "evaluate", "evaluation folder") as lock:
+        for stale in lock.folder.glob(".*.tmp"):  # har.atomic.atomic_write's temporary names
+            log.info("removing %s, left by an evaluation killed while writing", stale)
+            stale.unlink(missing_ok=True)
+        yield lock.folder
 
 
 @torch.no_grad()
@@ -88,6 +113,11 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", data: RunData | None
     """Evaluate a completed run on its validation and test splits; return the two reports."""
     run_dir = Path(run_dir)
     dev = resolve_device(device)
+    with _evaluation_folder(run_dir):
+        return _evaluate_locked(run_dir, dev, data)
+
+
+def _evaluate_locked(run_dir: Path, dev: torch.device, data: RunData | None) -> dict[str, dict]:
     cfg, ckpt = load_run(run_dir, dev)
     data = data or build_data(cfg.data)
     model = build_model(cfg, data.num_classes).to(dev)
