@@ -279,7 +279,7 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
     model = build_model(cfg, data.num_classes).to(device)
     stage_two = cfg.decouple.method != "none"
     if stage_two:
-        decoupled.load_stage_one(cfg, model, device)
+        decoupled.load_stage_one(cfg, model, device, out if ctx.is_main else None)  # only rank 0 writes the folder
         decoupled.trainable_parameters(cfg, model)
         if cfg.decouple.method == "tau_norm":
             return _tau_norm(cfg, out, model, data, device, ctx)

@@ -26,6 +26,7 @@ from har.engine.trainer import CHECKPOINT, PREVIOUS, build_model, resolve_device
 from har.evaluation.dynamic import choose_exit_threshold, default_exit_thresholds, dynamic_result, softmax
 from har.evaluation.flops import flops_table
 from har.evaluation.metrics import classification_summary, confusion_matrix
+from har.methods import decoupled
 from har.models import MultiExitNet
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,8 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", data: RunData | None
 
 def _evaluate_locked(run_dir: Path, dev: torch.device, data: RunData | None) -> dict[str, dict]:
     cfg, ckpt = load_run(run_dir, dev)
+    if cfg.decouple.method != "none":  # a stage two of an earlier training of its stage one is refused
+        decoupled.check_stage_one(cfg, run_dir)
     data = data or build_data(cfg.data)
     model = build_model(cfg, data.num_classes).to(dev)
     model.load_state_dict(ckpt["model"])

@@ -5,13 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
+import yaml
+
 from har.atomic import atomic_write_json, atomic_write_text
-from har.config import dump_config, from_dict
+from har.config import RunConfig, config_hash, dump_config, from_dict, stored_config_hash
 from har.data.build import build_data, full_splits, write_bundle
 from har.pipeline import grid
 
@@ -63,6 +67,10 @@ def train_run(cfg: dict, spec: grid.RunSpec, bundle: str | Path | None, selectio
     decoupled run's config names its stage-one run folder, which the workflow trains first. With `processes` > 1
     (a job given several GPUs) training runs under torchrun, one process per GPU of the job's node, from the
     resolved config written to `<run folder>/launch.yaml`.
+
+    A folder left by another config, or a stage two of an earlier training of its stage one, is moved aside first
+    (`set_aside_stale`): Snakemake reruns the job because the config or the stage one changed, and the job then
+    trains the run again instead of refusing the folder or resuming a stale checkpoint.
     """
     from har.engine.trainer import read_history, train
 
@@ -71,6 +79,7 @@ def train_run(cfg: dict, spec: grid.RunSpec, bundle: str | Path | None, selectio
     if bundle is not None:
         values["data"]["bundle"] = str(bundle)
     run_cfg = from_dict(values)
+    set_aside_stale(run_cfg, Path(spec.run_dir))
     if processes > 1:
         launch = Path(spec.run_dir) / "launch.yaml"
         launch.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +95,43 @@ def train_run(cfg: dict, spec: grid.RunSpec, bundle: str | Path | None, selectio
         history = train(run_cfg, spec.run_dir)
     atomic_write_json(Path(marker), {"run": grid.describe(cfg, spec), "epochs": len(history),
                                      "final": history[-1] if history else None})
+
+
+def stale_reason(run_cfg: RunConfig, run_dir: Path) -> str | None:
+    """Why the folder `run_dir` cannot be resumed as a run of `run_cfg` ("config", "stage-one"); None when it can
+    (or does not exist). A stage two that has trained but records no stage one (an older har) counts as stale: the
+    job only runs again when Snakemake saw its stage one or config change."""
+    from har.methods import decoupled
+
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        return None
+    try:
+        stored = yaml.safe_load(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return "config"  # unreadable: not a run of this config either
+    if stored_config_hash(stored) != config_hash(run_cfg):
+        return "config"
+    if run_cfg.decouple.method != "none" and decoupled.has_started(run_dir):
+        if decoupled.recorded_stage_one(run_dir) is None or decoupled.stage_one_change(run_cfg, run_dir):
+            return "stage-one"
+    return None
+
+
+def set_aside_stale(run_cfg: RunConfig, run_dir: Path) -> Path | None:
+    """Move a stale run folder to `<run_dir>.stale-<reason>-<UTC time>` beside it; return the new path, or None.
+
+    Moved, not deleted: a paper-scale run costs GPU days, and a reverted edit can move it back. The new name
+    matches no pattern of the workflow (run folders end in `seed<N>`), so nothing reads it again.
+    """
+    reason = stale_reason(run_cfg, run_dir)
+    if reason is None:
+        return None
+    aside = run_dir.with_name(f"{run_dir.name}.stale-{reason}-{datetime.now(UTC):%Y%m%dT%H%M%S.%fZ}")
+    os.replace(run_dir, aside)
+    logging.getLogger(__name__).warning("%s holds a run of another %s: moved to %s, training it again", run_dir,
+                                        "config" if reason == "config" else "stage one", aside)
+    return aside
 
 
 def _torchrun(command: list[str]) -> int:
