@@ -137,6 +137,9 @@ class EvalConfig:
     exit_thresholds: tuple[float, ...] | None = None  # s sweep; None: 21 steps over the classifier's confidence range
     target_savings: tuple[float, ...] = (0.25,)  # MACs savings at which s is chosen on the validation split
     histogram_bins: int = 20  # confidence histograms (the paper's Fig. 3)
+    # 0-based epoch from which training records static test top-1 (final exit) as metrics.jsonl's test_top1 (the
+    # LDAM-DRW protocol keeps the best of these; ours stays the last epoch); None: the first lr milestone, -1: off
+    record_test_from: int | None = None
 
 
 @dataclass
