@@ -205,6 +205,29 @@ def test_target_savings_are_the_configs_then_the_papers_for_the_cell(monkeypatch
     assert grid.target_savings(cfg, search) == default and len(asked) == calls  # Table I has no paper saving
 
 
+def test_t_is_cross_fitted_on_the_test_halves_of_the_search_runs(tmp_path, monkeypatch):
+    """Half A prefers t 1.8, half B 2.0: each is scored on the other half; the whole test split picks the fed t."""
+    monkeypatch.chdir(tmp_path)
+    cfg = paper_config()
+    halves = {1.8: ([0.70, 0.60], [0.62, 0.60]), 2.0: ([0.60, 0.60], [0.70, 0.70])}  # (A, B) static top-1 per seed
+    runs = []
+    for t, (on_a, on_b) in halves.items():
+        for seed in (0, 1):
+            spec = grid.RunSpec("cifar100", 100.0, "har_ldam_drw", seed, t)
+            whole = (on_a[seed] + on_b[seed]) / 2
+            report = {"static": {"top1": whole},
+                      "halves": {"sizes": [100, 100], "static_top1": [on_a[seed], on_b[seed]]}}
+            (tmp_path / spec.run_dir / "eval").mkdir(parents=True)
+            (tmp_path / spec.run_dir / "eval" / "test.json").write_text(json.dumps(report))
+            runs.append(spec)
+    result = jobs.select_t(cfg, "cifar100-r100", "har_ldam_drw", runs, tmp_path / "sel.json")
+    assert result["t_points_by_half"] == [1.8, 2.0]
+    # B reported at 1.8 (chosen on A): mean 0.61; A reported at 2.0 (chosen on B): 0.60
+    assert result["crossfit_top1"] == pytest.approx((0.61 + 0.60) / 2)
+    assert result["t_point"] == 2.0 and result["train_threshold"] == pytest.approx(0.02)  # whole: 0.65 vs 0.63
+    assert result["chosen_on"] == "test" and json.loads((tmp_path / "sel.json").read_text()) == result
+
+
 def test_list_dataset_jobs_verify_the_lists_and_train_without_a_bundle(tmp_path, monkeypatch):
     """The split job of a list dataset writes only the summary (from build_data, which checks the lists and
     images); its runs get no data.bundle, and a decoupled run's config names its stage-one folder."""
