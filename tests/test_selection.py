@@ -76,3 +76,45 @@ def test_empty_half_is_refused():
 def test_imagenet_lt_chooses_on_its_validation_list_and_the_others_cross_fit():
     assert protocol("imagenet_lt") == "val"
     assert {protocol(d) for d in ("cifar10", "cifar100", "inat2018")} == {CROSSFIT}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from conftest import synthetic_data
+
+    from har.config import from_dict
+    from har.engine.trainer import train
+
+    cfg = from_dict({"data": {"dataset": "cifar10"}, "loss": {"name": "ce", "train_threshold": 0.5},
+                     "train": {"epochs": 1, "batch_size": 16, "warmup_epochs": 0, "device": "cpu"},
+                     "eval": {"exit_thresholds": [0.0, 0.4, 0.6, 0.8, 1.01]}})
+    run, data = tmp_path_factory.mktemp("sel") / "run", synthetic_data()
+    train(cfg, run, data=data)
+    return run, data
+
+
+def test_evaluation_reports_each_target_saving_cross_fitted_on_the_test_halves(trained_run):
+    from har.evaluation.evaluate import evaluate_run
+
+    run, data = trained_run
+    test = evaluate_run(run, device="cpu", data=data, target_savings=[0.1, 0.3])["test"]
+    assert set(test["dynamic_selected"]) == {"best", "saving>=0.1", "saving>=0.3"}  # not the config's 0.25
+    assert test["selection_protocol"] == CROSSFIT and sorted(test["halves"]["sizes"]) == [9, 9]
+    for name, entry in test["dynamic_selected"].items():
+        assert entry["protocol"] == CROSSFIT and entry["exit_threshold"] == entry["exit_thresholds"][0]
+        assert test["exit_thresholds_chosen"][name] == entry["exit_thresholds"]
+        assert sum(sum(e["class_counts"]) for e in entry["per_exit"]) == len(data.test.labels)
+        assert all("confusion" in e for e in entry["per_exit"])
+
+
+def test_under_the_val_protocol_the_test_split_reports_the_s_chosen_on_val(trained_run, monkeypatch):
+    import har.evaluation.selection as selection
+    from har.evaluation.evaluate import evaluate_run
+
+    run, data = trained_run
+    monkeypatch.setattr(selection, "protocol", lambda dataset: selection.VAL)  # as for ImageNet-LT
+    reports = evaluate_run(run, device="cpu", data=data, target_savings=[0.3])
+    on_val = selection.choose_all(reports["val"]["dynamic_sweep"], [0.3])
+    test = reports["test"]
+    assert test["selection_protocol"] == "val"
+    assert test["exit_thresholds_chosen"] == {name: [s, s] for name, s in on_val.items()}
