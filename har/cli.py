@@ -40,7 +40,8 @@ def summary_lines(report: dict) -> list[str]:
              f"  few {_fmt(shot['few'])}   MACs {static['macs'] / 1e6:.2f} M"]
     for name, result in report["dynamic_selected"].items():
         fractions = " ".join(f"{e['fraction']:.2f}" for e in result["per_exit"])
-        lines.append(f"  dynamic s={result['exit_threshold']:.2f} ({name} on val)  top-1 {_fmt(result['top1'])}"
+        s = "/".join(f"{x:.3g}" for x in result.get("exit_thresholds", [result["exit_threshold"]]))
+        lines.append(f"  dynamic s={s} ({name}, {result.get('protocol', 'val')})  top-1 {_fmt(result['top1'])}"
                      f"   MACs {result['mean_macs'] / 1e6:.2f} M  saving {100 * result['saving']:+.1f}%"
                      f"   exit fractions {fractions}")
     return lines

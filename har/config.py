@@ -151,10 +151,13 @@ class EvalConfig:
     """Static and dynamic evaluation."""
 
     batch_size: int = 500
-    exit_thresholds: tuple[float, ...] | None = None  # s sweep; None: 21 steps over the classifier's confidence range
+    exit_thresholds: tuple[float, ...] | None = None  # s sweep; None: fine steps over the confidence's range
     # (at least one value must lie below the confidence ceiling; one above it means no early exit)
-    target_savings: tuple[float, ...] = (0.25,)  # MACs savings at which s is chosen on the validation split
+    target_savings: tuple[float, ...] = (0.25,)  # MACs savings at which s is chosen (har.evaluation.selection)
     histogram_bins: int = 20  # confidence histograms (the paper's Fig. 3)
+    # 0-based epoch from which training records static test top-1 (final exit) as metrics.jsonl's test_top1 (the
+    # LDAM-DRW protocol keeps the best of these; ours stays the last epoch); None: the first lr milestone, -1: off
+    record_test_from: int | None = None
 
 
 @dataclass

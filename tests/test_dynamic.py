@@ -8,7 +8,9 @@ from har.evaluation.dynamic import (
     default_exit_thresholds,
     dynamic_result,
     exit_indices,
+    exit_outcomes,
     softmax,
+    sweep_results,
 )
 from har.evaluation.metrics import confusion_matrix, per_class_accuracy, shot_accuracy
 
@@ -75,8 +77,28 @@ def test_softmax_rows_sum_to_one_and_are_stable():
 
 def test_default_sweep_spans_the_confidence_range_of_each_classifier():
     linear = default_exit_thresholds(10, "linear")
-    assert linear[0] == 0.1 and linear[-2] == 1.0 and linear[-1] == 1.01 and len(linear) == 22
+    assert linear[0] == 0.1 and linear[-2] == 1.0 and linear[-1] == 1.01
+    assert all(b - a == pytest.approx(0.005) for a, b in zip(linear, linear[1:-1]))
     cosine = default_exit_thresholds(100, "cosine")
     top = np.e / (np.e + 99 / np.e)  # softmax of cosines (1, -1, ..., -1): the largest reachable
-    assert cosine[0] == 0.01 and cosine[-2] == pytest.approx(top, abs=1e-4) and top < 0.07
+    assert cosine[0] == 0.01 and top - 0.0005 < cosine[-2] <= top < 0.07 < cosine[-1]
     assert all(a < b for a, b in zip(cosine, cosine[1:]))
+
+
+def test_cosine_sweep_at_1000_classes_holds_the_papers_imagenet_s():
+    """Steps of 0.05 / C, rounded to significant digits: 1.7, 1.75 and 1.8 x 1e-3 are grid points."""
+    cosine = default_exit_thresholds(1000, "cosine")
+    assert {0.0017, 0.00175, 0.0018} <= set(cosine)
+    top = np.e / (np.e + 999 / np.e)
+    assert max(cosine[:-1]) <= top < cosine[-1]  # the last value is above the ceiling: nobody exits early
+    assert len(cosine) == len(set(cosine))
+
+
+def test_sweep_from_outcomes_equals_dynamic_result_per_s():
+    rng = np.random.default_rng(0)
+    probs = softmax(rng.normal(size=(3, 40, 3)) * 2)
+    labels = rng.integers(0, 3, 40)
+    confidence, predictions = exit_outcomes(probs)
+    thresholds = [0.4, 0.6, 0.8, 1.01]
+    sweep = sweep_results(confidence, predictions, labels, 3, thresholds, [10.0, 60.0, 120.0], 100.0, GROUPS)
+    assert sweep == [dynamic_result(probs, labels, s, [10.0, 60.0, 120.0], 100.0, GROUPS) for s in thresholds]

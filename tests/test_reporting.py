@@ -35,7 +35,7 @@ PIPELINE = {
                        "run": {"loss": {"name": "ce", "reweight": "drw", "har": True}}},
         "mixup": {"display": "Mixup", "tables": ["II"], "trainable": False},
     },
-    "t_search": {"seeds": [0], "ce": [0.5, 0.9]},
+    "t_search": {"seeds": [0], "ce": [0.5, 0.9], "feed_final": True},
     "layouts": {"method": "har_ce_drw", "values": ["CBBEBE"]},
 }
 SELECTED = {SPLIT: {"har_ce_drw": {"t_point": 0.5, "train_threshold": 0.5}}}

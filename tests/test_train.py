@@ -78,6 +78,19 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, tiny_data, m
     assert [without_time(r) for r in straight] == [without_time(r) for r in resumed]
 
 
+@pytest.mark.parametrize("record_from, recorded", [(None, [2]), (-1, []), (1, [1, 2])])
+def test_test_top1_is_recorded_from_the_first_lr_milestone(tmp_path, tiny_data, record_from, recorded):
+    """LDAM-DRW's protocol needs test top-1 per epoch after the decay; None means the first milestone (epoch 2)."""
+    history = train(tiny_config(eval={"record_test_from": record_from}), tmp_path / "run", data=tiny_data)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "test_top1" in r] == [r["epoch"] for r in history if "test_top1" in r]
+    assert [r["epoch"] for r in rows if "test_top1" in r] == recorded
+    assert all(0 <= r["test_top1"] <= 1 for r in rows if "test_top1" in r)
+    if recorded:
+        final = evaluate_run(tmp_path / "run", device="cpu", data=tiny_data)["test"]["static"]["top1"]
+        assert rows[-1]["test_top1"] == pytest.approx(final)  # the same static test top-1 as the evaluation
+
+
 def test_a_folder_of_another_config_is_refused_with_the_difference(tmp_path, tiny_data):
     train(tiny_config(train={"epochs": 1}), tmp_path / "run", data=tiny_data)
     with pytest.raises(RunError, match=r"another config.*\n  loss.name: 'ce' -> 'focal'"):
@@ -143,7 +156,8 @@ def test_every_loss_trains_and_evaluates(tmp_path, tiny_data, loss):
     heads = sum(e["head_macs"] for e in test["flops"]["exits"][:-1])
     assert last["saving"] == pytest.approx(-heads / test["flops"]["backbone_macs"])
     assert set(test["exit_thresholds_chosen"]) == {"best", "saving>=0.2"}
-    assert reports["val"]["exit_thresholds_chosen"] == test["exit_thresholds_chosen"]
+    assert set(reports["val"]["exit_thresholds_chosen"]) == {"best", "saving>=0.2"}
+    assert test["selection_protocol"] == "crossfit-test-halves" and sum(test["halves"]["sizes"]) == 18
     cached = np.load(tmp_path / loss / "eval" / "test.npz")
     assert cached["logits"].shape == (4, 18, 3)
     if loss == "ldam":  # cosine classifiers: raw outputs are cosines

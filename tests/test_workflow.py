@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import REPO, shared_cifar_root, synthetic_data
 
-from har.config import LIST_DATASETS, ConfigError
+from har.config import LIST_DATASETS, ConfigError, from_dict
 from har.pipeline import grid, jobs
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -89,11 +89,11 @@ def test_full_paper_config_dry_run_has_every_job(tmp_path):
     # ImageNet-LT (III, V) and iNaturalist 2018 (III) 2 verified ones. CIFAR runs the 14 methods of Tables II and
     # IV (9 + 5): 6 splits x 14 x 3 seeds = 252 final runs. ImageNet-LT runs Table III's 6 methods (CE, LDAM+DRW,
     # HAR(LDAM)+DRW, cRT, LWS, tau-norm) and the 5 layouts of Table V: 11 x 3 = 33; iNaturalist 6 x 3 = 18; 303
-    # final runs. t search on CIFAR only: 6 splits x 2 searched methods x 5 t x 1 seed = 60 runs, 6 x 2 = 12
-    # selections. So split_build 6, split_verify 2, run_train = run_evaluate = 363, t_select 12.
+    # final runs. t search on CIFAR only: 6 splits x 2 searched methods x 5 t x 3 seeds = 180 runs, 6 x 2 = 12
+    # selections. So split_build 6, split_verify 2, run_train = run_evaluate = 483, t_select 12.
     expected = expected_jobs(paper_config())
     assert job_counts(proc.stdout) == expected
-    assert (expected["split_build"], expected["split_verify"], expected["run_train"]) == (6, 2, 363)
+    assert (expected["split_build"], expected["split_verify"], expected["run_train"]) == (6, 2, 483)
     assert "har: not trained" not in proc.stderr  # every method of every table is trained
 
 
@@ -155,6 +155,79 @@ def test_grid_of_the_paper_config():
     assert values["train"]["mixup"] == "manifold"
 
 
+def test_final_runs_take_the_papers_t_and_the_search_feeds_them_only_when_asked():
+    """t = 0.9 for HAR(CE) and 2.0 / C for HAR(LDAM) on every dataset (the paper's Sec. IV-B); the CIFAR search is
+    a stand-in for Table I whose choice trains the final runs only with t_search.feed_final."""
+    cfg = paper_config()
+    finals = [s for s in grid.final_runs(cfg) if s.dataset.startswith("cifar")]
+    assert not any(grid.needs_selected_t(cfg, s) for s in finals)
+    assert len(cfg["t_search"]["seeds"]) >= 3 and grid.tsearch_runs(cfg)
+
+    def t_of(split, method):
+        spec = next(s for s in finals if s.split == split and s.method == method)
+        return grid.run_config(cfg, spec)["loss"]["train_threshold"]
+
+    assert t_of("cifar10-r100", "har_ldam_drw") == pytest.approx(0.2)
+    assert t_of("cifar100-r50", "har_ldam_drw") == pytest.approx(0.02)
+    assert t_of("cifar100-r100", "har_ce_drw") == pytest.approx(0.9)
+    # Table IV: the method's own t, in units of 1/C for HAR(LDAM) (0.2 could never be exceeded on CIFAR-100)
+    assert t_of("cifar100-r100", "har_ldam") == pytest.approx(0.02)
+    assert t_of("cifar10-r10", "har_ldam") == pytest.approx(0.2)
+    assert t_of("cifar100-r10", "har_ce") == pytest.approx(0.9)
+    cfg["t_search"]["feed_final"] = True
+    fed = {s.method for s in finals if grid.needs_selected_t(cfg, s)}
+    assert fed == {"har_ce_drw", "har_ldam_drw"}
+    spec = next(s for s in finals if s.split == "cifar100-r100" and s.method == "har_ldam_drw")
+    assert grid.run_config(cfg, spec, train_threshold=0.018)["loss"]["train_threshold"] == 0.018
+    imagenet = next(s for s in grid.final_runs(cfg) if s.dataset == "imagenet_lt" and s.method == "har_ldam_drw")
+    assert not grid.needs_selected_t(cfg, imagenet)  # no search there: the unsearched point
+
+
+def test_target_savings_are_the_configs_then_the_papers_for_the_cell(monkeypatch):
+    asked = []
+
+    def paper_savings(dataset, ratio, method):
+        asked.append((dataset, ratio, method))
+        return [0.32] if (dataset, ratio, method) == ("cifar10", 100.0, "har_ce_drw") else [0.25]
+
+    monkeypatch.setitem(sys.modules, "har.reporting.published",
+                        type(sys)("har.reporting.published"))
+    monkeypatch.setattr(sys.modules["har.reporting.published"], "target_savings_for", paper_savings, raising=False)
+    cfg = paper_config()
+    runs = {s.run_dir: s for s in grid.final_runs(cfg) + grid.tsearch_runs(cfg)}
+    default = list(from_dict({}).eval.target_savings)
+    assert grid.target_savings(cfg, runs["results/runs/cifar10-r100/har_ce_drw/seed0"]) == [*default, 0.32]
+    assert grid.target_savings(cfg, runs["results/runs/cifar10-r50/har_ce_drw/seed1"]) == default  # no repeats
+    assert grid.target_savings(cfg, runs["results/runs/imagenet_lt/har_ldam_drw/seed0"]) == default
+    assert asked[-1] == ("imagenet_lt", None, "har_ldam_drw")  # a list dataset's cell has no ratio
+    search = next(s for s in runs.values() if s.role == "tsearch")
+    calls = len(asked)
+    assert grid.target_savings(cfg, search) == default and len(asked) == calls  # Table I has no paper saving
+
+
+def test_t_is_cross_fitted_on_the_test_halves_of_the_search_runs(tmp_path, monkeypatch):
+    """Half A prefers t 1.8, half B 2.0: each is scored on the other half; the whole test split picks the fed t."""
+    monkeypatch.chdir(tmp_path)
+    cfg = paper_config()
+    halves = {1.8: ([0.70, 0.60], [0.62, 0.60]), 2.0: ([0.60, 0.60], [0.70, 0.70])}  # (A, B) static top-1 per seed
+    runs = []
+    for t, (on_a, on_b) in halves.items():
+        for seed in (0, 1):
+            spec = grid.RunSpec("cifar100", 100.0, "har_ldam_drw", seed, t)
+            whole = (on_a[seed] + on_b[seed]) / 2
+            report = {"static": {"top1": whole},
+                      "halves": {"sizes": [100, 100], "static_top1": [on_a[seed], on_b[seed]]}}
+            (tmp_path / spec.run_dir / "eval").mkdir(parents=True)
+            (tmp_path / spec.run_dir / "eval" / "test.json").write_text(json.dumps(report))
+            runs.append(spec)
+    result = jobs.select_t(cfg, "cifar100-r100", "har_ldam_drw", runs, tmp_path / "sel.json")
+    assert result["t_points_by_half"] == [1.8, 2.0]
+    # B reported at 1.8 (chosen on A): mean 0.61; A reported at 2.0 (chosen on B): 0.60
+    assert result["crossfit_top1"] == pytest.approx((0.61 + 0.60) / 2)
+    assert result["t_point"] == 2.0 and result["train_threshold"] == pytest.approx(0.02)  # whole: 0.65 vs 0.63
+    assert result["chosen_on"] == "test" and json.loads((tmp_path / "sel.json").read_text()) == result
+
+
 def test_list_dataset_jobs_verify_the_lists_and_train_without_a_bundle(tmp_path, monkeypatch):
     """The split job of a list dataset writes only the summary (from build_data, which checks the lists and
     images); its runs get no data.bundle, and a decoupled run's config names its stage-one folder."""
@@ -183,7 +256,11 @@ def test_list_dataset_jobs_verify_the_lists_and_train_without_a_bundle(tmp_path,
     (lambda c: c["methods"]["crt"].pop("stage_one"), "methods.crt: run.decouple.method crt needs stage_one"),
     (lambda c: c["datasets"][2].update(ratios=[100]), "datasets: imagenet_lt has no imbalance ratio"),
     (lambda c: c["layouts"].update(datasets=["cifar1000"]), "layouts.datasets: 'cifar1000' is not a dataset"),
-    (lambda c: c["t_search"].pop("unsearched"), "t_search.unsearched.ldam: har_ldam_drw runs on imagenet_lt"),
+    (lambda c: c["t_search"].pop("unsearched"), "t_search.unsearched.ce: har_ce_drw runs on cifar10-r100 with a "
+                                                "fixed t"),
+    (lambda c: c["methods"]["har_ldam_drw"].update(t={"value": 2.0}), "methods.har_ldam_drw: t and t_search both"),
+    (lambda c: c["methods"]["har_ce"]["run"]["loss"].update(train_threshold=0.8),
+     "methods.har_ce: t and run.loss.train_threshold both give its t"),
 ])
 def test_grid_refuses_inconsistent_configs(edit, message):
     cfg = paper_config()
@@ -239,7 +316,8 @@ def test_ci_config_runs_end_to_end_and_reruns_only_what_changed(tmp_path, monkey
     table1 = pd.read_csv(tables / "table_I.csv", comment="#")
     assert len(table1) == 2 and (table1["Selected"] == "yes").sum() == 1
     selection = yaml.safe_load((work / "results/selection/cifar10-r100/har_ldam_drw.json").read_text())
-    assert selection["t_point"] in (1.8, 2.0) and selection["chosen_on"] == "val"
+    assert selection["t_point"] in (1.8, 2.0) and selection["chosen_on"] == "test"
+    assert set(selection["t_points_by_half"]) <= {1.8, 2.0} and 0 <= selection["crossfit_top1"] <= 1
     final = yaml.safe_load((work / "results/runs/cifar10-r100/har_ldam_drw/seed0/config.yaml").read_text())
     assert final["loss"]["train_threshold"] == pytest.approx(selection["train_threshold"])
     for figure in ("fig2_accuracy_flops", "fig3_confidence", "fig4_loss_per_exit", "fig6_exits", "fig7_exit_examples"):

@@ -354,6 +354,8 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
                 _stopped(stop, ckpt_path, f"epoch {epoch} (0-based) at step {progress.step} of {len(batches)}")
             row["lr"] = optimizer.param_groups[0]["lr"]
             row["reweighted"] = weights is not None
+            if records_test(cfg, epoch):
+                row["test_top1"] = static_test_top1(model, data, cfg, device)
             scheduler.step()
             history.append(row)
             if ctx.is_main:  # metrics first: rows past the checkpoint's epoch are dropped on resume, computed again
@@ -366,6 +368,29 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
                 _stopped(stop, ckpt_path, f"the end of epoch {epoch} (0-based)")
     ctx.barrier()  # nobody reads the folder before rank 0 has written it
     return history
+
+
+def records_test(cfg: RunConfig, epoch: int) -> bool:
+    """Whether this epoch's metrics row records test top-1 (`eval.record_test_from`; None: the first lr milestone)."""
+    start = cfg.eval.record_test_from
+    if start is None:
+        start = min(cfg.train.lr_milestones, default=None)
+    return start is not None and start >= 0 and epoch >= start
+
+
+@torch.no_grad()
+def static_test_top1(model: MultiExitNet, data: RunData, cfg: RunConfig, device: torch.device) -> float:
+    """Static test top-1 (the backbone's own classifier) in eval mode, for the LDAM-DRW protocol's best epoch.
+
+    Uses no random numbers (no augmentation, no dropout), so a resumed run stays bit-identical; every process of
+    a distributed run computes it on the whole test split, which keeps them in step without a collective.
+    The next epoch puts the model back in training mode.
+    """
+    model.eval()
+    labels = torch.from_numpy(data.test.labels).to(device)
+    predictions = torch.cat([model.forward_static(images).argmax(1)
+                             for images in eval_batches(data.test, cfg.data, cfg.eval.batch_size, device)])
+    return (predictions == labels).float().mean().item()
 
 
 def _tau_norm(cfg: RunConfig, out: Path, model: MultiExitNet, data: RunData, device: torch.device,

@@ -1,8 +1,8 @@
 """Evaluate a trained run: one forward pass per split, then static and dynamic metrics from the cache.
 
 Writes `eval/<split>.npz` (every exit's logits and the labels) and `eval/<split>.json` (static metrics,
-every exit on its own, the dynamic sweep over s, s chosen on the validation split and applied to the test
-split, confidence histograms, MACs table). The validation split chooses s; the test split only reports.
+every exit on its own, the dynamic sweep over s, the dynamic results at the chosen s, confidence histograms,
+MACs table). How s is chosen without choosing on the reported images: `har.evaluation.selection`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from har.data.build import ListSplit, RunData, Split, build_data
 from har.engine.checkpoint import RunError, resume_checkpoint
 from har.engine.lock import folder_lock, refuse_if_held
 from har.engine.trainer import CHECKPOINT, PREVIOUS, build_model, resolve_device
-from har.evaluation.dynamic import choose_exit_threshold, default_exit_thresholds, dynamic_result, softmax
+from har.evaluation import selection
+from har.evaluation.dynamic import default_exit_thresholds, exit_outcomes, softmax, sweep_results
 from har.evaluation.flops import flops_table
 from har.evaluation.metrics import classification_summary, confusion_matrix
 from har.methods import decoupled
@@ -104,21 +105,28 @@ def split_report(probs: np.ndarray, labels: np.ndarray, data: RunData, table: di
     static.update(macs=table["backbone_macs"], confusion=confusion_matrix(labels, static_pred, num_classes).tolist())
     exits = [dict(classification_summary(labels, probs[k].argmax(1), num_classes, data.groups),
                   macs_to_here=exit_macs[k]) for k in range(len(exit_macs))]
-    sweep = [dynamic_result(probs, labels, s, exit_macs, table["backbone_macs"], data.groups)
-             for s in exit_thresholds]
+    confidence, predictions = exit_outcomes(probs)
+    sweep = sweep_results(confidence, predictions, labels, num_classes, exit_thresholds, exit_macs,
+                          table["backbone_macs"], data.groups)
     return {"num_examples": int(len(labels)), "static": static, "exits": exits, "dynamic_sweep": sweep,
             "confidence_histograms": confidence_histograms(probs, labels, bins), "histogram_bins": bins}
 
 
-def evaluate_run(run_dir: str | Path, device: str = "auto", data: RunData | None = None) -> dict[str, dict]:
-    """Evaluate a completed run on its validation and test splits; return the two reports."""
+def evaluate_run(run_dir: str | Path, device: str = "auto", data: RunData | None = None,
+                 target_savings: Sequence[float] | None = None) -> dict[str, dict]:
+    """Evaluate a completed run on its validation and test splits; return the two reports.
+
+    `target_savings` (None: `eval.target_savings`) are the MACs savings at which s is chosen, each reported as
+    `dynamic_selected["saving>=X"]` beside `"best"`; `har.evaluation.selection` says on which images.
+    """
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     with _evaluation_folder(run_dir):
-        return _evaluate_locked(run_dir, dev, data)
+        return _evaluate_locked(run_dir, dev, data, target_savings)
 
 
-def _evaluate_locked(run_dir: Path, dev: torch.device, data: RunData | None) -> dict[str, dict]:
+def _evaluate_locked(run_dir: Path, dev: torch.device, data: RunData | None,
+                     target_savings: Sequence[float] | None) -> dict[str, dict]:
     cfg, ckpt = load_run(run_dir, dev)
     if cfg.decouple.method != "none":  # a stage two of an earlier training of its stage one is refused
         decoupled.check_stage_one(cfg, run_dir)
@@ -128,25 +136,35 @@ def _evaluate_locked(run_dir: Path, dev: torch.device, data: RunData | None) -> 
     table = flops_table(model, image_size=input_size(cfg))
     exit_macs = [e["cumulative_macs"] for e in table["exits"]]
     thresholds = cfg.eval.exit_thresholds or default_exit_thresholds(data.num_classes, cfg.classifier)
+    targets = cfg.eval.target_savings if target_savings is None else tuple(target_savings)
+    test_protocol = selection.protocol(cfg.data.dataset)
     reports: dict[str, dict] = {}
-    chosen: dict[str, float] = {}
-    for split in ("val", "test"):  # val first: it chooses s for both
+    chosen_on_val: dict[str, float] = {}
+    for split in ("val", "test"):  # val first: under the val protocol it chooses s for the test split
         part = data.split(split)
         logits = collect_logits(model, part, cfg, dev)
         atomic_write(run_dir / "eval" / f"{split}.npz",
                      lambda f: np.savez_compressed(f, logits=logits, labels=part.labels))
         probs = softmax(logits)
         report = split_report(probs, part.labels, data, table, thresholds, cfg.eval.histogram_bins)
+        halves = selection.stratified_halves(part.labels, cfg.data.seed)
         if split == "val":
-            chosen = {"best": choose_exit_threshold(report["dynamic_sweep"])}
-            chosen.update({f"saving>={t:g}": choose_exit_threshold(report["dynamic_sweep"], t)
-                           for t in cfg.eval.target_savings})
-        report["dynamic_selected"] = {
-            name: dynamic_result(probs, part.labels, s, exit_macs, table["backbone_macs"], data.groups,
-                                 with_confusion=True) for name, s in chosen.items()}
-        report.update(split=split, run=str(run_dir), config_sha256=config_hash(cfg), chosen_on="val",
-                      exit_thresholds_chosen=chosen, flops=table, class_counts=data.class_counts,
-                      groups=data.groups)
+            chosen_on_val = selection.choose_all(report["dynamic_sweep"], targets)
+        if split == "test" and test_protocol == selection.VAL:
+            selected = selection.chosen_elsewhere_selected(probs, part.labels, chosen_on_val, exit_macs,
+                                                           table["backbone_macs"], data.groups)
+        else:  # the validation report is cross-fitted on its own halves, for comparison
+            name = selection.CROSSFIT if split == "test" else f"crossfit-{split}-halves"
+            selected = selection.crossfit_selected(probs, part.labels, halves, thresholds, targets, exit_macs,
+                                                   table["backbone_macs"], data.groups, name)
+        static_pred = probs[-1].argmax(1)
+        report["dynamic_selected"] = selected
+        report.update(split=split, run=str(run_dir), config_sha256=config_hash(cfg),
+                      selection_protocol=next(iter(selected.values()))["protocol"],
+                      exit_thresholds_chosen={name: r["exit_thresholds"] for name, r in selected.items()},
+                      halves={"seed": cfg.data.seed, "sizes": [len(h) for h in halves],
+                              "static_top1": [float((static_pred[h] == part.labels[h]).mean()) for h in halves]},
+                      flops=table, class_counts=data.class_counts, groups=data.groups)
         report["data_provenance"] = data.provenance  # which files the run read: official or a copy, their hashes
         atomic_write_json(run_dir / "eval" / f"{split}.json", report)
         reports[split] = report

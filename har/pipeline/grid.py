@@ -3,10 +3,11 @@
 The Snakemake workflow asks this module for every run and path, so the grid logic is plain Python that tests
 can call without Snakemake. A pipeline config (`config.yaml`, validated by `workflow/schemas/config.schema.yaml`)
 lists datasets (CIFAR with their imbalance ratios, or the list datasets ImageNet-LT and iNaturalist 2018, each with
-its own run fields and the tables it serves), methods (each a partial `har` run config and the tables it appears
-in), the t line search (Table I), the exit layouts (Table V) and seeds; `run_config` turns one grid point into a
-complete run config. A method runs on a dataset when their tables meet; a decoupled method (cRT, LWS, tau-norm)
-starts from the run of its `stage_one` method on the same split and seed.
+its own run fields and the tables it serves), methods (each a partial `har` run config, the tables it appears in,
+and its t), the t line search (Table I; on CIFAR a stand-in for the paper's ImageNet-LT search), the exit layouts
+(Table V) and seeds; `run_config` turns one grid point into a complete run config. A method runs on a dataset when
+their tables meet; a decoupled method (cRT, LWS, tau-norm) starts from the run of its `stage_one` method on the
+same split and seed.
 """
 
 from __future__ import annotations
@@ -185,9 +186,15 @@ def tsearch_runs(cfg: dict) -> list[RunSpec]:
             for t in search[cfg["methods"][m]["t_search"]] for s in search["seeds"]]
 
 
+def feeds_final(cfg: dict) -> bool:
+    """Whether the t line search's choice trains the final runs (`t_search.feed_final`; default false: the paper's
+    t, 0.9 for HAR(CE) and 2.0 / C for HAR(LDAM), from `t_search.unsearched`, on every dataset)."""
+    return bool(cfg["t_search"].get("feed_final", False))
+
+
 def needs_selected_t(cfg: dict, spec: RunSpec) -> bool:
-    """Final runs of searched methods on searched splits take t from the selection on the validation split."""
-    return (spec.role == "final" and spec.base_method in searched_methods(cfg)
+    """Final runs of searched methods on searched splits wait for the line search's choice of t, when it feeds them."""
+    return (feeds_final(cfg) and spec.role == "final" and spec.base_method in searched_methods(cfg)
             and is_searched_split(cfg, spec.dataset))
 
 
@@ -201,6 +208,42 @@ def t_value(cfg: dict, method: str, t_point: float, num_classes: int) -> float:
     """The training threshold of a grid value: LDAM grids are in units of 1/C (Table I: 1.7/C .. 2.1/C)."""
     scale = cfg["t_search"].get("per_class_units", {}).get(cfg["methods"][method]["t_search"], False)
     return t_point / num_classes if scale else t_point
+
+
+def fixed_t(cfg: dict, spec: RunSpec) -> float | None:
+    """The t of a final run that no line search feeds: the method's own `t` (`per_class`: in units of 1/C, as the
+    paper's 2.0 / C for LDAM, whose confidence is a softmax of raw cosines), else for a searched method the point
+    of `t_search.unsearched`; None for methods without HAR's t or whose t comes from the selection."""
+    method = cfg["methods"][spec.base_method]
+    num_classes = NUM_CLASSES[spec.dataset]
+    if method.get("t") is not None:
+        own = method["t"]
+        return own["value"] / num_classes if own.get("per_class") else own["value"]
+    if not method.get("t_search") or needs_selected_t(cfg, spec):
+        return None
+    kind = method["t_search"]
+    point = (cfg["t_search"].get("unsearched") or {}).get(kind)
+    if point is None:
+        raise ConfigError(f"t_search.unsearched.{kind}: {spec.base_method} runs on {spec.split} with a fixed t (its "
+                          f"dataset has no line search, or t_search.feed_final is false); give the t point to use")
+    return t_value(cfg, spec.base_method, point, num_classes)
+
+
+def target_savings(cfg: dict, spec: RunSpec) -> list[float]:
+    """The MACs savings at which a run's evaluation chooses s: the run's `eval.target_savings`, then the paper's
+    savings for its cell (Tables II, III), fractions, each once."""
+    from har.reporting.published import target_savings_for
+
+    own = [float(x) for x in from_dict(run_config(cfg, spec)).eval.target_savings]
+    paper = []
+    if spec.role == "final":
+        ratio = None if is_list_dataset(spec.dataset) else spec.ratio
+        paper = [float(x) for x in target_savings_for(spec.dataset, ratio, spec.base_method)]
+    out: list[float] = []
+    for x in own + paper:
+        if not any(abs(x - y) < 1e-9 for y in out):
+            out.append(x)
+    return out
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -246,6 +289,12 @@ def check_config(cfg: dict) -> None:
     trainable = trainable_methods(cfg)
     for name in trainable:
         method = cfg["methods"][name]
+        if method.get("t") is not None:
+            if method.get("t_search"):
+                raise ConfigError(f"methods.{name}: t and t_search both give its t; a searched method's fixed t is "
+                                  f"t_search.unsearched, so remove t")
+            if "train_threshold" in ((method.get("run") or {}).get("loss") or {}):
+                raise ConfigError(f"methods.{name}: t and run.loss.train_threshold both give its t; keep t")
         first, kind = method.get("stage_one"), _decouple_method(method.get("run"))
         if method.get("exits") is False and ((method.get("run") or {}).get("model") or {}).get("layout"):
             raise ConfigError(f"methods.{name}: exits false and run.model.layout both set the layout; keep one")
@@ -298,8 +347,8 @@ def run_config(cfg: dict, spec: RunSpec, train_threshold: float | None = None) -
     Precedence, lowest first: the package defaults, the dataset's `run` fields, (for a decoupled method: its stage
     one's model), the method's `run` fields (and `exits: false`), the layout of a Table V variant, the config's
     `run_overrides` (the quick configuration shortens training there), the grid point itself (dataset, ratio,
-    seed, t, the stage-one folder). A searched method on a split without a line search takes the t point of
-    `t_search.unsearched`.
+    seed, t, the stage-one folder). t: a search run's grid value; a final run fed by the line search, the
+    `train_threshold` given; otherwise `fixed_t` (the method's `t`, or `t_search.unsearched`).
     """
     method = cfg["methods"][spec.base_method]
     overrides = cfg.get("run_overrides") or {}
@@ -319,13 +368,8 @@ def run_config(cfg: dict, spec: RunSpec, train_threshold: float | None = None) -
         values = _merge(values, {"decouple": {"stage_one": first.run_dir}})
     if spec.t_point is not None:
         train_threshold = t_value(cfg, spec.base_method, spec.t_point, NUM_CLASSES[spec.dataset])
-    elif train_threshold is None and method.get("t_search") and not is_searched_split(cfg, spec.dataset):
-        kind = method["t_search"]
-        point = (cfg["t_search"].get("unsearched") or {}).get(kind)
-        if point is None:
-            raise ConfigError(f"t_search.unsearched.{kind}: {spec.base_method} runs on {spec.split}, which has no t "
-                              f"line search (its dataset's tables lack I); give the t point to use there")
-        train_threshold = t_value(cfg, spec.base_method, point, NUM_CLASSES[spec.dataset])
+    elif train_threshold is None:
+        train_threshold = fixed_t(cfg, spec)
     if train_threshold is not None:
         values = _merge(values, {"loss": {"train_threshold": train_threshold}})
     pending = train_threshold is None and needs_selected_t(cfg, spec)  # t comes from the selection job

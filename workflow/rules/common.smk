@@ -93,7 +93,7 @@ def get_run_inputs(wildcards):
 
 
 def get_search_reports(wildcards):
-    return [f"{s.run_dir}/eval/val.json" for s in TSEARCH_RUNS
+    return [f"{s.run_dir}/eval/test.json" for s in TSEARCH_RUNS  # t is cross-fitted on the test halves
             if s.split == wildcards.split and s.base_method == wildcards.method]
 
 

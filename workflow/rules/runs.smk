@@ -26,6 +26,8 @@ rule run_evaluate:
         test="{run_dir}/eval/test.json",
     params:
         spec=lambda wildcards: RUNS[wildcards.run_dir],
+        # the config's savings and the paper's for the run's cell: changing them re-evaluates the run
+        target_savings=lambda wildcards: grid.target_savings(config, RUNS[wildcards.run_dir]),
     log:
         "logs/{run_dir}/evaluate.log",
     benchmark:

@@ -2,4 +2,4 @@
 from har.pipeline.jobs import evaluate_run, setup_job
 
 setup_job(snakemake.log[0], snakemake.threads)
-evaluate_run(snakemake.params.spec)
+evaluate_run(snakemake.params.spec, snakemake.params.target_savings)

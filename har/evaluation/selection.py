@@ -1,0 +1,102 @@
+"""How s (the exit threshold) is chosen without choosing on the images it is reported on.
+
+The paper chose s "directly on the test split depending on the desired FLOPS saving" (Sec. IV-B). Choosing and
+reporting on the same images is optimistic, and the CIFAR validation split is no substitute: it holds 50 images
+per class from the training images the LT subset leaves out, so it has none of the head class and 450 images in
+all. We cross-fit instead: the test set is cut once into two class-stratified halves A and B (fixed by a seed);
+s is chosen on A and applied to B, and chosen on B and applied to A. Every test image is reported once, at an s
+chosen on images other than itself, and the reported metrics are those of the union of both reported halves.
+ImageNet-LT has its own validation list (20 per class, every class): there s is chosen on it and the test split
+only reports (`VAL_PROTOCOL_DATASETS`). iNaturalist's validation list is also its test split, so it is
+cross-fitted like CIFAR. Pure numpy on cached probabilities (`har.evaluation.dynamic`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from har.evaluation.dynamic import choose_exit_threshold, exit_indices, result_at_exits, sweep_results
+
+CROSSFIT = "crossfit-test-halves"
+VAL = "val"
+# Datasets whose own validation split (every class, disjoint from the test split) chooses s for the test split.
+VAL_PROTOCOL_DATASETS = frozenset({"imagenet_lt"})
+
+
+def protocol(dataset: str) -> str:
+    """The selection protocol of a dataset's test report: `val` for ImageNet-LT, cross-fitting otherwise."""
+    return VAL if dataset in VAL_PROTOCOL_DATASETS else CROSSFIT
+
+
+def stratified_halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of halves A and B: each class's examples shuffled by `seed`, the first half of them in A.
+
+    A class with an odd count gives its extra example to A and B in turn (by class id), so the halves differ
+    in size by at most one; every class with two or more examples is in both halves. Sorted indices.
+    """
+    rng = np.random.RandomState(seed)
+    first, second = [], []
+    odd = 0
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        cut = len(members) // 2
+        if len(members) % 2:
+            cut += 1 - odd
+            odd = 1 - odd
+        first.append(members[:cut])
+        second.append(members[cut:])
+    halves = (np.sort(np.concatenate(first)) if first else np.zeros(0, dtype=np.int64),
+              np.sort(np.concatenate(second)) if second else np.zeros(0, dtype=np.int64))
+    return halves[0].astype(np.int64), halves[1].astype(np.int64)
+
+
+def choose_all(sweep: Sequence[Mapping], target_savings: Sequence[float]) -> dict[str, float]:
+    """`best` (the most accurate s) and `saving>=X` for each target X, from one sweep."""
+    chosen = {"best": choose_exit_threshold(sweep)}
+    chosen.update({f"saving>={x:g}": choose_exit_threshold(sweep, x) for x in target_savings})
+    return chosen
+
+
+def crossfit_selected(probs: np.ndarray, labels: np.ndarray, halves: tuple[np.ndarray, np.ndarray],
+                      exit_thresholds: Sequence[float], target_savings: Sequence[float], exit_macs: Sequence[float],
+                      backbone_macs: float, groups: Mapping[str, Sequence[int]],
+                      protocol_name: str = CROSSFIT) -> dict[str, dict]:
+    """For each choice (`best`, `saving>=X`): s chosen on each half, applied to the other, metrics of the union.
+
+    Each entry is a `dynamic_result` over all examples plus `exit_thresholds` [s chosen on A (applied to B),
+    s chosen on B (applied to A)], `exit_threshold` (the first of them, kept for readers of one s) and
+    `protocol`.
+    """
+    if not (len(halves[0]) and len(halves[1])):
+        raise ValueError(f"cross-fitting needs two non-empty halves, got sizes {len(halves[0])} and {len(halves[1])}")
+    confidence, predictions = probs.max(axis=2), probs.argmax(axis=2)
+    num_classes = probs.shape[2]
+    chosen_by_half = [choose_all(sweep_results(confidence[:, h], predictions[:, h], labels[h], num_classes,
+                                               exit_thresholds, exit_macs, backbone_macs, groups), target_savings)
+                      for h in halves]
+    selected = {}
+    for name in chosen_by_half[0]:
+        where = np.empty(len(labels), dtype=np.int64)
+        pairs = ((halves[1], chosen_by_half[0][name]), (halves[0], chosen_by_half[1][name]))
+        for reported, s in pairs:  # each half at the s chosen on the other
+            where[reported] = exit_indices(confidence[:, reported], s)
+        result = result_at_exits(predictions, labels, where, num_classes, exit_macs, backbone_macs, groups,
+                                 with_confusion=True)
+        s_a, s_b = chosen_by_half[0][name], chosen_by_half[1][name]
+        selected[name] = {**result, "exit_threshold": s_a, "exit_thresholds": [s_a, s_b], "protocol": protocol_name}
+    return selected
+
+
+def chosen_elsewhere_selected(probs: np.ndarray, labels: np.ndarray, chosen: Mapping[str, float],
+                              exit_macs: Sequence[float], backbone_macs: float,
+                              groups: Mapping[str, Sequence[int]], protocol_name: str = VAL) -> dict[str, dict]:
+    """Each choice's s, chosen on another split (ImageNet-LT's validation list), applied to all of these examples."""
+    confidence, predictions = probs.max(axis=2), probs.argmax(axis=2)
+    selected = {}
+    for name, s in chosen.items():
+        result = result_at_exits(predictions, labels, exit_indices(confidence, s), probs.shape[2], exit_macs,
+                                 backbone_macs, groups, with_confusion=True)
+        selected[name] = {**result, "exit_threshold": s, "exit_thresholds": [s, s], "protocol": protocol_name}
+    return selected
