@@ -113,7 +113,7 @@ def test_train_and_evaluate_an_imagenet_model_on_image_lists(image_root, tmp_pat
     assert report["test"]["flops"]["image_size"] == [3, 32, 32]
     run = pd.Series({"run_dir": name, "split": "imagenet_lt", "dataset": "imagenet_lt", "method": "har",
                      "display": "HAR", "seed": 0})
-    fig = fig_exit_examples(run, tmp_path, {"label": "tiny"}, {}, None)  # Fig. 7 reads the images from the lists
+    fig = fig_exit_examples(run, tmp_path, {"label": "tiny"}, None)  # Fig. 7 reads the images from the lists
     shown = [image for ax in fig.axes for image in ax.images]
     assert len(shown) == 6 and shown[0].get_array().shape == (32, 32, 3)  # every test image, up to 8 per exit
 

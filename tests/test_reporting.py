@@ -169,7 +169,7 @@ def test_tables_in_three_formats_with_every_row_and_the_paper_columns(results, t
         for ext in ("csv", "md", "tex"):
             text = (tmp_path / f"table_{t}.{ext}").read_text()
             assert "tiny test (not the paper's setting)" in text
-            assert "data provenance not recorded" in text
+            assert "data given in memory (origin not recorded)" in text  # the runs' data_provenance label
             assert ("over 1 seed;" if t == "I" else "over 2 seeds;") in text
         for column in tables[t].columns:
             if ("top-1" in column or column in ("many", "medium", "few", "all")) and not column.endswith("diff"):
@@ -220,7 +220,7 @@ def test_a_table_without_runs_says_so(results, tmp_path):
 def test_every_figure_is_written_as_png_and_pdf(results, tmp_path, caplog):
     root, records, bundles = results
     with caplog.at_level(logging.INFO, logger="har.reporting.figures"):
-        paths = plot_figures(records, root, PIPELINE, SELECTED, tmp_path, bundles)
+        paths = plot_figures(records, root, PIPELINE, tmp_path, bundles)
     names = ["fig2_accuracy_flops", "fig3_confidence", "fig4_loss_per_exit", "fig6_exits", "fig7_exit_examples"]
     assert sorted(p.name for p in paths) == sorted(f"{n}.{ext}" for n in names for ext in ("png", "pdf"))
     for path in paths:
@@ -234,7 +234,7 @@ def test_every_figure_is_written_as_png_and_pdf(results, tmp_path, caplog):
 def test_figures_without_the_bundle_are_refused_before_plotting(results, tmp_path):
     root, records, _ = results
     with pytest.raises(ResultError, match=f"no data bundle for split {SPLIT}"):
-        plot_figures(records, root, PIPELINE, SELECTED, tmp_path, {})
+        plot_figures(records, root, PIPELINE, tmp_path, {})
     assert not list(tmp_path.iterdir())
 
 

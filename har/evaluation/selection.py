@@ -78,15 +78,22 @@ def crossfit_selected(probs: np.ndarray, labels: np.ndarray, halves: tuple[np.nd
                       for h in halves]
     selected = {}
     for name in chosen_by_half[0]:
-        where = np.empty(len(labels), dtype=np.int64)
-        pairs = ((halves[1], chosen_by_half[0][name]), (halves[0], chosen_by_half[1][name]))
-        for reported, s in pairs:  # each half at the s chosen on the other
-            where[reported] = exit_indices(confidence[:, reported], s)
+        s_a, s_b = chosen_by_half[0][name], chosen_by_half[1][name]
+        where = crossfit_exits(confidence, halves, (s_a, s_b))
         result = result_at_exits(predictions, labels, where, num_classes, exit_macs, backbone_macs, groups,
                                  with_confusion=True)
-        s_a, s_b = chosen_by_half[0][name], chosen_by_half[1][name]
         selected[name] = {**result, "exit_threshold": s_a, "exit_thresholds": [s_a, s_b], "protocol": protocol_name}
     return selected
+
+
+def crossfit_exits(confidence: np.ndarray, halves: tuple[np.ndarray, np.ndarray],
+                   exit_thresholds: Sequence[float]) -> np.ndarray:
+    """The exit of every example when half B leaves at the s chosen on A and half A at the s chosen on B
+    (`exit_thresholds` [s_A, s_B], as the entries of `crossfit_selected` hold them; [s, s] for the val protocol)."""
+    where = np.empty(confidence.shape[1], dtype=np.int64)
+    for reported, s in ((halves[1], exit_thresholds[0]), (halves[0], exit_thresholds[1])):
+        where[reported] = exit_indices(confidence[:, reported], s)
+    return where
 
 
 def chosen_elsewhere_selected(probs: np.ndarray, labels: np.ndarray, chosen: Mapping[str, float],

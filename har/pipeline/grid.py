@@ -16,15 +16,13 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from har.config import LIST_DATASETS, ConfigError, ModelConfig, from_dict, to_dict
-from har.data.build import PUBLISHED_LISTS
+from har.config import DATASET_CLASSES, LIST_DATASETS, ConfigError, ModelConfig, from_dict, to_dict
 
 # The paper's tables, in order: I t line search, II CIFAR-LT, III ImageNet-LT / iNaturalist, IV no
 # re-weighting, V exit layouts.
 TABLES = ("I", "II", "III", "IV", "V")
 
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100,
-               **{name: lists["train"].num_classes for name, lists in PUBLISHED_LISTS.items()}}
+NUM_CLASSES = DATASET_CLASSES  # classes of each dataset (har.config holds the one table)
 
 # n_max / n_min of the published training lists (ImageNet-LT 1280 / 5, iNaturalist 2018 1000 / 2). Fixed by the
 # lists, never a run-config field: it only labels a list dataset's split in records and published numbers.
@@ -234,7 +232,7 @@ def target_savings(cfg: dict, spec: RunSpec) -> list[float]:
     savings for its cell (Tables II, III), fractions, each once."""
     from har.reporting.published import target_savings_for
 
-    own = [float(x) for x in from_dict(run_config(cfg, spec)).eval.target_savings]
+    own = [float(x) for x in run_config(cfg, spec)["eval"]["target_savings"]]  # validated there
     paper = []
     if spec.role == "final":
         ratio = None if is_list_dataset(spec.dataset) else spec.ratio

@@ -20,7 +20,8 @@ from har.atomic import atomic_write
 from har.config import CIFAR_DATASETS, from_dict
 from har.data.build import ListSplit, build_data
 from har.data.imagelist import ImageListDataset
-from har.evaluation.dynamic import exit_indices, softmax
+from har.evaluation import selection
+from har.evaluation.dynamic import softmax
 from har.pipeline import grid
 from har.reporting.results import (
     ResultError,
@@ -86,7 +87,7 @@ def fig_accuracy_flops(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str
                 curve = _sweep(group, root)
                 ax.plot(curve["rel_macs"], 100 * curve["top1"], "-o", ms=3, color=color, label=f"{name} dynamic")
                 ax.scatter(1 - group["dyn_saving"].mean(), 100 * group["dyn_top1"].mean(), marker="*", s=160,
-                           color=color, edgecolor="black", zorder=3, label=f"{name} at s chosen on val")
+                           color=color, edgecolor="black", zorder=3, label=f"{name} at the most accurate s (chosen without the reported images)")
                 ax.scatter(1.0, 100 * group["top1"].mean(), marker="o", s=50, facecolor="none", edgecolor=color,
                            zorder=3, label=f"{name} static")
             else:
@@ -202,13 +203,17 @@ def _showcase(df: pd.DataFrame, cfg: dict, splits: list[str]) -> pd.Series | Non
     return runs[runs["split"] == split].sort_values("seed").iloc[0]
 
 
-def _run_title(run: pd.Series, selected: dict, s: float) -> str:
-    chosen = (selected.get(run["split"]) or {}).get(run["method"]) or {}
-    t = f", t = {chosen['train_threshold']:.3g}" if chosen.get("train_threshold") is not None else ""
-    return f"{run['display']}{t}, {run['split']}, seed {run['seed']}, s = {s:.3g} (chosen on val)"
+def _run_title(run: pd.Series, entry: dict) -> str:
+    """Which run a per-run figure shows, with the t it trained with and the s its test images left at."""
+    t = run.get("train_threshold")
+    t_text = f", t = {t:.3g}" if run.get("har") and t is not None and not pd.isna(t) else ""
+    s_a, s_b = entry.get("exit_thresholds") or [entry["exit_threshold"]] * 2
+    s_text = f"s = {s_a:.3g}" if s_a == s_b else f"s = {s_a:.3g} / {s_b:.3g} on the two test halves"
+    return (f"{run['display']}{t_text}, {run['split']}, seed {run['seed']}, {s_text} "
+            f"({entry.get('protocol', 'chosen on val')})")
 
 
-def fig_exits(run: pd.Series, root: Path, cfg: dict, selected: dict) -> Figure:
+def fig_exits(run: pd.Series, root: Path, cfg: dict) -> Figure:
     """Fig. 6: each exit's confusion matrix over the test examples leaving there, and their composition."""
     report = read_eval(root / run["run_dir"], "test")
     best = report["dynamic_selected"]["best"]
@@ -241,7 +246,7 @@ def fig_exits(run: pd.Series, root: Path, cfg: dict, selected: dict) -> Figure:
     twin.grid(False)
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper right")
-    fig.suptitle(f"Exits at inference: {_run_title(run, selected, best['exit_threshold'])}\n{setting_label(cfg)}")
+    fig.suptitle(f"Exits at inference: {_run_title(run, best)}\n{setting_label(cfg)}")
     return fig
 
 
@@ -268,14 +273,18 @@ def _test_split(run_dir: Path, bundle: Path | None, labels: np.ndarray) -> tuple
     return (lambda i: test.images[i]), data.classes
 
 
-def fig_exit_examples(run: pd.Series, root: Path, cfg: dict, selected: dict, bundle: Path | None) -> Figure:
+def fig_exit_examples(run: pd.Series, root: Path, cfg: dict, bundle: Path | None) -> Figure:
     """Fig. 7: the first test images leaving at each exit (title: true class; red when misclassified)."""
     run_dir = root / run["run_dir"]
-    s = read_eval(run_dir, "test")["dynamic_selected"]["best"]["exit_threshold"]
+    report = read_eval(run_dir, "test")
+    best = report["dynamic_selected"]["best"]
     logits, labels = read_outputs(run_dir, "test")
     image, classes = _test_split(run_dir, bundle, labels)
     probs = softmax(logits)
-    where = exit_indices(probs.max(axis=2), s)
+    # each test half leaves at the s chosen on the other, as the evaluation reported it
+    halves = selection.stratified_halves(labels, report.get("halves", {}).get("seed", 0))
+    pair = best.get("exit_thresholds") or [best["exit_threshold"]] * 2
+    where = selection.crossfit_exits(probs.max(axis=2), halves, pair)
     predictions = probs[where, np.arange(len(labels))].argmax(axis=1)
     fig = Figure(figsize=(1.4 * EXAMPLES_PER_EXIT + 1, 1.6 * len(logits) + 1), layout="constrained")
     axes = fig.subplots(len(logits), EXAMPLES_PER_EXIT, squeeze=False)
@@ -289,7 +298,7 @@ def fig_exit_examples(run: pd.Series, root: Path, cfg: dict, selected: dict, bun
             if not ax.images and ax is not row[0]:
                 ax.set_axis_off()
         row[0].set_ylabel(f"exit {k + 1}\n({len(leaving)} leave)", fontsize=9)
-    fig.suptitle(f"Test images by exit: {_run_title(run, selected, s)}\n{setting_label(cfg)}")
+    fig.suptitle(f"Test images by exit: {_run_title(run, best)}\n{setting_label(cfg)}")
     return fig
 
 
@@ -309,7 +318,7 @@ def figure_names(cfg: dict) -> list[str]:
     return names
 
 
-def plot_figures(records: Sequence[dict], root: str | Path, cfg: dict, selected: dict, out_dir: str | Path,
+def plot_figures(records: Sequence[dict], root: str | Path, cfg: dict, out_dir: str | Path,
                  bundles: dict[str, str | Path]) -> list[Path]:
     """Write Figs. 2-7 as PNG and PDF into `out_dir`; return their paths (a figure without data is logged and
     skipped). `bundles` maps a CIFAR split to its data bundle, which Fig. 7 reads the test images from (an
@@ -342,8 +351,8 @@ def plot_figures(records: Sequence[dict], root: str | Path, cfg: dict, selected:
              "large-scale") if large else None, "no ImageNet-LT / iNaturalist split in this config")
         emit("fig3_confidence", lambda: fig_confidence(df, root, cfg, splits), "no final runs")
         emit("fig4_loss_per_exit", lambda: fig_loss_per_exit(df, root, cfg, splits), "no HAR run")
-        emit("fig6_exits", lambda: fig_exits(run, root, cfg, selected) if run is not None else None, "no HAR run")
-        emit("fig7_exit_examples", lambda: fig_exit_examples(run, root, cfg, selected,
+        emit("fig6_exits", lambda: fig_exits(run, root, cfg) if run is not None else None, "no HAR run")
+        emit("fig7_exit_examples", lambda: fig_exit_examples(run, root, cfg,
                                                              None if bundle is None else Path(bundle))
              if run is not None else None, "no HAR run")
     return paths

@@ -24,7 +24,6 @@ rule tables_build:
 rule figures_plot:
     input:
         reports=get_eval_reports(),
-        selections=get_selection_files(),
         bundles=[bundle_of(split) for split in BUNDLED_SPLITS],  # Fig. 7's test images (CIFAR)
     output:
         report(
