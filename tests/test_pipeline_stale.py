@@ -39,6 +39,23 @@ def test_stage_two_of_a_retrained_stage_one_is_refused(tmp_path, tiny_data):
         assert str(first) in str(caught.value) and f"delete {second}" in str(caught.value)
 
 
+
+def test_a_stale_folder_that_a_live_trainer_holds_is_not_moved_aside(tmp_path, tiny_data):
+    """The cluster case: snakemake was killed while its job kept training, the config was edited, and the rerun's
+    job finds the folder stale; it must not pull the folder from under the trainer that still writes it."""
+    from har.engine.lock import FolderBusy, folder_lock
+    from har.pipeline.jobs import set_aside_stale
+
+    run = tmp_path / "seed0"
+    train(plain_config(), run, data=tiny_data)
+    edited = plain_config(train={"weight_decay": 1e-3})
+    with folder_lock(run, "train", "run folder (--out)"):  # the trainer that is still running
+        with pytest.raises(FolderBusy, match="moving the stale folder aside"):
+            set_aside_stale(edited, run)
+    assert (run / "last.pt").is_file() and not list(tmp_path.glob("seed0.stale-*"))
+    aside = set_aside_stale(edited, run)  # once it has stopped, the folder is moved aside
+    assert aside is not None and aside.name.startswith("seed0.stale-config-") and not run.exists()
+
 # Three methods, one seed, one epoch on 1% of CIFAR-10: CE, HAR(CE) and tau-norm on CE's run (Tables III, IV).
 TINY_PIPELINE = {
     "label": "stale-result test (tiny)", "data_root": None, "seeds": [0],

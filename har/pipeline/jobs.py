@@ -127,6 +127,9 @@ def set_aside_stale(run_cfg: RunConfig, run_dir: Path) -> Path | None:
     reason = stale_reason(run_cfg, run_dir)
     if reason is None:
         return None
+    from har.engine.lock import refuse_if_held
+
+    refuse_if_held(run_dir, "moving the stale folder aside")  # a trainer still running there keeps its folder
     aside = run_dir.with_name(f"{run_dir.name}.stale-{reason}-{datetime.now(UTC):%Y%m%dT%H%M%S.%fZ}")
     os.replace(run_dir, aside)
     logging.getLogger(__name__).warning("%s holds a run of another %s: moved to %s, training it again", run_dir,
