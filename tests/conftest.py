@@ -73,3 +73,13 @@ def feature_shapes(backbone: torch.nn.Module, side: int) -> list[torch.Size]:
             x = group(x)
             shapes.append(x.shape)
     return shapes
+
+
+def thresholds_between(confidences: torch.Tensor, margin: float, quantiles: list[float]) -> list[float]:
+    """Thresholds midway between neighbouring distinct confidences at least 2 * margin apart, at these quantiles
+    of the gaps: no confidence lies within `margin` of one, so the float rounding by which a sub-batch forward
+    differs from the full batch cannot move an example across it."""
+    ordered = confidences.flatten().double().unique().sort().values
+    wide = (ordered[1:] - ordered[:-1]) > 2 * margin
+    midpoints = ((ordered[1:] + ordered[:-1]) / 2)[wide]
+    return [float(midpoints[int(q * (len(midpoints) - 1))]) for q in quantiles]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import calibrated, feature_shapes
+from conftest import calibrated, feature_shapes, thresholds_between
 
 from har.evaluation.flops import count_macs, dynamic_cost, flops_table
 from har.models import create_model, list_models, parse_layout
@@ -100,16 +100,6 @@ def test_bad_arguments_raise() -> None:
         create_model("resnet32", 0)
     with pytest.raises(ValueError, match="stride"):
         ExitHead(16, 10, stride=0)
-
-
-def thresholds_between(confidences: torch.Tensor, margin: float, quantiles: list[float]) -> list[float]:
-    """Thresholds midway between neighbouring distinct confidences at least 2 * margin apart, at these quantiles
-    of the gaps: no confidence lies within `margin` of one, so the float rounding by which a sub-batch forward
-    differs from the full batch cannot move an example across it."""
-    ordered = confidences.flatten().double().unique().sort().values
-    wide = (ordered[1:] - ordered[:-1]) > 2 * margin
-    midpoints = ((ordered[1:] + ordered[:-1]) / 2)[wide]
-    return [float(midpoints[int(q * (len(midpoints) - 1))]) for q in quantiles]
 
 
 @pytest.mark.parametrize("classifier", ["linear", "cosine"])

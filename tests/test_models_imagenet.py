@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import calibrated, feature_shapes
+from conftest import calibrated, feature_shapes, thresholds_between
 
 from har.evaluation.flops import flops_table
 from har.models import MultiExitNet, check_layout, create_model
@@ -85,13 +85,18 @@ def test_early_exit_equals_masked_evaluation(name: str) -> None:
     model = calibrated(create_model(name, 4), x)
     with torch.no_grad():
         outputs = model(x)
-    confidences = torch.stack([out.softmax(1).max(1).values for out in outputs[:-1]])
-    medians = confidences.median(dim=1).values.tolist()
-    for threshold in [0.0, 1.01, *medians]:
+    probs = torch.stack([out.softmax(1) for out in outputs])
+    top2 = probs.topk(2, dim=2).values
+    margin = 1e-4  # far above float32 rounding, far below the spread of a random model's confidences
+    # thresholds between confidences, never on one: a sub-batch forward differs from the full batch by rounding
+    for threshold in [0.0, 1.01, *thresholds_between(top2[:-1, :, 0], margin, [0.25, 0.5, 0.75])]:
         predictions, exit_index = model.forward_early_exit(x, threshold)
         expected_predictions, expected_exit = exit_by_threshold(outputs, threshold)
         assert torch.equal(exit_index, expected_exit)
-        assert torch.equal(predictions, expected_predictions)
+        chosen = top2[exit_index, torch.arange(len(x))]
+        clear = (chosen[:, 0] - chosen[:, 1]) > margin  # predictions compared where the top two are not tied
+        assert clear.float().mean() > 0.8
+        assert torch.equal(predictions[clear], expected_predictions[clear])
     assert (model.forward_early_exit(x, 0.0)[1] == 0).all()
 
 
