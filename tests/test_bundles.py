@@ -164,3 +164,23 @@ def test_every_evaluation_report_records_the_data_provenance(tmp_path, tiny_data
         recorded = report["data_provenance"]
         assert (recorded["label"], recorded["official"]) == (SOURCE["label"], False)
         assert recorded["bundle"] == cfg.data.bundle
+
+
+def test_a_pipeline_job_on_a_damaged_bundle_ends_its_log_with_the_named_error(tmp_path, tiny_data):
+    """A Snakemake script job (har.pipeline.jobs.setup_job, then the job) that reads a damaged bundle ends with
+    exit status 1 and its log's last line is the DataError naming the file and the fix, with no traceback."""
+    import subprocess
+    import sys
+
+    cfg = _bundle(tmp_path, tiny_data)
+    _truncate(Path(cfg.bundle))
+    log = tmp_path / "logs" / "train.log"
+    script = ("from har.pipeline.jobs import setup_job\nfrom har.config import DataConfig\n"
+              "from har.data.build import build_data\n"
+              f"setup_job({str(log)!r})\nbuild_data(DataConfig(dataset='cifar10', bundle={cfg.bundle!r}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    text = log.read_text()
+    assert "Traceback" not in text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("har: DataError: ") and cfg.bundle in last and FIX in last

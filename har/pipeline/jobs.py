@@ -11,6 +11,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from types import TracebackType
 
 import yaml
 
@@ -27,10 +28,25 @@ def setup_job(log_file: str | Path | None, threads: int | None = None) -> None:
         sys.stderr = open(log_file, "w", buffering=1)  # noqa: SIM115 - lives as long as the job
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.excepthook = named_error_hook
     if threads:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def named_error_hook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    """A job that stops on a user error (bad config, damaged data or results, a busy folder) ends its log with
+    the error's name and message, which say the fix, instead of a traceback; anything else keeps its traceback."""
+    from har.config import ConfigError
+    from har.data.errors import DataError
+    from har.engine.checkpoint import RunError
+    from har.reporting.results import ResultError
+
+    if issubclass(kind, (ConfigError, DataError, RunError, ResultError)):
+        print(f"har: {kind.__name__}: {exc}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, exc, tb)
 
 
 def build_split(cfg: dict, dataset: str, ratio: float, bundle: str | Path | None, summary: str | Path) -> None:
