@@ -102,8 +102,11 @@ def test_a_tau_norm_checkpoint_without_stage_ones_weight_is_refused(tau_run, tmp
     saved = dict(ckpt)
     del ckpt[decoupled.STAGE_ONE_WEIGHT]
     atomic_save(ckpt, run / "last.pt")
+    for name in ("val.json", "val.npz"):
+        (run / "eval" / name).unlink(missing_ok=True)
     try:
         with pytest.raises(RunError, match=f"holds no {decoupled.STAGE_ONE_WEIGHT}.*run har train again"):
             evaluate_run(run, device="cpu", data=data)
+        assert not (run / "eval" / "val.json").exists()  # refused before the first split is written
     finally:
         atomic_save(saved, run / "last.pt")

@@ -157,6 +157,9 @@ def _evaluate_locked(run_dir: Path, dev: torch.device, data: RunData | None,
     thresholds = cfg.eval.exit_thresholds or default_exit_thresholds(data.num_classes, cfg.classifier)
     targets = cfg.eval.target_savings if target_savings is None else tuple(target_savings)
     test_protocol = selection.protocol(cfg.data.dataset)
+    # tau-norm's tau is cross-fitted on the test halves too; refused before anything is written if it cannot be
+    tau_weight = (decoupled.stage_one_weight(ckpt, run_dir / CHECKPOINT)
+                  if cfg.decouple.method == "tau_norm" and test_protocol == selection.CROSSFIT else None)
     reports: dict[str, dict] = {}
     chosen_on_val: dict[str, float] = {}
     for split in ("val", "test"):  # val first: under the val protocol it chooses s for the test split
@@ -164,10 +167,10 @@ def _evaluate_locked(run_dir: Path, dev: torch.device, data: RunData | None,
         logits = collect_logits(model, part, cfg, dev)
         halves = selection.stratified_halves(part.labels, cfg.data.seed)
         tau_selection = None
-        if split == "test" and cfg.decouple.method == "tau_norm" and test_protocol == selection.CROSSFIT:
-            weight = decoupled.stage_one_weight(ckpt, run_dir / CHECKPOINT)
+        if split == "test" and tau_weight is not None:
             features = decoupled.pooled_features(model, eval_batches(part, cfg.data, cfg.eval.batch_size, dev))
-            logits[-1], tau_selection = crossfit_tau_norm(features, weight, part.labels, halves, cfg.decouple.taus)
+            logits[-1], tau_selection = crossfit_tau_norm(features, tau_weight, part.labels, halves,
+                                                          cfg.decouple.taus)
         atomic_write(run_dir / "eval" / f"{split}.npz",
                      lambda f: np.savez_compressed(f, logits=logits, labels=part.labels))
         probs = softmax(logits)
