@@ -143,7 +143,7 @@ class DecoupleConfig:
 
     method: Literal["none", "crt", "lws", "tau_norm"] = "none"  # none: ordinary (stage-one) training
     stage_one: str | None = None  # the stage-one run folder, whose last.pt is the starting model
-    taus: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(21))  # tau-norm: candidates chosen on val
+    taus: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(21))  # tau-norm: candidates (val; test halves)
 
 
 @dataclass

@@ -399,14 +399,14 @@ def _tau_norm(cfg: RunConfig, out: Path, model: MultiExitNet, data: RunData, dev
 
     Kang et al. sweep tau on the test features; choosing on val keeps the test images unseen. A val split without
     some class (CIFAR-LT's head class has no left-out image) biases the choice towards the other classes: the row
-    names those classes (`val_classes_missing`) and the run warns. Its checkpoint counts as a finished run of
+    names those classes (`val_classes_missing`) and the run warns; where the test split is cross-fitted
+    (`selection.protocol`), the evaluation chooses tau again on the test halves from stage one's weight, which
+    the checkpoint keeps (`decoupled.STAGE_ONE_WEIGHT`). Its checkpoint counts as a finished run of
     `train.epochs` epochs (the number is not used otherwise).
     """
-    model.eval()
-    with torch.no_grad():
-        features = torch.cat([model.pooled_features(x).float()
-                              for x in eval_batches(data.val, cfg.data, cfg.eval.batch_size, device)])
+    features = decoupled.pooled_features(model, eval_batches(data.val, cfg.data, cfg.eval.batch_size, device))
     labels = torch.from_numpy(data.val.labels).to(device)
+    stage_one_weight = model.backbone.classifier.weight.detach().clone()
     choice = decoupled.choose_tau(features, labels, model.backbone.classifier, cfg.decouple.taus)
     decoupled.tau_normalize(model.backbone.classifier, choice["tau"])
     missing = sorted(set(range(data.num_classes)) - set(data.val.labels.tolist()))
@@ -419,7 +419,8 @@ def _tau_norm(cfg: RunConfig, out: Path, model: MultiExitNet, data: RunData, dev
     if ctx.is_main:
         atomic_write_text(out / METRICS, json.dumps(row) + "\n")
         atomic_save({"model": model.state_dict(), "epoch": cfg.train.epochs - 1, "partial": None,
-                     "config_sha256": config_hash(cfg), "config": to_dict(cfg)}, out / CHECKPOINT)
+                     "config_sha256": config_hash(cfg), "config": to_dict(cfg),
+                     decoupled.STAGE_ONE_WEIGHT: stage_one_weight}, out / CHECKPOINT)
     ctx.barrier()
     return [row]
 

@@ -2,7 +2,8 @@
 
 Writes `eval/<split>.npz` (every exit's logits and the labels) and `eval/<split>.json` (static metrics,
 every exit on its own, the dynamic sweep over s, the dynamic results at the chosen s, confidence histograms,
-MACs table). How s is chosen without choosing on the reported images: `har.evaluation.selection`.
+MACs table). How s, and tau-norm's tau, are chosen without choosing on the reported images:
+`har.evaluation.selection`.
 """
 
 from __future__ import annotations
@@ -112,6 +113,24 @@ def split_report(probs: np.ndarray, labels: np.ndarray, data: RunData, table: di
             "confidence_histograms": confidence_histograms(probs, labels, bins), "histogram_bins": bins}
 
 
+def crossfit_tau_norm(features: torch.Tensor, weight: torch.Tensor, labels: np.ndarray,
+                      halves: tuple[np.ndarray, np.ndarray], taus: Sequence[float]) -> tuple[np.ndarray, dict]:
+    """tau-norm's final-exit logits [examples, classes] with tau cross-fitted on `halves`, and `tau_selection`.
+
+    The checkpoint's tau was chosen on val, which lacks CIFAR-LT's head class; here every candidate tau's
+    bias-free logits come from stage one's classifier `weight` on the split's pooled `features`, tau is chosen on
+    each half by top-1 (`selection.crossfit_tau`), and each half is scored with the tau chosen on the other.
+    """
+    weight = weight.to(features.device, torch.float32)
+    predictions = decoupled.tau_predictions(features, weight, taus).cpu().numpy()
+    record = selection.crossfit_tau(predictions, labels, taus, halves)
+    final = np.empty((len(labels), weight.shape[0]), dtype=np.float32)
+    for reported, tau in ((halves[1], record["taus"][0]), (halves[0], record["taus"][1])):
+        rows = torch.from_numpy(reported).to(features.device)
+        final[reported] = decoupled.tau_logits(features[rows], weight, tau).cpu().numpy()
+    return final, record
+
+
 def evaluate_run(run_dir: str | Path, device: str = "auto", data: RunData | None = None,
                  target_savings: Sequence[float] | None = None) -> dict[str, dict]:
     """Evaluate a completed run on its validation and test splits; return the two reports.
@@ -138,16 +157,26 @@ def _evaluate_locked(run_dir: Path, dev: torch.device, data: RunData | None,
     thresholds = cfg.eval.exit_thresholds or default_exit_thresholds(data.num_classes, cfg.classifier)
     targets = cfg.eval.target_savings if target_savings is None else tuple(target_savings)
     test_protocol = selection.protocol(cfg.data.dataset)
+    # tau-norm's tau is cross-fitted on the test halves too; refused before anything is written if it cannot be
+    tau_weight = (decoupled.stage_one_weight(ckpt, run_dir / CHECKPOINT)
+                  if cfg.decouple.method == "tau_norm" and test_protocol == selection.CROSSFIT else None)
     reports: dict[str, dict] = {}
     chosen_on_val: dict[str, float] = {}
     for split in ("val", "test"):  # val first: under the val protocol it chooses s for the test split
         part = data.split(split)
         logits = collect_logits(model, part, cfg, dev)
+        halves = selection.stratified_halves(part.labels, cfg.data.seed)
+        tau_selection = None
+        if split == "test" and tau_weight is not None:
+            features = decoupled.pooled_features(model, eval_batches(part, cfg.data, cfg.eval.batch_size, dev))
+            logits[-1], tau_selection = crossfit_tau_norm(features, tau_weight, part.labels, halves,
+                                                          cfg.decouple.taus)
         atomic_write(run_dir / "eval" / f"{split}.npz",
                      lambda f: np.savez_compressed(f, logits=logits, labels=part.labels))
         probs = softmax(logits)
         report = split_report(probs, part.labels, data, table, thresholds, cfg.eval.histogram_bins)
-        halves = selection.stratified_halves(part.labels, cfg.data.seed)
+        if tau_selection is not None:
+            report["tau_selection"] = tau_selection
         if split == "val":
             chosen_on_val = selection.choose_all(report["dynamic_sweep"], targets)
         if split == "test" and test_protocol == selection.VAL:

@@ -8,7 +8,8 @@ s is chosen on A and applied to B, and chosen on B and applied to A. Every test 
 chosen on images other than itself, and the reported metrics are those of the union of both reported halves.
 ImageNet-LT has its own validation list (20 per class, every class): there s is chosen on it and the test split
 only reports (`VAL_PROTOCOL_DATASETS`). iNaturalist's validation list is also its test split, so it is
-cross-fitted like CIFAR. Pure numpy on cached probabilities (`har.evaluation.dynamic`).
+cross-fitted like CIFAR. tau-norm's tau is cross-fitted on the same halves under the same protocol
+(`crossfit_tau`). Pure numpy on cached probabilities (`har.evaluation.dynamic`) and predictions.
 """
 
 from __future__ import annotations
@@ -107,3 +108,24 @@ def chosen_elsewhere_selected(probs: np.ndarray, labels: np.ndarray, chosen: Map
                                  backbone_macs, groups, with_confusion=True)
         selected[name] = {**result, "exit_threshold": s, "exit_thresholds": [s, s], "protocol": protocol_name}
     return selected
+
+
+def best_tau(top1_by_tau: Mapping[float, float]) -> float:
+    """The tau of highest top-1; ties go to the smallest tau (the least change to the classifier)."""
+    return max(sorted(top1_by_tau), key=lambda tau: top1_by_tau[tau])
+
+
+def crossfit_tau(predictions_by_tau: np.ndarray, labels: np.ndarray, taus: Sequence[float],
+                 halves: tuple[np.ndarray, np.ndarray]) -> dict:
+    """tau-norm's tau chosen by top-1 on each half, to score the other half (as s is in `crossfit_selected`).
+
+    `predictions_by_tau` [taus, examples] holds each candidate tau's final-exit predictions. Returns the test
+    report's `tau_selection`: `protocol`, `taus` [tau chosen on A (scores B), tau chosen on B (scores A)] and
+    `top1_by_tau` [on A, on B], each {f"{tau:g}": top-1}.
+    """
+    if not (len(halves[0]) and len(halves[1])):
+        raise ValueError(f"cross-fitting needs two non-empty halves, got sizes {len(halves[0])} and {len(halves[1])}")
+    scores = [{float(tau): float((predictions_by_tau[i, h] == labels[h]).mean()) for i, tau in enumerate(taus)}
+              for h in halves]
+    return {"protocol": CROSSFIT, "taus": [best_tau(s) for s in scores],
+            "top1_by_tau": [{f"{tau:g}": s[tau] for tau in sorted(s)} for s in scores]}

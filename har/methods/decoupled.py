@@ -7,7 +7,9 @@ code runs it (docs/method.md, "Baselines as their sources run them").
 - LWS: the classifier's weights and bias stay, a learned scale per class (initialised to 1) multiplies its logits,
   trained like cRT.
 - tau-norm: no training; each class's weights are divided by the weight norm ** tau and the bias is dropped at
-  every tau (Kang et al.'s ``tau_norm.py``), with tau chosen by validation top-1 (``decouple.taus``).
+  every tau (Kang et al.'s ``tau_norm.py``), with tau chosen by validation top-1 (``decouple.taus``); the
+  checkpoint keeps stage one's weight (``STAGE_ONE_WEIGHT``) so that the evaluation can choose tau again by
+  cross-fitting on the test halves (``har.evaluation.selection.crossfit_tau``).
 
 Only the final exit's classifier changes; intermediate exits (if stage one had any) are left as they are.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -26,6 +29,7 @@ from torch import Tensor, nn
 from har.atomic import atomic_write_json
 from har.config import RunConfig, from_dict, stored_config_hash
 from har.engine.checkpoint import RunError, load_checkpoint
+from har.evaluation.selection import best_tau
 from har.models import MultiExitNet
 from har.models.exits import make_classifier
 
@@ -40,6 +44,9 @@ MATCHING = {"model": ("name", "layout", "exit_channels", "exit_stride"),
 
 # In a stage-two folder: which stage one it started from (its config hash and the sha256 of its final last.pt).
 STAGE_ONE_RECORD = "stage_one.json"
+
+# In a tau-norm checkpoint: stage one's untouched final classifier weight (the saved layer holds W / ||W||^tau).
+STAGE_ONE_WEIGHT = "stage_one_classifier_weight"
 
 
 class LearnedScales(nn.Module):
@@ -254,11 +261,40 @@ def tau_normalized_weight(weight: Tensor, tau: float) -> Tensor:
 
 
 @torch.no_grad()
+def pooled_features(model: MultiExitNet, batches: Iterable[Tensor]) -> Tensor:
+    """The backbone's pooled features of every batch (float32), the input tau-norm's candidate logits share."""
+    model.eval()
+    return torch.cat([model.pooled_features(x).float() for x in batches])
+
+
+@torch.no_grad()
+def tau_logits(features: Tensor, weight: Tensor, tau: float) -> Tensor:
+    """tau-norm's logits at one tau: features @ (W / ||W||^tau).T, no bias."""
+    return features @ tau_normalized_weight(weight, tau).T
+
+
+@torch.no_grad()
+def tau_predictions(features: Tensor, weight: Tensor, taus: Sequence[float]) -> Tensor:
+    """Each candidate tau's predictions [taus, examples], one tau's logits at a time (iNaturalist's are large)."""
+    return torch.stack([tau_logits(features, weight, tau).argmax(1) for tau in taus])
+
+
+@torch.no_grad()
 def choose_tau(features: Tensor, labels: Tensor, classifier: nn.Linear, taus: tuple[float, ...]) -> dict:
     """Top-1 of every candidate tau on pooled features (bias dropped); the best tau (ties: the smallest)."""
-    scores = {}
-    for tau in taus:
-        logits = features @ tau_normalized_weight(classifier.weight, tau).T
-        scores[tau] = float((logits.argmax(1) == labels).float().mean())
-    best = max(sorted(scores), key=lambda t: scores[t])
-    return {"tau": best, "val_top1_by_tau": {f"{t:g}": scores[t] for t in sorted(scores)}}
+    top1 = (tau_predictions(features, classifier.weight, taus) == labels).float().mean(1).tolist()
+    scores = dict(zip((float(t) for t in taus), top1, strict=True))
+    return {"tau": best_tau(scores), "val_top1_by_tau": {f"{t:g}": scores[t] for t in sorted(scores)}}
+
+
+def stage_one_weight(ckpt: dict, where: Path) -> Tensor:
+    """The stage-one classifier weight a tau-norm checkpoint keeps (`STAGE_ONE_WEIGHT`).
+
+    Raises:
+        RunError: the checkpoint predates the key (an older har); names the fix.
+    """
+    if STAGE_ONE_WEIGHT not in ckpt:
+        raise RunError(f"{where} holds no {STAGE_ONE_WEIGHT} (written by an older har): cross-fitting tau on the "
+                       f"test halves needs stage one's classifier; delete {where.parent} and run har train again "
+                       f"(tau-norm trains nothing)")
+    return ckpt[STAGE_ONE_WEIGHT]
