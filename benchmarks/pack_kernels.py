@@ -239,6 +239,10 @@ def markdown(result: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> dict:
+    small = [f"--{name} {value}" for name, value in (("ks", min(args.ks)), ("batch", args.batch),
+                                                       ("steps", args.steps), ("repeats", args.repeats)) if value < 1]
+    if small:
+        raise SystemExit(f"{', '.join(small)}: must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
