@@ -1,4 +1,4 @@
-"""The throughput benchmark runs end to end in a tiny mode and writes every row (its figures are not checked)."""
+"""The benchmarks run end to end in a tiny mode and write every row (their figures are not checked)."""
 
 import importlib.util
 import json
@@ -55,3 +55,25 @@ def test_a_failing_process_of_a_shared_row_ends_the_benchmark_with_its_reason(mo
     variant = benchmark.VARIANTS[0]
     with pytest.raises(SystemExit, match="failed: RunError: train.device is 'cuda' but CUDA is not available"):
         benchmark.time_shared(variant, from_dict({}), torch.device("cpu"), args)
+
+
+def test_pack_kernels_times_every_row_and_the_fused_layer_equals_the_separate_ones(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("pack_kernels", REPO / "benchmarks" / "pack_kernels.py")
+    pack = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, pack)
+    spec.loader.exec_module(pack)
+    tiny = ["--device", "cpu", "--ks", "1", "2", "--batch", "2", "--steps", "1", "--warmup", "1", "--repeats", "1",
+            "--threads", "1", "--out", str(tmp_path / "pack")]
+    pack.main(pack.get_args_parser().parse_args(tiny))
+    result = json.loads((tmp_path / "pack.json").read_text())
+    rows = {(r["channels"], r["k"], r["variant"]): r for r in result["rows"]}
+    assert len(result["rows"]) == 12 and not any(r["cuda_graph"] for r in result["rows"])  # no graphs on the CPU
+    assert set(rows) == {(c, k, v) for c, _ in pack.STAGES for k in (1, 2) for v in ("grouped", "separate")}
+    assert all(r["ms_per_step"] > 0 and r["run_images_per_s"] > 0 and r["tflops"] > 0 for r in rows.values())
+    assert len(result["speedups"]) == 6 and all(s["grouped_over_separate"] > 0 for s in result["speedups"])
+    assert result["fused_agrees"] and len(result["check"]) == 3
+    assert all(c["k"] == 2 and c["output"] < 1e-9 and c["input_grad"] < 1e-9 for c in result["check"])
+    assert (tmp_path / "pack.md").read_text().startswith("# har pack kernels")
+    fuse = pack.fuse  # the check can fail: a fused layer with the runs in the wrong channel blocks is caught
+    monkeypatch.setattr(pack, "fuse", lambda layers: fuse(layers[::-1]))
+    assert pack.check_fused(16, 4, 2, 2, seed=0)["output"] > 1e-3
