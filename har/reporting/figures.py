@@ -87,7 +87,7 @@ def fig_accuracy_flops(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str
                 curve = _sweep(group, root)
                 ax.plot(curve["rel_macs"], 100 * curve["top1"], "-o", ms=3, color=color, label=f"{name} dynamic")
                 ax.scatter(1 - group["dyn_saving"].mean(), 100 * group["dyn_top1"].mean(), marker="*", s=160,
-                           color=color, edgecolor="black", zorder=3, label=f"{name} at the most accurate s (chosen without the reported images)")
+                           color=color, edgecolor="black", zorder=3, label=f"{name}, most accurate s")
                 ax.scatter(1.0, 100 * group["top1"].mean(), marker="o", s=50, facecolor="none", edgecolor=color,
                            zorder=3, label=f"{name} static")
             else:
