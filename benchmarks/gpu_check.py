@@ -44,18 +44,18 @@ def sync_check(bundle: str, compile_mode: str, steps: tuple[int, int] = (4, 16))
     from har.data.augment import BatchAugment
     from har.data.build import build_data
     from har.data.loader import TensorBatches
-    from har.engine import trainer
+    from har.engine import assembly, trainer
     from har.engine.signals import StopRequest
 
     cfg = load_config(REPO / RUNS[0][1], [f"data.bundle={bundle}", "train.device=cuda", f"train.log_every={10**9}",
                                           f"train.compile={compile_mode}"])  # the HAR run's own step
     data = build_data(cfg.data)
     device = torch.device("cuda")
-    model = trainer.build_model(cfg, data.num_classes).to(device).to(memory_format=torch.channels_last)
-    har_loss = trainer.build_loss(cfg, data.class_counts).to(device)
+    model = assembly.build_model(cfg, data.num_classes).to(device).to(memory_format=torch.channels_last)
+    har_loss = assembly.build_loss(cfg, data.class_counts).to(device)
     har_loss.exit_loss.set_weight(torch.ones(data.num_classes, device=device))  # as the trainer's before DRW
-    optimizer = trainer.build_optimizer(cfg, model)
-    step_loss = trainer.build_step_loss(model, har_loss, model.num_exits, cfg, amp=True)
+    optimizer = assembly.build_optimizer(cfg, model)
+    step_loss = assembly.build_step_loss(model, har_loss, model.num_exits, cfg, amp=True)
 
     def epoch(n: int) -> None:
         images = torch.from_numpy(data.train.images[: n * 128]).to(device)

@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from har.atomic import atomic_write_json, atomic_write_text
 

@@ -44,18 +44,17 @@ from har.atomic import atomic_write_json, atomic_write_text
 from har.config import RunConfig, load_config
 from har.data import BatchAugment, TensorBatches, normalize
 from har.data.build import RunData, Split, build_data
-from har.engine.checkpoint import load_checkpoint
-from har.engine.signals import StopRequest
-from har.engine.trainer import (
+from har.engine.assembly import (
     CHECKPOINT,
-    EpochProgress,
-    _train_epoch,
     build_loss,
     build_model,
     build_optimizer,
     build_step_loss,
     resolve_device,
 )
+from har.engine.checkpoint import load_checkpoint
+from har.engine.signals import StopRequest
+from har.engine.trainer import EpochProgress, _train_epoch
 from har.evaluation.evaluate import collect_logits
 from har.evaluation.flops import dynamic_cost, flops_table
 from har.models import MultiExitNet

@@ -156,7 +156,8 @@ class EvalConfig:
     target_savings: tuple[float, ...] = (0.25,)  # MACs savings at which s is chosen (har.evaluation.selection)
     histogram_bins: int = 20  # confidence histograms (the paper's Fig. 3)
     # 0-based epoch from which training records static test top-1 (final exit) as metrics.jsonl's test_top1 (the
-    # LDAM-DRW protocol keeps the best of these; ours stays the last epoch); None: the first lr milestone, -1: off
+    # LDAM-DRW protocol keeps the best of these; ours stays the last epoch); None: the first lr milestone on CIFAR,
+    # off for the list datasets (a full test pass per epoch there; the protocol is CIFAR's); -1: off
     record_test_from: int | None = None
 
 

@@ -10,9 +10,10 @@ from test_train import tiny_config
 
 import har.engine.trainer as trainer_module
 from har.config import ConfigError, from_dict
+from har.engine.assembly import build_loss, build_model
 from har.engine.checkpoint import RunError, load_checkpoint
 from har.engine.step import StepLoss
-from har.engine.trainer import build_loss, build_model, train
+from har.engine.trainer import train
 from har.evaluation.evaluate import evaluate_run
 from har.methods import decoupled
 from har.methods.mixup import MANIFOLD_LAYERS, Mixing, draw_mixing

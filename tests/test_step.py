@@ -10,7 +10,7 @@ import torch
 from test_train import tiny_config
 from torch._dynamo.utils import counters
 
-from har.engine import trainer
+from har.engine import assembly, trainer
 from har.engine.step import StepLoss
 from har.losses import build_exit_loss
 from har.methods.mixup import draw_mixing
@@ -23,8 +23,8 @@ def test_compiled_step_is_one_graph_that_equals_the_eager_step(tiny_data, mixup)
     counters.clear()
     cfg = tiny_config(train={"mixup": mixup})
     torch.manual_seed(0)
-    model = trainer.build_model(cfg, tiny_data.num_classes)
-    har_loss = trainer.build_loss(cfg, tiny_data.class_counts)
+    model = assembly.build_model(cfg, tiny_data.num_classes)
+    har_loss = assembly.build_loss(cfg, tiny_data.class_counts)
     eager = StepLoss(model, har_loss, model.num_exits, mixup)
     compiled = torch.compile(eager, backend="aot_eager", fullgraph=True)
     params = list(model.parameters())

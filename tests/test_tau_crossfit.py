@@ -10,8 +10,9 @@ from test_methods import plain_config, stage_two_config
 import har.evaluation.selection as selection
 from har.config import from_dict
 from har.data.batches import eval_batches
+from har.engine.assembly import build_model
 from har.engine.checkpoint import RunError, atomic_save, load_checkpoint
-from har.engine.trainer import build_model, train
+from har.engine.trainer import train
 from har.evaluation.evaluate import crossfit_tau_norm, evaluate_run
 from har.methods import decoupled
 

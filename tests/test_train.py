@@ -91,6 +91,22 @@ def test_test_top1_is_recorded_from_the_first_lr_milestone(tmp_path, tiny_data, 
         assert rows[-1]["test_top1"] == pytest.approx(final)  # the same static test top-1 as the evaluation
 
 
+
+def test_list_datasets_record_no_test_top1_unless_asked():
+    """ImageNet-LT / iNaturalist rows do not follow LDAM-DRW's best-epoch protocol, and a 50,000-image test pass
+    per epoch would cost GPU time: by default they record nothing; CIFAR records from the first milestone."""
+    from har.config import from_dict
+    from har.engine.trainer import records_test
+
+    schedule = {"epochs": 100, "lr_milestones": [60, 80]}
+    cifar = from_dict({"train": schedule})
+    inet = from_dict({"data": {"dataset": "imagenet_lt"}, "model": {"name": "resnet50"}, "train": schedule})
+    asked = from_dict({"data": {"dataset": "imagenet_lt"}, "model": {"name": "resnet50"}, "train": schedule,
+                       "eval": {"record_test_from": 90}})
+    assert [records_test(cifar, e) for e in (59, 60, 99)] == [False, True, True]
+    assert not any(records_test(inet, e) for e in range(100))
+    assert [records_test(asked, e) for e in (89, 90)] == [False, True]
+
 def test_a_folder_of_another_config_is_refused_with_the_difference(tmp_path, tiny_data):
     train(tiny_config(train={"epochs": 1}), tmp_path / "run", data=tiny_data)
     with pytest.raises(RunError, match=r"another config.*\n  loss.name: 'ce' -> 'focal'"):

@@ -34,71 +34,30 @@ from har.data.batches import eval_batches, train_batches
 from har.data.build import RunData, build_data
 from har.data.errors import DataError
 from har.data.loader import ImageBatches, TensorBatches
+from har.engine.assembly import (
+    CHECKPOINT,
+    METRICS,
+    PREVIOUS,
+    build_loss,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    build_step_loss,
+    resolve_device,
+)
 from har.engine.checkpoint import RunError, atomic_save, resume_checkpoint
 from har.engine.distributed import Distributed, from_environment, process_group
 from har.engine.lock import folder_lock
-from har.engine.schedule import lr_factor
 from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
 from har.engine.step import StepLoss
-from har.losses import HARLoss, ReweightSchedule, build_exit_loss
+from har.losses import ReweightSchedule
 from har.methods import decoupled
 from har.methods.mixup import draw_mixing
-from har.models import MultiExitNet, create_model
+from har.models import MultiExitNet
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "last.pt"
-PREVIOUS = "prev.pt"
-METRICS = "metrics.jsonl"
 SINGLE = Distributed()  # a run of one process
-
-
-def resolve_device(name: str, ctx: Distributed | None = None) -> torch.device:
-    """`auto` means CUDA when present; a distributed process takes the GPU of its local rank."""
-    local = ctx.local_rank if ctx is not None and ctx.enabled else None
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RunError(f"train.device is {name!r} but CUDA is not available; use auto or cpu")
-    if name == "cuda" and local is not None:
-        return torch.device("cuda", local)
-    return torch.device(name)
-
-
-def build_model(cfg: RunConfig, num_classes: int) -> MultiExitNet:
-    """The multi-exit network a config describes (with the final classifier a decoupled stage two trains)."""
-    model = create_model(cfg.model.name, num_classes=num_classes, layout=cfg.model.layout,
-                         classifier=cfg.classifier, exit_channels=cfg.model.exit_channels,
-                         exit_stride=cfg.model.exit_stride)
-    return decoupled.attach(cfg, model)
-
-
-def build_loss(cfg: RunConfig, class_counts: list[int]) -> HARLoss:
-    """The per-exit loss wrapped by HAR (threshold None: every exit trained on every example)."""
-    exit_loss = build_exit_loss(cfg.loss.name, class_counts, focal_gamma=cfg.loss.focal_gamma,
-                                ldam_max_margin=cfg.loss.ldam_max_margin, ldam_scale=cfg.loss.ldam_scale)
-    return HARLoss(exit_loss, cfg.loss.train_threshold if cfg.loss.har else None)
-
-
-def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """SGD (LDAM-DRW's optimiser) over the parameters that train, with the lr scaled to the global batch."""
-    t = cfg.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=t.scaled_lr, momentum=t.momentum, weight_decay=t.weight_decay)
-
-
-def build_step_loss(model: torch.nn.Module, har_loss: HARLoss, num_exits: int, cfg: RunConfig, amp: bool,
-                    distributed: bool = False) -> StepLoss:
-    """Forward, loss and statistics of a step, compiled whole when `train.compile` asks for it.
-
-    A distributed run compiles only the DistributedDataParallel module, the form torch.compile documents for
-    it (it splits the graph at DDP's gradient buckets).
-    """
-    mode = cfg.train.compile
-    if mode != "off" and distributed:
-        model = torch.compile(model, mode=mode)
-    step_loss = StepLoss(model, har_loss, num_exits, cfg.train.mixup, amp)
-    return step_loss if mode == "off" or distributed else torch.compile(step_loss, mode=mode)
 
 
 def prepare_run_dir(cfg: RunConfig, out: Path) -> bool:
@@ -297,8 +256,7 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
     reweight = ReweightSchedule(cfg.loss.reweight, data.class_counts, beta=cfg.loss.cb_beta,
                                 drw_epoch=cfg.loss.drw_epoch)
     optimizer = build_optimizer(cfg, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda e: lr_factor(e, t.warmup_epochs, t.lr_milestones, t.lr_decay, t.schedule, t.epochs))
+    scheduler = build_scheduler(cfg, optimizer)
 
     start, partial = 0, None
     ckpt_path, prev_path = out / CHECKPOINT, out / PREVIOUS
@@ -371,10 +329,12 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
 
 
 def records_test(cfg: RunConfig, epoch: int) -> bool:
-    """Whether this epoch's metrics row records test top-1 (`eval.record_test_from`; None: the first lr milestone)."""
+    """Whether this epoch's metrics row records test top-1 (`eval.record_test_from`; None: from the first lr
+    milestone on CIFAR, never on the list datasets, whose 50,000-image test pass per epoch would cost GPU time
+    for a protocol (LDAM-DRW's best epoch) that only the CIFAR rows follow)."""
     start = cfg.eval.record_test_from
     if start is None:
-        start = min(cfg.train.lr_milestones, default=None)
+        start = None if cfg.data.is_list_dataset else min(cfg.train.lr_milestones, default=None)
     return start is not None and start >= 0 and epoch >= start
 
 

@@ -21,9 +21,9 @@ from har.atomic import atomic_write, atomic_write_json
 from har.config import RunConfig, config_hash, from_dict, stored_config_hash
 from har.data.batches import eval_batches
 from har.data.build import ListSplit, RunData, Split, build_data
+from har.engine.assembly import CHECKPOINT, PREVIOUS, build_model, resolve_device
 from har.engine.checkpoint import RunError, resume_checkpoint
 from har.engine.lock import folder_lock, refuse_if_held
-from har.engine.trainer import CHECKPOINT, PREVIOUS, build_model, resolve_device
 from har.evaluation import selection
 from har.evaluation.dynamic import default_exit_thresholds, exit_outcomes, softmax, sweep_results
 from har.evaluation.flops import flops_table

@@ -132,7 +132,7 @@ def recorded_stage_one(out: str | Path) -> dict | None:
 
 def has_started(out: str | Path) -> bool:
     """Whether the stage-two folder ``out`` holds a checkpoint, i.e. has trained on some stage one."""
-    from har.engine.trainer import CHECKPOINT, PREVIOUS  # the trainer imports this module
+    from har.engine.assembly import CHECKPOINT, PREVIOUS  # the assembly imports this module
 
     return any((Path(out) / name).exists() for name in (CHECKPOINT, PREVIOUS))
 

@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 from har.config import stored_config_hash
-from har.engine.trainer import METRICS
+from har.engine.assembly import METRICS
 
 # The numeric columns `load_results` adds to each record (fractions in [0, 1], MACs and s as they are).
 # dyn_*: at the most accurate s; target_*: at the run's first `saving>=X` choice; best_epoch_top1: the maximum of

@@ -1,0 +1,76 @@
+"""One assembly of a run from its config: the files of its folder, its device, model, loss, optimiser, schedule
+and step. The trainer and the evaluation both build from here, so neither imports the other (../DESIGN.md: "many
+runs, one assembly").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from har.config import RunConfig
+from har.engine.checkpoint import RunError
+from har.engine.distributed import Distributed
+from har.engine.schedule import lr_factor
+from har.engine.step import StepLoss
+from har.losses import HARLoss, build_exit_loss
+from har.methods import decoupled
+from har.models import MultiExitNet, create_model
+
+CHECKPOINT = "last.pt"
+PREVIOUS = "prev.pt"
+METRICS = "metrics.jsonl"
+
+
+def resolve_device(name: str, ctx: Distributed | None = None) -> torch.device:
+    """`auto` means CUDA when present; a distributed process takes the GPU of its local rank."""
+    local = ctx.local_rank if ctx is not None and ctx.enabled else None
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"train.device is {name!r} but CUDA is not available; use auto or cpu")
+    if name == "cuda" and local is not None:
+        return torch.device("cuda", local)
+    return torch.device(name)
+
+
+def build_model(cfg: RunConfig, num_classes: int) -> MultiExitNet:
+    """The multi-exit network a config describes (with the final classifier a decoupled stage two trains)."""
+    model = create_model(cfg.model.name, num_classes=num_classes, layout=cfg.model.layout,
+                         classifier=cfg.classifier, exit_channels=cfg.model.exit_channels,
+                         exit_stride=cfg.model.exit_stride)
+    return decoupled.attach(cfg, model)
+
+
+def build_loss(cfg: RunConfig, class_counts: list[int]) -> HARLoss:
+    """The per-exit loss wrapped by HAR (threshold None: every exit trained on every example)."""
+    exit_loss = build_exit_loss(cfg.loss.name, class_counts, focal_gamma=cfg.loss.focal_gamma,
+                                ldam_max_margin=cfg.loss.ldam_max_margin, ldam_scale=cfg.loss.ldam_scale)
+    return HARLoss(exit_loss, cfg.loss.train_threshold if cfg.loss.har else None)
+
+
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD (LDAM-DRW's optimiser) over the parameters that train, with the lr scaled to the global batch."""
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=t.scaled_lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+def build_step_loss(model: torch.nn.Module, har_loss: HARLoss, num_exits: int, cfg: RunConfig, amp: bool,
+                    distributed: bool = False) -> StepLoss:
+    """Forward, loss and statistics of a step, compiled whole when `train.compile` asks for it.
+
+    A distributed run compiles only the DistributedDataParallel module, the form torch.compile documents for
+    it (it splits the graph at DDP's gradient buckets).
+    """
+    mode = cfg.train.compile
+    if mode != "off" and distributed:
+        model = torch.compile(model, mode=mode)
+    step_loss = StepLoss(model, har_loss, num_exits, cfg.train.mixup, amp)
+    return step_loss if mode == "off" or distributed else torch.compile(step_loss, mode=mode)
+
+
+def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """The per-epoch lr factor of `train` (warm-up, then step decays or cosine), stepped once per epoch."""
+    t = cfg.train
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda e: lr_factor(e, t.warmup_epochs, t.lr_milestones, t.lr_decay, t.schedule, t.epochs))
