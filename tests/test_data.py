@@ -229,8 +229,8 @@ def test_md5_is_computed_once_per_file_version(tmp_path, monkeypatch):
     from har.data import cifar
 
     calls = []
-    real = cifar.hashlib.md5
-    monkeypatch.setattr(cifar.hashlib, "md5", lambda **kw: calls.append(1) or real(**kw))
+    real = cifar.file_hexdigest
+    monkeypatch.setattr(cifar, "file_hexdigest", lambda *args: calls.append(1) or real(*args))
     path = tmp_path / "f"
     path.write_bytes(b"one")
     first = cifar._md5(path)

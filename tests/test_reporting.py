@@ -20,6 +20,7 @@ from har.engine.trainer import train
 from har.evaluation.evaluate import evaluate_run
 from har.pipeline import grid
 from har.reporting import ResultError, build_tables, load_published, load_results, plot_figures, summarise
+from har.reporting.results import target_column
 
 SPLIT = "cifar10-r100"
 PIPELINE = {
@@ -92,8 +93,8 @@ def test_rows_equal_the_eval_json(results):
         best, target = test["dynamic_selected"]["best"], test["dynamic_selected"]["saving>=0.2"]
         assert (row["dyn_s"], row["dyn_top1"], row["dyn_saving"]) == \
             (best["exit_threshold"], best["top1"], best["saving"])
-        assert (row["target"], row["target_s"], row["target_top1"], row["target_saving"]) == \
-            ("saving>=0.2", target["exit_threshold"], target["top1"], target["saving"])
+        assert (row[target_column("s", 0.2)], row[target_column("top1", 0.2)], row[target_column("saving", 0.2)]) == \
+            (target["exit_threshold"], target["top1"], target["saving"])
         assert row["har"] == (record["base_method"] == "har_ce_drw")
         assert row["num_exits"] == len(test["flops"]["exits"])
     assert df["many"].isna().all() and df["medium"].notna().all()  # counts (21, 6, 2): no many-shot class

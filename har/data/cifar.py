@@ -7,7 +7,6 @@ re-built copies of CIFAR (such as the shared one used in CI) differ byte-wise fr
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from har.data.errors import DataError
+from har.digest import file_hexdigest
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +154,7 @@ def _md5(path: Path) -> str:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _MD5_CACHE:
-        digest = hashlib.md5(usedforsecurity=False)
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        _MD5_CACHE[key] = digest.hexdigest()
+        _MD5_CACHE[key] = file_hexdigest(path, "md5")
     return _MD5_CACHE[key]
 
 

@@ -18,7 +18,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from har.evaluation.dynamic import choose_exit_threshold, exit_indices, result_at_exits, sweep_results
+from har.evaluation.dynamic import (
+    choose_exit_threshold,
+    exit_indices,
+    exit_outcomes,
+    result_at_exits,
+    sweep_results,
+)
 
 CROSSFIT = "crossfit-test-halves"
 VAL = "val"
@@ -72,7 +78,7 @@ def crossfit_selected(probs: np.ndarray, labels: np.ndarray, halves: tuple[np.nd
     """
     if not (len(halves[0]) and len(halves[1])):
         raise ValueError(f"cross-fitting needs two non-empty halves, got sizes {len(halves[0])} and {len(halves[1])}")
-    confidence, predictions = probs.max(axis=2), probs.argmax(axis=2)
+    confidence, predictions = exit_outcomes(probs)
     num_classes = probs.shape[2]
     chosen_by_half = [choose_all(sweep_results(confidence[:, h], predictions[:, h], labels[h], num_classes,
                                                exit_thresholds, exit_macs, backbone_macs, groups), target_savings)
@@ -101,7 +107,7 @@ def chosen_elsewhere_selected(probs: np.ndarray, labels: np.ndarray, chosen: Map
                               exit_macs: Sequence[float], backbone_macs: float,
                               groups: Mapping[str, Sequence[int]], protocol_name: str = VAL) -> dict[str, dict]:
     """Each choice's s, chosen on another split (ImageNet-LT's validation list), applied to all of these examples."""
-    confidence, predictions = probs.max(axis=2), probs.argmax(axis=2)
+    confidence, predictions = exit_outcomes(probs)
     selected = {}
     for name, s in chosen.items():
         result = result_at_exits(predictions, labels, exit_indices(confidence, s), probs.shape[2], exit_macs,

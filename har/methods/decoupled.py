@@ -16,7 +16,6 @@ Only the final exit's classifier changes; intermediate exits (if stage one had a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 
 from har.atomic import atomic_write_json
 from har.config import RunConfig, from_dict, stored_config_hash
+from har.digest import file_hexdigest
 from har.engine.checkpoint import RunError, load_checkpoint
 from har.evaluation.selection import best_tau
 from har.models import MultiExitNet
@@ -116,12 +116,9 @@ def stage_one_identity(folder: str | Path) -> dict[str, str | None]:
     sha256 (the same config trained again on another device or version gives other weights)."""
     folder = Path(folder)
     _require_trained(folder)
-    digest = hashlib.sha256()
-    with open(folder / "last.pt", "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
     stored = yaml.safe_load((folder / "config.yaml").read_text())
-    return {"folder": str(folder), "config_sha256": stored_config_hash(stored), "checkpoint_sha256": digest.hexdigest()}
+    return {"folder": str(folder), "config_sha256": stored_config_hash(stored),
+            "checkpoint_sha256": file_hexdigest(folder / "last.pt", "sha256")}
 
 
 def recorded_stage_one(out: str | Path) -> dict | None:

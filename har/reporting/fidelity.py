@@ -123,9 +123,7 @@ def _num(value: float | None, signed: bool = False) -> str:
 
 
 def _markdown(caption: str, frame: pd.DataFrame) -> str:
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
+    from har.reporting.tables import markdown_row as line  # the tables module imports this one
     header = ["Table", "Split", "Method", "Mode", "Metric", "ours", "n", "paper", "diff", "verdict", "note"]
     out = [f"**Fidelity report.** {caption}"]
     for kind, title in (("cell", "Published cells we trained"), ("claim", "Central claims: HAR minus its baseline")):

@@ -22,18 +22,17 @@ from har.config import stored_config_hash
 from har.engine.assembly import METRICS
 
 # The numeric columns `load_results` adds to each record (fractions in [0, 1], MACs and s as they are).
-# dyn_*: at the most accurate s; target_*: at the run's first `saving>=X` choice; best_epoch_top1: the maximum of
+# dyn_*: at the most accurate s; best_epoch_top1: the maximum of
 # metrics.jsonl's `test_top1` (LDAM-DRW's best-epoch protocol; NaN when no epoch recorded it).
 RESULT_COLUMNS = ("top1", "many", "medium", "few", "macs", "dyn_s", "dyn_top1", "dyn_saving", "dyn_many",
-                  "dyn_medium", "dyn_few", "target_s", "target_top1", "target_saving", "val_top1", "val_many",
-                  "val_medium", "val_few", "best_epoch_top1")
+                  "dyn_medium", "dyn_few", "val_top1", "val_many", "val_medium", "val_few", "best_epoch_top1")
 # Per `saving>=X` choice of the test report, `load_results` adds the columns `target_column(metric, X)`.
 TARGET_METRICS = ("top1", "saving", "s", "many", "medium", "few")
 
 # The fields of `grid.describe` records and what `load_results` adds besides the metrics.
 RECORD_FIELDS = ("dataset", "ratio", "split", "method", "base_method", "display", "tables", "seed", "t_point", "role",
                  "run_dir")
-RUN_FIELDS = ("target", "har", "train_threshold", "layout", "num_exits", "data_label", "data_official")
+RUN_FIELDS = ("har", "train_threshold", "layout", "num_exits", "data_label", "data_official")
 
 # What a report needs from each split's JSON, as key paths.
 _REQUIRED = {
@@ -134,15 +133,20 @@ def read_run_config(run_dir: Path) -> dict:
     return values
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The per-epoch training rows of `metrics.jsonl`."""
+def _metrics_rows(run_dir: Path) -> list[dict]:
+    """Every row of a run's `metrics.jsonl`, refused with the fix when it is missing or unreadable."""
     path = run_dir / METRICS
     try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as exc:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ResultError(f"{path} is missing or unreadable ({exc}); train {run_dir} again") from exc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The per-epoch training rows of `metrics.jsonl`."""
+    rows = _metrics_rows(run_dir)
     if not rows or "exit_loss" not in rows[-1] or "exit_fraction" not in rows[-1]:
-        raise ResultError(f"{path} has no epoch with exit_loss and exit_fraction; train {run_dir} again")
+        raise ResultError(f"{run_dir / METRICS} has no epoch with exit_loss and exit_fraction; train {run_dir} again")
     return rows
 
 
@@ -155,12 +159,6 @@ def read_outputs(run_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise ResultError(f"{path} is missing, truncated or corrupt ({type(exc).__name__}: {exc}); delete it and "
                           f"evaluate {run_dir} again") from exc
-
-
-def _target(selected: dict) -> tuple[str | None, dict]:
-    """The first `saving>=...` choice of s, if the run was evaluated with a target saving."""
-    name = next((key for key in selected if key.startswith("saving>=")), None)
-    return name, selected.get(name, {})
 
 
 def _targets(selected: dict) -> dict[str, Any]:
@@ -179,12 +177,8 @@ def _targets(selected: dict) -> dict[str, Any]:
 
 def best_epoch_top1(run_dir: Path) -> float | None:
     """The best `test_top1` of metrics.jsonl (epochs from the first lr decay on), or None when none recorded it."""
-    path = run_dir / METRICS
-    try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ResultError(f"{path} is missing or unreadable ({exc}); train {run_dir} again") from exc
-    values = [row["test_top1"] for row in rows if isinstance(row, dict) and row.get("test_top1") is not None]
+    values = [row["test_top1"] for row in _metrics_rows(run_dir)
+              if isinstance(row, dict) and row.get("test_top1") is not None]
     return max(values) if values else None
 
 
@@ -201,14 +195,12 @@ def _row(record: dict, root: Path) -> dict:
     test, val = read_eval(run_dir, "test"), read_eval(run_dir, "val")
     config = read_run_config(run_dir)
     best = test["dynamic_selected"]["best"]
-    target_name, target = _target(test["dynamic_selected"])
     shot, best_shot, val_shot = test["static"]["shot"], best.get("shot") or {}, val["static"].get("shot") or {}
     data_label, data_official = _provenance(test)
     return dict(record, top1=test["static"]["top1"], many=shot["many"], medium=shot["medium"], few=shot["few"],
                 macs=test["static"]["macs"], dyn_s=best["exit_threshold"], dyn_top1=best["top1"],
                 dyn_saving=best["saving"], dyn_many=best_shot.get("many"), dyn_medium=best_shot.get("medium"),
-                dyn_few=best_shot.get("few"), target=target_name, target_s=target.get("exit_threshold"),
-                target_top1=target.get("top1"), target_saving=target.get("saving"), val_top1=val["static"]["top1"],
+                dyn_few=best_shot.get("few"), val_top1=val["static"]["top1"],
                 val_many=val_shot.get("many"), val_medium=val_shot.get("medium"), val_few=val_shot.get("few"),
                 best_epoch_top1=best_epoch_top1(run_dir), har=bool(config["loss"].get("har")),
                 train_threshold=config["loss"].get("train_threshold"),

@@ -359,14 +359,16 @@ def make_tables(df: pd.DataFrame, cfg: dict, selected: dict, published: list[Pap
             table_layouts(df, cfg, published, _caption(cfg, df, "V"))]
 
 
-def to_markdown(table: Table) -> str:
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+def markdown_row(cells: list[str]) -> str:
+    """One row of a Markdown table (pipes inside a cell escaped)."""
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
+
+def to_markdown(table: Table) -> str:
     align = ["---" if i < table.labels else "---:" for i in range(len(table.columns))]
-    lines = [f"**Table {table.id}.** {table.caption}", "", line(table.columns), line(align)]
+    lines = [f"**Table {table.id}.** {table.caption}", "", markdown_row(table.columns), markdown_row(align)]
     notes = ["", *table.notes] if table.notes else []
-    return "\n".join(lines + [line(r) for r in table.rows] + notes) + "\n"
+    return "\n".join(lines + [markdown_row(r) for r in table.rows] + notes) + "\n"
 
 
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
