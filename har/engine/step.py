@@ -59,14 +59,24 @@ class StepLoss(nn.Module):
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
             manifold = mixing is not None and self.mixup == "manifold"
             outputs = self.model(images, mix=mixing, mix_at=mixing.layer) if manifold else self.model(images)
-        logits = [out.float() for out in outputs]
-        parts = self.har_loss.components(logits, labels)
-        per_example, normaliser = parts.per_example, parts.normaliser
-        if mixing is not None:  # lam * L(y) + (1 - lam) * L(y[perm]), HAR's exit choice from y
-            partner = self.har_loss.components(logits, labels[mixing.perm])
-            per_example = mixing.lam * per_example + (1 - mixing.lam) * partner.per_example
-            normaliser = mixing.lam * normaliser + (1 - mixing.lam) * partner.normaliser
-        with torch.no_grad():
-            correct = (logits[-1].argmax(1) == labels).sum()
-            counts, exit_sums = exit_statistics(parts, self.num_exits)
-        return StepOutput(per_example.sum(), normaliser.sum(), correct, counts, exit_sums)
+        return step_statistics(self.har_loss, outputs, labels, mixing, self.num_exits)
+
+
+def step_statistics(har_loss: HARLoss, outputs: list[Tensor], labels: Tensor, mixing: Mixing | None,
+                    num_exits: int) -> StepOutput:
+    """One batch's HAR loss (mixed with the partners' labels under Mixup) and statistics from its exits' logits.
+
+    The single run and the pack trainer both call it, so a pack member's loss is its single run's. The losses run
+    in float32 at least (bf16 logits are widened; float64 ones, as in the tests, stay float64).
+    """
+    logits = [out.float() if out.dtype in (torch.bfloat16, torch.float16) else out for out in outputs]
+    parts = har_loss.components(logits, labels)
+    per_example, normaliser = parts.per_example, parts.normaliser
+    if mixing is not None:  # lam * L(y) + (1 - lam) * L(y[perm]), HAR's exit choice from y
+        partner = har_loss.components(logits, labels[mixing.perm])
+        per_example = mixing.lam * per_example + (1 - mixing.lam) * partner.per_example
+        normaliser = mixing.lam * normaliser + (1 - mixing.lam) * partner.normaliser
+    with torch.no_grad():
+        correct = (logits[-1].argmax(1) == labels).sum()
+        counts, exit_sums = exit_statistics(parts, num_exits)
+    return StepOutput(per_example.sum(), normaliser.sum(), correct, counts, exit_sums)

@@ -16,23 +16,19 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-import yaml
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from har.atomic import atomic_write_text
-from har.config import ConfigError, RunConfig, config_diff, config_hash, dump_config, stored_config_hash, to_dict
+from har.config import RunConfig, config_hash, stored_config_hash, to_dict
 from har.data.batches import eval_batches, train_batches
 from har.data.build import RunData, build_data
-from har.data.errors import DataError
 from har.data.loader import ImageBatches, TensorBatches
 from har.engine.assembly import (
     CHECKPOINT,
@@ -47,7 +43,18 @@ from har.engine.assembly import (
 )
 from har.engine.checkpoint import RunError, atomic_save, resume_checkpoint
 from har.engine.distributed import Distributed, from_environment, process_group
-from har.engine.lock import folder_lock
+from har.engine.run_state import (
+    EpochProgress,
+    checkpoint_state,
+    epoch_generator,
+    epoch_row,
+    nonfinite_error,
+    owned_run_dir,
+    read_history,
+    records_test,
+    rng_state,
+    set_rng_state,
+)
 from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
 from har.engine.step import StepLoss
 from har.losses import ReweightSchedule
@@ -58,154 +65,6 @@ from har.models import MultiExitNet
 log = logging.getLogger(__name__)
 
 SINGLE = Distributed()  # a run of one process
-
-
-def prepare_run_dir(cfg: RunConfig, out: Path) -> bool:
-    """Write the resolved config and its hash, or check they match the folder's; remove the temporaries of a
-    job killed while writing (the caller holds the folder's lock). True when this call wrote a new config.yaml.
-
-    Files already holding what would be written are left untouched, so a finished run in a read-only folder
-    can be asked again (and a folder's files keep their dates).
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("config.yaml", "config.sha256", METRICS, CHECKPOINT, PREVIOUS):
-        for stale in out.glob(f".{name}.*.tmp"):  # har.atomic.atomic_write's temporary names
-            log.info("removing %s, left by a job killed while writing %s", stale, name)
-            try:
-                stale.unlink(missing_ok=True)
-            except OSError as exc:  # a read-only folder: harmless, nothing reads temporaries
-                log.warning("could not remove %s (%s)", stale, exc.strerror)
-    digest = config_hash(cfg)
-    cfg_path = out / "config.yaml"
-    try:
-        old_text = cfg_path.read_text() if cfg_path.exists() else None
-        old = None if old_text is None else yaml.safe_load(old_text)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise RunError(f"{cfg_path} is unreadable ({exc}); delete {out} or choose another --out") from exc
-    if old is not None and stored_config_hash(old) != digest:
-        diff = "\n  ".join(config_diff(old, to_dict(cfg))) if isinstance(old, dict) else ""
-        diff = diff or "(none in the values: the folder's config.yaml is not a valid config for this version)"
-        raise RunError(f"{out} holds a run of another config; choose another --out or delete the folder. "
-                       f"Differences (folder -> asked):\n  {diff}")
-    _write_if_changed(cfg_path, dump_config(cfg), old_text)
-    _write_if_changed(out / "config.sha256", digest + "\n")
-    return old_text is None
-
-
-def _write_if_changed(path: Path, text: str, current: str | None = None) -> None:
-    """Replace `path` with `text` unless it holds it already (`current`: its text, when already read)."""
-    if current is None and path.exists():
-        try:
-            current = path.read_text()
-        except (OSError, UnicodeDecodeError):
-            current = None  # rewritten below
-    if current != text:
-        atomic_write_text(path, text)
-
-
-@contextmanager
-def _owned_run_dir(cfg: RunConfig, out: Path, ctx: Distributed) -> Iterator[None]:
-    """Rank 0 locks the run folder for the whole run and prepares it; a refused input (a named error before the
-    first checkpoint) leaves no folder or config.yaml behind that this call created, so the corrected command
-    then runs on the same --out.
-
-    A folder this process may not write (no lock file could be created) is used unlocked when its run is
-    finished (nothing is written); otherwise it is refused before any training.
-    """
-    if not ctx.is_main:
-        yield
-        return
-    existed, undone = out.exists(), False
-    try:
-        with folder_lock(out, "train", "run folder (--out)", read_only_ok=True) as lock:
-            if not lock.held:
-                _refuse_unfinished_read_only(cfg, out, lock.read_only)
-            created = prepare_run_dir(cfg, out)
-            try:
-                yield
-            except (ConfigError, DataError, RunError):
-                undone = created and not (out / CHECKPOINT).exists() and not (out / PREVIOUS).exists()
-                if undone:
-                    for name in ("config.yaml", "config.sha256", METRICS):
-                        (out / name).unlink(missing_ok=True)
-                    log.info("removed the config this run wrote in %s: it stopped before its first checkpoint", out)
-                raise
-    finally:
-        if undone and not existed:
-            with suppress(OSError):  # only when empty: a file someone else put there stays
-                out.rmdir()
-
-
-def _refuse_unfinished_read_only(cfg: RunConfig, out: Path, why: str) -> None:
-    """A folder that cannot be written can only be read: a finished run passes, anything else is refused."""
-    ckpt = resume_checkpoint(out / CHECKPOINT, out / PREVIOUS)
-    done = 0 if ckpt is None else ckpt["epoch"] + 1
-    if ckpt is None or ckpt.get("partial") is not None or done < cfg.train.epochs:
-        raise RunError(f"{out} cannot be written ({why}) and its run is not finished ({done} of {cfg.train.epochs} "
-                       f"epochs): make the folder writable, or choose another --out")
-
-
-def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
-    """Data order and augmentation of an epoch depend only on (seed, epoch), so a resumed run sees the same."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    """RNG states must be CPU tensors; a checkpoint loaded with map_location=cuda holds them on the GPU."""
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def read_history(out: Path, before_epoch: int | None = None) -> list[dict]:
-    """The metrics rows of a run folder (those before `before_epoch` when given; none when there is no file)."""
-    path = out / METRICS
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if before_epoch is None or r["epoch"] < before_epoch]
-
-
-@dataclass
-class EpochProgress:
-    """How far an epoch got: its data order, the steps done and the running sums (device tensors).
-
-    A mid-epoch checkpoint holds it with the epoch generator's state, so that the rest of the epoch draws,
-    trains and sums exactly as an uninterrupted run would. `sums["first_bad_step"]` is the first step with a
-    non-finite loss (-1: none), recorded on the device so that no step waits for a read-back.
-    """
-
-    order: Tensor
-    sums: dict[str, Tensor]
-    step: int = 0  # steps done
-    seen: int = 0  # examples trained on
-    seconds: float = 0.0  # time spent on the epoch by earlier attempts
-
-    @classmethod
-    def begin(cls, order: Tensor, num_exits: int, device: torch.device | None = None) -> EpochProgress:
-        dev = order.device if device is None else device
-        return cls(order, {"loss": torch.zeros((), device=dev), "normaliser": torch.zeros((), device=dev),
-                           "correct": torch.zeros((), device=dev, dtype=torch.long),
-                           "exit_counts": torch.zeros(num_exits, device=dev),
-                           "exit_loss": torch.zeros(num_exits, device=dev),
-                           "first_bad_step": torch.full((), -1, device=dev, dtype=torch.long)})
-
-    def state_dict(self, generator: torch.Generator) -> dict[str, Any]:
-        return {"order": self.order, "sums": self.sums, "step": self.step, "seen": self.seen,
-                "seconds": self.seconds, "generator": generator.get_state()}
-
-    @classmethod
-    def resume(cls, state: dict[str, Any], generator: torch.Generator) -> EpochProgress:
-        """Continue from `state_dict`; sets `generator` to its state after the last step done."""
-        generator.set_state(state["generator"].cpu())
-        return cls(state["order"], state["sums"], state["step"], state["seen"], state["seconds"])
 
 
 def train(cfg: RunConfig, out: str | Path, data: RunData | None = None) -> list[dict]:
@@ -221,7 +80,7 @@ def train(cfg: RunConfig, out: str | Path, data: RunData | None = None) -> list[
     """
     ctx = from_environment()
     device = resolve_device(cfg.train.device, ctx)
-    with process_group(ctx, device), _owned_run_dir(cfg, Path(out), ctx):
+    with process_group(ctx, device), owned_run_dir(cfg, Path(out), ctx):
         return _train(cfg, Path(out), data, ctx, device)
 
 
@@ -267,7 +126,7 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         start, partial = ckpt["epoch"] + 1, ckpt.get("partial")
         if partial is not None and not ctx.is_main:  # rank 0's checkpoint holds the sums of every process
             partial = {**partial, "sums": {k: torch.zeros_like(v) if k != "first_bad_step" else v
@@ -278,9 +137,7 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
 
     def save(epoch_done: int, progress: dict[str, Any] | None = None) -> None:
         if ctx.is_main:
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "epoch": epoch_done, "partial": progress,
-                         "rng": _rng_state(), "config_sha256": config_hash(cfg), "config": to_dict(cfg)},
+            atomic_save(checkpoint_state(cfg, model, optimizer, scheduler, epoch_done, progress, rng_state()),
                         ckpt_path, keep_previous=prev_path)
 
     batches = train_batches(data.train, cfg.data, t.batch_size, device, ctx.rank, ctx.world)
@@ -293,7 +150,7 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
             # compiled: unit weights before DRW give the same values, and DRW then needs no recompile
             unit = weights is None and t.compile != "off"
             har_loss.exit_loss.set_weight(torch.ones(data.num_classes) if unit else weights)
-            generator = _epoch_generator(t.seed, epoch, batches.generator_device)
+            generator = epoch_generator(t.seed, epoch, batches.generator_device)
             if partial is not None:
                 progress = EpochProgress.resume(partial, generator)
                 partial = None
@@ -326,16 +183,6 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
                 _stopped(stop, ckpt_path, f"the end of epoch {epoch} (0-based)")
     ctx.barrier()  # nobody reads the folder before rank 0 has written it
     return history
-
-
-def records_test(cfg: RunConfig, epoch: int) -> bool:
-    """Whether this epoch's metrics row records test top-1 (`eval.record_test_from`; None: from the first lr
-    milestone on CIFAR, never on the list datasets, whose 50,000-image test pass per epoch would cost GPU time
-    for a protocol (LDAM-DRW's best epoch) that only the CIFAR rows follow)."""
-    start = cfg.eval.record_test_from
-    if start is None:
-        start = None if cfg.data.is_list_dataset else min(cfg.train.lr_milestones, default=None)
-    return start is not None and start >= 0 and epoch >= start
 
 
 @torch.no_grad()
@@ -453,21 +300,11 @@ def _train_epoch(step_loss: StepLoss, optimizer: torch.optim.Optimizer, batches:
     _check_finite(progress, epoch, len(batches), ctx)
     sums = _reduce_sums(sums, ctx)
     seen = ctx.all_reduce_int(progress.seen)
-    counts = sums["exit_counts"].cpu()
-    return {
-        "epoch": epoch,
-        "loss": (sums["loss"] / sums["normaliser"]).item(),
-        "train_top1": sums["correct"].item() / seen,
-        "exit_fraction": (counts / seen).tolist(),
-        "exit_loss": [s / c if c else None for s, c in zip(sums["exit_loss"].cpu().tolist(), counts.tolist())],
-        "seconds": time.perf_counter() - began,
-    }
+    return epoch_row(epoch, sums, seen, time.perf_counter() - began)
 
 
 def _check_finite(progress: EpochProgress, epoch: int, steps: int, ctx: Distributed = SINGLE) -> None:
     """Stop at the first non-finite loss, before a checkpoint of the diverged model is written (one read-back)."""
     bad = int(ctx.all_reduce(progress.sums["first_bad_step"], "max"))
     if bad >= 0:
-        raise RunError(f"non-finite training loss at epoch {epoch}, step {bad} (both 0-based; {steps} steps per "
-                       f"epoch); no checkpoint of the diverged model was written, {CHECKPOINT} keeps the last good "
-                       f"state. Lower train.lr, or look for NaN / inf in the data")
+        raise nonfinite_error(epoch, bad, steps)
