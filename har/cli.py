@@ -1,4 +1,4 @@
-"""Command line: `har train | evaluate | run | export-data | inat-list | imagenet-lt-split | flops`.
+"""Command line: `har train | train-pack | evaluate | run | export-data | inat-list | imagenet-lt-split | flops`.
 
 The Snakemake scripts call the same functions."""
 
@@ -23,6 +23,7 @@ log = logging.getLogger("har")
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a job stopped with Ctrl-C
 AFTER_CTRL_C = {"train": "run the same command again to resume from the last checkpoint",
+                "train-pack": "run the same command again to resume every member from its last checkpoint",
                 "run": "run the same command again: training resumes from its last checkpoint",
                 "evaluate": "run the same command again (an evaluation starts over)"}
 
@@ -69,6 +70,14 @@ def _evaluate(run: Path, device: str, data: RunData | None = None) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     _train(load_config(args.config, args.set), args.out)
+
+
+def cmd_train_pack(args: argparse.Namespace) -> None:
+    from har.engine.pack import train_pack
+
+    members = [(load_config(Path(config), args.set), Path(out)) for config, out in args.member]
+    for (_, out), history in zip(members, train_pack(members), strict=True):
+        print(json.dumps({"run": str(out), **(history[-1] if history else {})}))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -139,6 +148,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                           help="override a config field, e.g. --set train.epochs=2 (repeatable)")
     sub.add_parser("train", parents=[run_args], help="train one run (resumes an interrupted one)"
                    ).set_defaults(func=cmd_train)
+    pk = sub.add_parser("train-pack", help="train several CIFAR runs of one shape together on one device, each "
+                                           "exactly as har train would (resumes an interrupted pack)")
+    pk.add_argument("--member", nargs=2, action="append", required=True, metavar=("CONFIG", "OUT"),
+                    help="a member's run config and run folder (repeatable; members may differ in seed, loss, "
+                         "HAR, DRW and input Mixup)")
+    pk.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field of every member, e.g. --set train.epochs=2 (repeatable)")
+    pk.set_defaults(func=cmd_train_pack)
     sub.add_parser("run", parents=[run_args], help="train, then evaluate").set_defaults(func=cmd_run)
 
     ev = sub.add_parser("evaluate", help="static and dynamic evaluation of a trained run")

@@ -52,7 +52,7 @@ class ExitLoss(nn.Module):
         if self.weight is not None and self.weight.shape == weight.shape:
             self.weight.copy_(weight.detach())
         else:  # a copy of its own, never the caller's tensor, since later weights are written into it
-            self.weight = weight.detach().to(device=self._anchor.device, dtype=torch.float32, copy=True)
+            self.weight = weight.detach().to(device=self._anchor.device, dtype=self._anchor.dtype, copy=True)
 
     def per_example(self, logits: Tensor, target: Tensor) -> Tensor:
         """Per-example loss [N], with the class weight already applied."""

@@ -1,0 +1,428 @@
+"""Packs: K CIFAR runs of one shape trained together in one process, each exactly as if alone.
+
+A ResNet-32 at batch 128 leaves a modern GPU nearly idle (launch-bound, about 1% of its arithmetic); K runs
+computed as one K-wide network (`har.models.packed.PackedNet`: grouped convolutions, batch norm over K x C
+channels) fill it with K times the work per launch. Packing is an execution detail, outside the config hash like
+`train.compile`:
+
+- Members share the shape of the computation (`pack_shape`: data, model, batch size, epochs, optimiser and
+  schedule, device settings) and may differ in everything else that a run config says (`MEMBER_FIELDS`): seed,
+  exit loss and its class weights, HAR and its t, DRW, input Mixup.
+- Each member keeps its single run's semantics: its own initialisation (seeded as `har train` seeds it), data
+  order, augmentation and Mixup draws, class weights and schedule, and its own run folder with the same
+  `config.yaml`, `metrics.jsonl` and `last.pt` (written through `har.engine.run_state`), so `har train` resumes
+  any member alone and `har evaluate` reads it unchanged. On the CPU in float64 a member ends with its single
+  run's weights and metrics within rounding (tested).
+- Every member is checkpointed after every epoch and, on SIGTERM / SIGUSR1, mid-epoch (exit 75). A resumed pack
+  continues each member from its own checkpoint; members whose checkpoints are at different points (a kill
+  between two members' saves) train apart until they are level again, then together.
+- A member whose loss turns non-finite stops with the single run's error (logged and written to its folder's
+  `train.error`; its `last.pt` keeps its last good state); the others go on, and the pack then fails naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from har.atomic import atomic_write_text
+from har.config import ConfigError, RunConfig, config_diff, config_hash, stored_config_hash, to_dict
+from har.data.batches import eval_batches, train_batches
+from har.data.build import RunData, build_data
+from har.data.loader import TensorBatches
+from har.engine.assembly import (
+    CHECKPOINT,
+    METRICS,
+    PREVIOUS,
+    build_loss,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    resolve_device,
+)
+from har.engine.checkpoint import RunError, atomic_save, resume_checkpoint
+from har.engine.distributed import Distributed
+from har.engine.run_state import (
+    EpochProgress,
+    checkpoint_state,
+    epoch_generator,
+    epoch_row,
+    nonfinite_error,
+    owned_run_dir,
+    read_history,
+    records_test,
+    rng_state,
+)
+from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
+from har.engine.step import StepOutput, step_statistics
+from har.losses import HARLoss, ReweightSchedule
+from har.methods.mixup import Mixing, draw_mixing
+from har.models import MultiExitNet
+from har.models.packed import PackedNet, PackError
+
+log = logging.getLogger(__name__)
+
+ERROR_FILE = "train.error"  # a member stopped inside a pack: its error, for whoever reads the folder
+# Fields in which the members of one pack may differ (a whole section when None); all others make the shape.
+MEMBER_FIELDS: dict[str, tuple[str, ...] | None] = {
+    "loss": None, "train": ("seed", "mixup", "mixup_alpha"),
+    "eval": ("exit_thresholds", "target_savings", "histogram_bins"),
+}
+
+
+def pack_shape(cfg: RunConfig) -> dict[str, Any]:
+    """What the members of a pack must share: the config without `MEMBER_FIELDS`, with the resolved classifier
+    kind (the exits' layers) and `train.compile` (one way of computing all)."""
+    values = to_dict(cfg)
+    for section, names in MEMBER_FIELDS.items():
+        if names is None:
+            values.pop(section)
+        else:
+            for name in names:
+                values[section].pop(name)
+    values["model"]["classifier"] = cfg.classifier
+    return values
+
+
+def pack_refusal(cfg: RunConfig) -> str | None:
+    """Why a run cannot be a pack member (None when it can): it must train a CIFAR split from scratch with no
+    Manifold Mixup (whose mixing layer is drawn per member and step)."""
+    if cfg.decouple.method != "none":
+        return f"decouple.method {cfg.decouple.method!r}: a decoupled stage two trains alone from its stage one"
+    if cfg.data.is_list_dataset:
+        return f"data.dataset {cfg.data.dataset!r}: list datasets train alone (one run fills a GPU, or several)"
+    if cfg.train.mixup == "manifold":
+        return "train.mixup 'manifold': each member would mix at its own layer"
+    return None
+
+
+def check_pack(members: Sequence[tuple[RunConfig, Path]]) -> None:
+    """Refuse, naming the member and the field, runs that cannot be trained as one pack."""
+    if not members:
+        raise ConfigError("a pack needs at least one member")
+    outs = [Path(out).resolve() for _, out in members]
+    if len(set(outs)) != len(outs):
+        raise ConfigError(f"two pack members share a run folder: {sorted({str(o) for o in outs if outs.count(o) > 1})}")
+    first = pack_shape(members[0][0])
+    for cfg, out in members:
+        reason = pack_refusal(cfg)
+        if reason is not None:
+            raise ConfigError(f"{out} cannot train in a pack: {reason}; train it alone with har train")
+        diff = config_diff(first, pack_shape(cfg))
+        if diff:
+            raise ConfigError(f"{out} has another shape than {members[0][1]} and cannot share its pack (members may "
+                              f"differ only in {_member_fields()}):\n  " + "\n  ".join(diff))
+
+
+def _member_fields() -> str:
+    return ", ".join(s if n is None else ", ".join(f"{s}.{f}" for f in n) for s, n in MEMBER_FIELDS.items())
+
+
+@dataclass
+class Member:
+    """One run of a pack: its own modules (the single run's, holding its state between epochs) and progress."""
+
+    cfg: RunConfig
+    out: Path
+    model: MultiExitNet
+    har_loss: HARLoss
+    reweight: ReweightSchedule
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    rng: dict[str, Any]  # the RNG state its single run would save (drawn once, at initialisation)
+    start: int  # next epoch to train
+    partial: dict | None
+    history: list[dict]
+    error: str | None = None
+    progress: EpochProgress | None = field(default=None, repr=False)
+    generator: torch.Generator | None = field(default=None, repr=False)
+    batches: Any = field(default=None, repr=False)  # this epoch's batch iterator
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or self.start >= self.cfg.train.epochs
+
+    def save(self, epoch_done: int, progress: dict | None = None) -> None:
+        atomic_save(checkpoint_state(self.cfg, self.model, self.optimizer, self.scheduler, epoch_done, progress,
+                                     self.rng), self.out / CHECKPOINT, keep_previous=self.out / PREVIOUS)
+
+
+class PackStep(nn.Module):
+    """Forward of the K-wide network and each member's HAR loss and statistics, as one module to compile."""
+
+    def __init__(self, packed: PackedNet, har_losses: Sequence[HARLoss], mixups: Sequence[str], amp: bool) -> None:
+        super().__init__()
+        self.packed, self.har_losses = packed, nn.ModuleList(har_losses)
+        self.mixups, self.amp = list(mixups), amp
+
+    def forward(self, images: list[Tensor], labels: list[Tensor], mixings: list[Mixing | None]) -> list[StepOutput]:
+        images = [m(x) if m is not None and kind == "input" else x
+                  for x, m, kind in zip(images, mixings, self.mixups, strict=True)]
+        stacked = torch.stack(images)
+        with torch.autocast(stacked.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            outputs = self.packed(stacked)
+        return [step_statistics(loss, [out[k] for out in outputs], labels[k], mixings[k], self.packed.num_exits)
+                for k, loss in enumerate(self.har_losses)]
+
+
+class _Group:
+    """The K-wide network, its optimiser and step for one set of members (kept while the set trains together)."""
+
+    def __init__(self, members: Sequence[Member], cfg: RunConfig, amp: bool, channels_last: bool) -> None:
+        self.members = list(members)
+        self.packed = PackedNet([m.model for m in members])
+        if channels_last:
+            self.packed = self.packed.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(cfg, self.packed)
+        self.fused_params = [p for p in self.packed.parameters() if p.requires_grad]
+        step = PackStep(self.packed, [m.har_loss for m in members], [m.cfg.train.mixup for m in members], amp)
+        mode = cfg.train.compile
+        self.step = step if mode == "off" else torch.compile(step, mode=mode)
+
+    def _member_params(self, member: Member) -> list[Tensor]:
+        return [p for p in member.model.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def load(self) -> None:
+        """Each member's weights, momentum and learning rate into the pack (in place)."""
+        self.packed.load_members([m.model for m in self.members])
+        lrs = {m.optimizer.param_groups[0]["lr"] for m in self.members}
+        if len(lrs) != 1:
+            raise PackError(f"the members' learning rates differ ({sorted(lrs)})")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lrs.pop() if lrs else group["lr"]
+        buffers = [[m.optimizer.state.get(p, {}).get("momentum_buffer") for p in self._member_params(m)]
+                   for m in self.members]
+        for i, fused in enumerate(self.fused_params):
+            parts = [b[i] for b in buffers]
+            if all(p is None for p in parts):
+                self.optimizer.state.pop(fused, None)
+            elif any(p is None for p in parts):
+                raise PackError("some members have momentum and others none: they have not trained the same steps")
+            else:
+                state = self.optimizer.state[fused]
+                stacked = torch.stack([p.reshape(-1) for p in parts]).view_as(fused)
+                if "momentum_buffer" in state:
+                    state["momentum_buffer"].copy_(stacked)
+                else:
+                    state["momentum_buffer"] = stacked.clone()
+
+    @torch.no_grad()
+    def store(self) -> None:
+        """The pack's weights and momentum back into each member's own modules (which its checkpoint saves)."""
+        self.packed.store_members([m.model for m in self.members])
+        for k, m in enumerate(self.members):
+            for fused, own in zip(self.fused_params, self._member_params(m), strict=True):
+                buffer = self.optimizer.state.get(fused, {}).get("momentum_buffer")
+                if buffer is not None:
+                    m.optimizer.state[own]["momentum_buffer"] = self.packed.member_view(buffer, k, own).clone()
+
+    @torch.no_grad()
+    def static_test_top1(self, data: RunData, cfg: RunConfig, device: torch.device) -> list[float]:
+        """Each member's static test top-1 in eval mode (the single run's `static_test_top1`), in one pass."""
+        self.packed.eval()
+        labels = torch.from_numpy(data.test.labels).to(device)
+        predictions = torch.cat([self.packed.forward_static(images).argmax(2)
+                                 for images in eval_batches(data.test, cfg.data, cfg.eval.batch_size, device)], 1)
+        return (predictions == labels).float().mean(1).tolist()
+
+
+def train_pack(members: Sequence[tuple[RunConfig, str | Path]], data: RunData | None = None) -> list[list[dict]]:
+    """Train (or resume) the runs `members` (config, run folder) as one pack; return each one's metrics rows.
+
+    Raises:
+        ConfigError: runs that cannot share a pack (`check_pack`).
+        RunError: after the others have finished, when some member stopped (its error in its folder).
+    """
+    pairs = [(cfg, Path(out)) for cfg, out in members]
+    check_pack(pairs)
+    cfg = pairs[0][0]
+    device = resolve_device(cfg.train.device)
+    with ExitStack() as folders:
+        for member_cfg, out in pairs:
+            folders.enter_context(owned_run_dir(member_cfg, out, Distributed()))
+        return _train_pack(pairs, data, device)
+
+
+def _assemble(cfg: RunConfig, out: Path, data: RunData, device: torch.device) -> Member:
+    """A member as `har train` would start or resume it (same seeding of its initialisation)."""
+    (out / ERROR_FILE).unlink(missing_ok=True)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, data.num_classes)
+    rng = rng_state()  # the single run draws nothing from the global generators after its initialisation
+    model = model.to(device)
+    har_loss = build_loss(cfg, data.class_counts).to(device)
+    reweight = ReweightSchedule(cfg.loss.reweight, data.class_counts, beta=cfg.loss.cb_beta,
+                                drw_epoch=cfg.loss.drw_epoch)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
+    start, partial = 0, None
+    ckpt = resume_checkpoint(out / CHECKPOINT, out / PREVIOUS, map_location=device)
+    if ckpt is not None:
+        if stored_config_hash(ckpt.get("config")) != config_hash(cfg):
+            raise RunError(f"{out / CHECKPOINT} was written by another config; delete it or choose another --out")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        rng = ckpt["rng"]
+        start, partial = ckpt["epoch"] + 1, ckpt.get("partial")
+        where = f"at step {partial['step']} of" if partial else "before"
+        log.info("resuming %s %s epoch %d (0-based) of %d", out, where, start, cfg.train.epochs)
+    return Member(cfg, out, model, har_loss, reweight, optimizer, scheduler, rng, start, partial,
+                  read_history(out, start))
+
+
+def _train_pack(pairs: list[tuple[RunConfig, Path]], data: RunData | None, device: torch.device) -> list[list[dict]]:
+    cfg = pairs[0][0]
+    t = cfg.train
+    on_cuda = device.type == "cuda"
+    amp = on_cuda if t.amp is None else t.amp
+    channels_last = on_cuda if t.channels_last is None else t.channels_last
+    if t.deterministic and not on_cuda:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    data = data or build_data(cfg.data)
+    members = [_assemble(member_cfg, out, data, device) for member_cfg, out in pairs]
+    batches = train_batches(data.train, cfg.data, t.batch_size, device)  # one copy of the images for all
+    groups: dict[tuple[int, ...], _Group] = {}
+    interactive = sys.stderr.isatty()
+    log.info("pack of %d runs on %s: %s", len(members), device, ", ".join(str(m.out) for m in members))
+    with stop_requests() as stop:
+        while not all(m.done for m in members):
+            epoch = min(m.start for m in members if not m.done)
+            due = [m for m in members if not m.done and m.start == epoch]
+            steps = sorted({0 if m.partial is None else m.partial["step"] for m in due})
+            for first_step in steps:  # apart only after a kill between two members' checkpoints
+                ids = tuple(i for i, m in enumerate(members) if m in due
+                            and (0 if m.partial is None else m.partial["step"]) == first_step)
+                if ids not in groups:
+                    groups[ids] = _Group([members[i] for i in ids], cfg, amp, channels_last)
+                _train_epoch(groups[ids], batches, data, epoch, device, interactive, stop)
+            if stop.signum is not None and not all(m.done for m in members):
+                _stopped(stop, members, f"the end of epoch {epoch} (0-based)")
+    failed = [m for m in members if m.error is not None]
+    if failed:
+        raise RunError(f"{len(failed)} of {len(members)} pack members stopped (the others finished): "
+                       + "; ".join(f"{m.out}: {m.error}" for m in failed))
+    return [m.history for m in members]
+
+
+def _begin(member: Member, batches: TensorBatches, epoch: int, num_exits: int, device: torch.device) -> None:
+    """Start (or continue) a member's epoch: its class weights, data order, augmentation generator, sums."""
+    t = member.cfg.train
+    weights = member.reweight.weights(epoch)
+    unit = weights is None and t.compile != "off"  # as the single run: DRW then needs no recompile
+    num_classes = member.model.num_classes
+    member.har_loss.exit_loss.set_weight(torch.ones(num_classes) if unit else weights)
+    member.generator = epoch_generator(t.seed, epoch, batches.generator_device)
+    if member.partial is not None:
+        member.progress = EpochProgress.resume(member.partial, member.generator)
+        member.partial = None
+    else:
+        member.progress = EpochProgress.begin(batches.order(member.generator), num_exits, device)
+    member.batches = batches.epoch(member.generator, member.progress.order, member.progress.step)
+
+
+def _train_epoch(group: _Group, batches: TensorBatches, data: RunData, epoch: int, device: torch.device,
+                 interactive: bool, stop: StopRequest) -> None:
+    """The rest of `epoch` for the members of `group`, then their metrics rows and checkpoints."""
+    members, cfg = group.members, group.members[0].cfg
+    t = cfg.train
+    for m in members:
+        _begin(m, batches, epoch, group.packed.num_exits, device)
+    group.load()
+    group.packed.train()
+    first = members[0].progress.step
+    began = time.perf_counter() - members[0].progress.seconds
+    bar = tqdm(total=len(batches), initial=first, desc=f"pack epoch {epoch + 1}/{t.epochs}", leave=False,
+               disable=not interactive)
+    for step in range(first, len(batches)):
+        drawn = [next(m.batches) for m in members]
+        mixings = [None if m.cfg.train.mixup == "off" else
+                   draw_mixing(m.cfg.train.mixup_alpha, m.cfg.train.seed, epoch, step, len(labels), device)
+                   for m, (_, labels) in zip(members, drawn, strict=True)]
+        outs = group.step([x for x, _ in drawn], [y for _, y in drawn], mixings)
+        losses = [out.loss_sum / out.normaliser for out in outs]
+        group.optimizer.zero_grad(set_to_none=True)
+        live = [loss for m, loss in zip(members, losses, strict=True) if m.error is None]
+        if live:
+            torch.stack(live).sum().backward()  # members share no weight: each gets its own loss's gradient
+            group.optimizer.step()
+        with torch.no_grad():
+            for m, out, loss, (_, labels) in zip(members, outs, losses, drawn, strict=True):
+                sums = m.progress.sums
+                sums["loss"] += out.loss_sum.detach()
+                sums["normaliser"] += out.normaliser
+                sums["correct"] += out.correct
+                sums["exit_counts"] += out.exit_counts
+                sums["exit_loss"] += out.exit_loss
+                sums["first_bad_step"].masked_fill_((sums["first_bad_step"] < 0) & ~loss.isfinite(), step)
+                m.progress.step, m.progress.seen = step + 1, m.progress.seen + len(labels)
+        bar.update()
+        if (step + 1) % t.log_every == 0:
+            _check_finite(members, epoch, len(batches))
+            if not interactive:
+                log.info("pack epoch %d step %d/%d loss %s", epoch + 1, step + 1, len(batches),
+                         " ".join("-" if m.error else f"{loss.item():.4f}" for m, loss in zip(members, losses)))
+        if stop.signum is not None and step + 1 < len(batches):
+            bar.close()
+            _check_finite(members, epoch, len(batches))  # never save a diverged member over a good state
+            seconds = time.perf_counter() - began
+            group.store()
+            for m in members:
+                if m.error is None:
+                    m.progress.seconds = seconds
+                    m.save(epoch - 1, {"epoch": epoch, **m.progress.state_dict(m.generator)})
+            _stopped(stop, members, f"epoch {epoch} (0-based) at step {step + 1} of {len(batches)}")
+    bar.close()
+    _check_finite(members, epoch, len(batches))
+    group.store()
+    seconds = time.perf_counter() - began
+    test_top1 = group.static_test_top1(data, cfg, device) if records_test(cfg, epoch) else None
+    for k, m in enumerate(members):
+        m.start = epoch + 1
+        if m.error is not None:
+            continue
+        row = epoch_row(epoch, m.progress.sums, m.progress.seen, seconds)
+        row["lr"] = m.optimizer.param_groups[0]["lr"]
+        row["reweighted"] = m.reweight.weights(epoch) is not None
+        if test_top1 is not None:
+            row["test_top1"] = test_top1[k]
+        with warnings.catch_warnings():  # the member's own optimiser never steps: the pack's does, in its place
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            m.scheduler.step()
+        m.history.append(row)
+        atomic_write_text(m.out / METRICS, "".join(json.dumps(r) + "\n" for r in m.history))
+        m.save(epoch)
+    live = [m for m in members if m.error is None]
+    if live:
+        log.info("pack epoch %d/%d  (%.1f s)  loss %s  train acc %s", epoch + 1, t.epochs, seconds,
+                 [round(m.history[-1]["loss"], 4) for m in live], [round(m.history[-1]["train_top1"], 4) for m in live])
+
+
+def _check_finite(members: Sequence[Member], epoch: int, steps: int) -> None:
+    """Stop each member whose loss turned non-finite (one read-back for all); the others go on."""
+    bad = torch.stack([m.progress.sums["first_bad_step"] for m in members]).tolist()
+    for m, step in zip(members, bad, strict=True):
+        if step >= 0 and m.error is None:
+            m.error = str(nonfinite_error(epoch, step, steps))
+            log.error("%s: %s", m.out, m.error)
+            atomic_write_text(m.out / ERROR_FILE, m.error + "\n")
+
+
+def _stopped(stop: StopRequest, members: Sequence[Member], where: str) -> NoReturn:
+    message = (f"{stop.name} received: saved the pack's {len(members)} checkpoints at {where}; run the same "
+               f"command again to resume (exit status {EXIT_TEMPFAIL})")
+    log.warning("%s", message)
+    raise TrainingInterrupted(message)

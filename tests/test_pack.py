@@ -1,0 +1,178 @@
+"""Packs (har.engine.pack): K runs trained as one K-wide network end as the K single runs would.
+
+In-process tests compute in float64 (models built with float64 as the default dtype, images widened), so that
+"equal" means within rounding of another kernel, never a float tie. Tiny synthetic data: 56 training images in
+batches of 16 (4 steps an epoch), 2 epochs with the lr decay and DRW at epoch 1; a few seconds each.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import TINY
+
+import har.data.augment as augment_module
+import har.data.batches as batches_module
+import har.data.loader as loader_module
+import har.engine.pack as pack_module
+from har.config import ConfigError, from_dict
+from har.engine.checkpoint import RunError
+from har.engine.pack import ERROR_FILE, check_pack, pack_shape, train_pack
+from har.engine.trainer import train
+
+TWO_EPOCHS = {"train": {"epochs": 2, "lr_milestones": [1], "warmup_epochs": 0, "log_every": 2},
+              "loss": {"drw_epoch": 1}, "eval": {"record_test_from": 0}}
+# Three members of one shape (cosine exits for all) that differ in seed, loss, HAR and its t, DRW and Mixup.
+MEMBERS = [
+    {"train": {"seed": 0}, "loss": {"name": "ce", "har": False, "reweight": "none"}},
+    {"train": {"seed": 1}, "loss": {"name": "ldam", "har": True, "train_threshold": 0.2, "reweight": "drw"}},
+    {"train": {"seed": 2, "mixup": "input"}, "loss": {"name": "focal", "har": True, "train_threshold": 0.3,
+                                                       "reweight": "cb"}},
+]
+
+
+def member_config(extra, classifier="cosine"):
+    values = json.loads(json.dumps(TINY))
+    for part in (TWO_EPOCHS, {"model": {"classifier": classifier}}, extra):
+        for section, fields in part.items():
+            values.setdefault(section, {}).update(fields)
+    return from_dict(values)
+
+
+@pytest.fixture
+def float64(monkeypatch):
+    """Models in float64 and images widened to it (the trainers cast nothing themselves)."""
+    real = augment_module.normalize
+
+    def wide(*args):
+        return real(*args).double()
+
+    for module in (augment_module, batches_module, loader_module):
+        monkeypatch.setattr(module, "normalize", wide)
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+@pytest.fixture
+def batches_seen(monkeypatch):
+    """Every training batch drawn, keyed by the seed of the epoch's generator (a function of run seed and epoch)."""
+    seen: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    real = loader_module.TensorBatches.epoch
+
+    def spy(self, generator, order=None, start=0):
+        for images, labels in real(self, generator, order, start):
+            seen.setdefault(generator.initial_seed(), []).append((images.clone(), labels.clone()))
+            yield images, labels
+
+    monkeypatch.setattr(loader_module.TensorBatches, "epoch", spy)
+    return seen
+
+
+def load(run: Path, name="last.pt"):
+    return torch.load(run / name, weights_only=False)
+
+
+def rows(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_close_runs(single: Path, member: Path, tol: float = 1e-9) -> None:
+    """Same weights, buffers, momentum, schedule and metrics rows, within `tol` (relative and absolute)."""
+    a, b = load(single), load(member)
+    assert a["epoch"] == b["epoch"] and a["partial"] is None and b["partial"] is None
+    assert a["config_sha256"] == b["config_sha256"] and a["scheduler"] == b["scheduler"]
+    assert a["model"].keys() == b["model"].keys()
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=tol, atol=tol, msg=key)
+    momentum_a, momentum_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert momentum_a.keys() == momentum_b.keys()
+    for index in momentum_a:
+        torch.testing.assert_close(momentum_b[index]["momentum_buffer"], momentum_a[index]["momentum_buffer"],
+                                   rtol=tol, atol=tol)
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])  # the state its single run would resume with
+    ra, rb = rows(single), rows(member)
+    assert [r.keys() for r in ra] == [r.keys() for r in rb]
+    for x, y in zip(ra, rb, strict=True):
+        for key, value in x.items():
+            if key == "exit_loss":
+                assert [v is None for v in y[key]] == [v is None for v in value]
+                assert [v for v in y[key] if v is not None] == pytest.approx([v for v in value if v is not None],
+                                                                              rel=tol, abs=tol)
+            else:
+                assert y[key] == pytest.approx(value, rel=tol, abs=tol), key
+
+
+def test_a_pack_ends_as_its_single_runs_in_float64(tmp_path, tiny_data, float64, batches_seen):
+    configs = [member_config(m) for m in MEMBERS]
+    singles = [tmp_path / f"single{k}" for k in range(len(configs))]
+    for cfg, out in zip(configs, singles, strict=True):
+        train(cfg, out, data=tiny_data)
+    alone = {seed: [(x.clone(), y.clone()) for x, y in batches] for seed, batches in batches_seen.items()}
+    batches_seen.clear()
+    members = [tmp_path / "pack" / f"m{k}" for k in range(len(configs))]
+    histories = train_pack(list(zip(configs, members, strict=True)), data=tiny_data)
+
+    assert [len(h) for h in histories] == [2, 2, 2]
+    assert batches_seen.keys() == alone.keys() and len(alone) == 6  # 3 members x 2 epochs
+    for seed, batches in alone.items():  # data order and augmentation bit-identical
+        assert len(batches_seen[seed]) == len(batches) == 4
+        for (x, y), (px, py) in zip(batches, batches_seen[seed], strict=True):
+            assert torch.equal(x, px) and torch.equal(y, py)
+    for single, member in zip(singles, members, strict=True):
+        assert_close_runs(single, member)
+        assert (single / "config.yaml").read_text() == (member / "config.yaml").read_text()
+    assert [r["reweighted"] for r in rows(members[1])] == [False, True]
+    assert "test_top1" in rows(members[0])[1]
+
+
+def test_a_member_that_turns_non_finite_stops_alone(tmp_path, tiny_data, float64, monkeypatch):
+    """Member 1's loss turns NaN in epoch 1: it stops with the single run's error in its folder and keeps its
+    epoch-0 checkpoint; members 0 and 2 finish as their single runs; the pack then fails naming member 1."""
+    configs = [member_config({"train": {"seed": s}, "loss": {"name": "ce", "reweight": "none"}}, "linear")
+               for s in (0, 1, 2)]
+    singles = [tmp_path / f"single{k}" for k in (0, 2)]
+    for cfg, out in zip([configs[0], configs[2]], singles, strict=True):
+        train(cfg, out, data=tiny_data)
+    real_build = pack_module.build_loss
+    calls = []
+
+    def poisoned_for_seed_1(cfg, counts):
+        loss = real_build(cfg, counts)
+        if cfg.train.seed == 1:
+            per_example = loss.exit_loss.per_example
+
+            def nan_from_step_5(logits, target):
+                calls.append(1)
+                values = per_example(logits, target)
+                return values * float("nan") if len(calls) > 4 * 4 else values  # 4 exits x 4 steps: epoch 1 on
+
+            loss.exit_loss.per_example = nan_from_step_5
+        return loss
+
+    monkeypatch.setattr(pack_module, "build_loss", poisoned_for_seed_1)
+    members = [tmp_path / "pack" / f"m{k}" for k in range(3)]
+    with pytest.raises(RunError, match=r"1 of 3 pack members stopped") as stopped:
+        train_pack(list(zip(configs, members, strict=True)), data=tiny_data)
+    assert str(members[1]) in str(stopped.value)
+    error = (members[1] / ERROR_FILE).read_text()
+    assert "non-finite training loss at epoch 1, step 0" in error
+    assert load(members[1])["epoch"] == 0 and len(rows(members[1])) == 1
+    for single, member in zip(singles, [members[0], members[2]], strict=True):
+        assert_close_runs(single, member)
+        assert not (member / ERROR_FILE).exists()
+
+
+def test_members_must_share_a_shape_and_not_be_decoupled(tmp_path):
+    base = member_config({}, "linear")
+    other_batch = member_config({"train": {"batch_size": 8}}, "linear")
+    assert pack_shape(member_config(MEMBERS[0])) == pack_shape(member_config(MEMBERS[1]))  # loss, seed, mixup are the members' own
+    with pytest.raises(ConfigError, match=r"(?s)another shape.*train.batch_size: 16 -> 8"):
+        check_pack([(base, tmp_path / "a"), (other_batch, tmp_path / "b")])
+    with pytest.raises(ConfigError, match="share a run folder"):
+        check_pack([(base, tmp_path / "a"), (base, tmp_path / "a")])
+    manifold = member_config({"train": {"mixup": "manifold"}, "model": {"layout": "CBBBE"}}, "linear")
+    with pytest.raises(ConfigError, match="manifold"):
+        check_pack([(manifold, tmp_path / "c")])
