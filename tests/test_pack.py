@@ -6,20 +6,32 @@ batches of 16 (4 steps an epoch), 2 epochs with the lr decay and DRW at epoch 1;
 """
 
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from conftest import synthetic_data
 from test_train import TINY
 
 import har.data.augment as augment_module
 import har.data.batches as batches_module
 import har.data.loader as loader_module
 import har.engine.pack as pack_module
-from har.config import ConfigError, from_dict
+from har.config import ConfigError, config_hash, from_dict, load_config, to_dict
+from har.data.build import write_bundle
 from har.engine.checkpoint import RunError
 from har.engine.pack import ERROR_FILE, check_pack, pack_shape, train_pack
+from har.engine.signals import TrainingInterrupted
 from har.engine.trainer import train
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # small workloads slow down badly with contending threads
 
 TWO_EPOCHS = {"train": {"epochs": 2, "lr_milestones": [1], "warmup_epochs": 0, "log_every": 2},
               "loss": {"drw_epoch": 1}, "eval": {"record_test_from": 0}}
@@ -168,7 +180,8 @@ def test_a_member_that_turns_non_finite_stops_alone(tmp_path, tiny_data, float64
 def test_members_must_share_a_shape_and_not_be_decoupled(tmp_path):
     base = member_config({}, "linear")
     other_batch = member_config({"train": {"batch_size": 8}}, "linear")
-    assert pack_shape(member_config(MEMBERS[0])) == pack_shape(member_config(MEMBERS[1]))  # loss, seed, mixup are the members' own
+    # loss, seed and Mixup are the members' own
+    assert pack_shape(member_config(MEMBERS[0])) == pack_shape(member_config(MEMBERS[1]))
     with pytest.raises(ConfigError, match=r"(?s)another shape.*train.batch_size: 16 -> 8"):
         check_pack([(base, tmp_path / "a"), (other_batch, tmp_path / "b")])
     with pytest.raises(ConfigError, match="share a run folder"):
@@ -176,3 +189,141 @@ def test_members_must_share_a_shape_and_not_be_decoupled(tmp_path):
     manifold = member_config({"train": {"mixup": "manifold"}, "model": {"layout": "CBBBE"}}, "linear")
     with pytest.raises(ConfigError, match="manifold"):
         check_pack([(manifold, tmp_path / "c")])
+
+
+def test_members_at_different_epochs_train_apart_until_level(tmp_path, tiny_data, float64):
+    """A member one epoch ahead (as after a kill between two members' checkpoints) waits while the other catches
+    up; both end as their single runs."""
+    configs = [member_config(MEMBERS[0]), member_config(MEMBERS[1])]
+    singles = [tmp_path / "single0", tmp_path / "single1"]
+    for cfg, out in zip(configs, singles, strict=True):
+        train(cfg, out, data=tiny_data)
+    members = [tmp_path / "pack" / "m0", tmp_path / "pack" / "m1"]
+    one_epoch = from_dict({**json.loads(json.dumps(to_dict(configs[0]))), "train": {
+        **to_dict(configs[0])["train"], "epochs": 1}})
+    train(one_epoch, tmp_path / "ahead", data=tiny_data)  # the epoch-0 checkpoint of member 0, made alone
+    members[0].mkdir(parents=True)
+    ahead = load(tmp_path / "ahead")
+    ahead["config"], ahead["config_sha256"] = to_dict(configs[0]), config_hash(configs[0])
+    torch.save(ahead, members[0] / "last.pt")
+    (members[0] / "metrics.jsonl").write_text((tmp_path / "ahead" / "metrics.jsonl").read_text())
+    train_pack(list(zip(configs, members, strict=True)), data=tiny_data)
+    for single, member in zip(singles, members, strict=True):
+        assert_close_runs(single, member)
+
+
+class PackSetup:
+    """A tiny bundle, three member configs and an uninterrupted `har train-pack` to compare with (started at once
+    in the background). 56 images in batches of 8: 7 steps an epoch, 3 epochs, a log line every step."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.bundle = root / "tiny.npz"
+        self.configs = []
+        for k, member in enumerate([{"train": {"seed": 0}, "loss": {"har": False}},
+                                    {"train": {"seed": 1}},
+                                    {"train": {"seed": 2, "mixup": "input"}, "loss": {"name": "focal"}}]):
+            values = json.loads(json.dumps(TINY))
+            values["train"].update(batch_size=8, log_every=1)
+            for section, fields in member.items():
+                values[section].update(fields)
+            path = root / f"member{k}.yaml"
+            path.write_text(yaml.safe_dump(values))
+            self.configs.append(path)
+        write_bundle(synthetic_data(), load_config(self.configs[0], [f"data.bundle={self.bundle}"]).data, self.bundle)
+        self._reference = root / "reference"
+        self._straight = self.start(self._reference)
+
+    def command(self, out: Path, *extra: str) -> list[str]:
+        members = [part for k, c in enumerate(self.configs) for part in ("--member", str(c), str(out / f"m{k}"))]
+        return [sys.executable, "-m", "har.cli", "train-pack", *members, "--set", f"data.bundle={self.bundle}", *extra]
+
+    def start(self, out: Path) -> subprocess.Popen:
+        return subprocess.Popen(self.command(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    @property
+    def reference(self) -> Path:
+        log = self._straight.communicate(timeout=300)[0]
+        assert self._straight.returncode == 0, log
+        return self._reference
+
+
+@pytest.fixture(scope="module")
+def pack_setup(tmp_path_factory):
+    runs = PackSetup(tmp_path_factory.mktemp("packs"))
+    yield runs
+    runs._straight.kill()
+    runs._straight.communicate()
+
+
+def wait_for(proc: subprocess.Popen, fragment: str, timeout: float = 120) -> str:
+    seen, deadline = [], time.monotonic() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if fragment in line:
+            return "".join(seen)
+        assert time.monotonic() < deadline, f"no {fragment!r} in time:\n{''.join(seen)}"
+    raise AssertionError(f"the pack ended (status {proc.wait()}) before logging {fragment!r}:\n{''.join(seen)}")
+
+
+def assert_equal_runs(a: Path, b: Path) -> None:
+    """Bit for bit: same weights and metrics rows (the same computation, interrupted or not)."""
+    first, second = load(a), load(b)
+    assert first["model"].keys() == second["model"].keys() and second["partial"] is None
+    for key in first["model"]:
+        assert torch.equal(first["model"][key], second["model"][key]), key
+    assert rows(a) == rows(b)
+
+
+def test_a_pack_stopped_by_sigterm_and_sigkills_resumes_to_the_uninterrupted_result(pack_setup, tmp_path):
+    """SIGTERM in epoch 1 (exit 75, every member's mid-epoch checkpoint), then SIGKILLs at seeded random points
+    (some inside the members' checkpoint writes, which can leave members at different points), each followed by
+    the same command; every member ends as in the uninterrupted pack."""
+    out = tmp_path / "pack"
+    proc = pack_setup.start(out)
+    wait_for(proc, "pack epoch 2 step 2/7 ")
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate()[0]
+    assert proc.returncode == 75, log
+    assert "SIGTERM received: saved the pack's 3 checkpoints" in log
+    for k in range(3):
+        partial = load(out / f"m{k}")["partial"]
+        assert partial["epoch"] == 1 and 0 < partial["step"] < 7
+    rng = random.Random(20261202)
+    for epoch, step in [(2, rng.randrange(4, 8)), (3, rng.randrange(1, 8))]:  # after the SIGTERM's step
+        proc = pack_setup.start(out)
+        wait_for(proc, f"pack epoch {epoch} step {step}/7 ")
+        time.sleep(rng.uniform(0, 0.3))
+        proc.kill()
+        proc.communicate()
+    done = subprocess.run(pack_setup.command(out), capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    for k in range(3):
+        assert_equal_runs(pack_setup.reference / f"m{k}", out / f"m{k}")
+
+
+def test_a_member_of_a_stopped_pack_resumes_alone(tmp_path, tiny_data, float64, monkeypatch):
+    """SIGUSR1 (SLURM's warning) in epoch 1 stops the pack with every member's mid-epoch checkpoint; `train` on one
+    member's folder alone continues it and ends as its uninterrupted single run."""
+    configs = [member_config(m) for m in MEMBERS]
+    train(configs[1], tmp_path / "single1", data=tiny_data)
+    real, drawn = loader_module.TensorBatches.epoch, []
+
+    def signal_at_epoch_1_step_1(self, generator, order=None, start=0):
+        for batch in real(self, generator, order, start):
+            drawn.append(1)
+            if len(drawn) == 3 * 4 + 3 * 2:  # 3 members: all of epoch 0, two steps of epoch 1
+                os.kill(os.getpid(), signal.SIGUSR1)
+            yield batch
+
+    monkeypatch.setattr(loader_module.TensorBatches, "epoch", signal_at_epoch_1_step_1)
+    members = [tmp_path / "pack" / f"m{k}" for k in range(3)]
+    with pytest.raises(TrainingInterrupted, match="SIGUSR1 received: saved the pack's 3 checkpoints"):
+        train_pack(list(zip(configs, members, strict=True)), data=tiny_data)
+    monkeypatch.setattr(loader_module.TensorBatches, "epoch", real)
+    for member in members:
+        assert load(member)["epoch"] == 0 and load(member)["partial"]["step"] == 2
+    train(configs[1], members[1], data=tiny_data)
+    assert_close_runs(tmp_path / "single1", members[1])
