@@ -13,7 +13,6 @@ MACs saving the counter predicts is near a few targets. It prints figures; it is
 from __future__ import annotations
 
 import argparse
-import bisect
 import dataclasses
 import functools
 import itertools
@@ -55,6 +54,7 @@ from har.engine.assembly import (
 from har.engine.checkpoint import load_checkpoint
 from har.engine.signals import StopRequest
 from har.engine.trainer import EpochProgress, _train_epoch
+from har.evaluation.early_exit import thresholds_for_savings
 from har.evaluation.evaluate import collect_logits
 from har.evaluation.flops import dynamic_cost, flops_table
 from har.models import MultiExitNet
@@ -320,24 +320,6 @@ def seconds_per_image(forwards: Sequence[Callable[[Tensor], object]], batches: S
     return [statistics.median(spent[1:]) / sum(len(b) for b in batches) for spent in times]
 
 
-def choose_thresholds(logits: Sequence[Tensor], table: dict, targets: Sequence[float]) -> dict[float, float]:
-    """Per reachable target MACs saving, the observed confidence s whose predicted saving is nearest to it.
-
-    The saving never grows with s (examples only move to later, dearer exits), so the sorted confidences of the
-    intermediate exits are bisected; s = 0 sends every example out of the first exit, the largest saving.
-    """
-    def saving(s: float) -> float:
-        return dynamic_cost(exit_by_threshold(logits, s)[1], table)["saving"]
-
-    grid = torch.cat([torch.zeros(1), *(z.softmax(1).amax(1) for z in logits[:-1])]).unique().tolist()
-    chosen = {}
-    for target in targets:
-        i = bisect.bisect_left(grid, True, key=lambda s: saving(s) < target)
-        if i > 0:
-            chosen[target] = min(grid[i - 1:i + 1], key=lambda s: abs(saving(s) - target))
-    return chosen
-
-
 def time_inference(model: MultiExitNet, cfg: RunConfig, data: RunData, device: torch.device,
                    args: argparse.Namespace) -> dict:
     """Wall time per image of static and early-exit inference, beside the MACs saving the counter predicts."""
@@ -347,7 +329,7 @@ def time_inference(model: MultiExitNet, cfg: RunConfig, data: RunData, device: t
     logits = list(torch.from_numpy(collect_logits(model, Split(images, data.test.labels[:args.eval_images]), cfg,
                                                   device)))
     batches = normalize(torch.from_numpy(images).to(device), *cfg.data.normalization()).split(args.eval_batch)
-    chosen = choose_thresholds(logits, table, args.target_savings)
+    chosen = thresholds_for_savings(logits, table, args.target_savings)
     thresholds = list(dict.fromkeys([*chosen.values(), NO_EXIT]))  # one row per s, however many targets chose it
     forwards = [model.forward_static, *(functools.partial(model.forward_early_exit, exit_threshold=s)
                                         for s in thresholds)]

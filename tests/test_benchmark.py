@@ -77,3 +77,29 @@ def test_pack_kernels_times_every_row_and_the_fused_layer_equals_the_separate_on
     fuse = pack.fuse  # the check can fail: a fused layer with the runs in the wrong channel blocks is caught
     monkeypatch.setattr(pack, "fuse", lambda layers: fuse(layers[::-1]))
     assert pack.check_fused(16, 4, 2, 2, seed=0)["output"] > 1e-3
+
+
+def test_early_exit_benchmark_writes_a_row_per_regime(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # it imports pack_kernels' machine description
+    spec = importlib.util.spec_from_file_location("early_exit", REPO / "benchmarks" / "early_exit.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    tiny = ["--device", "cpu", "--threads", "1", "--data", "generated", "--images", "12", "--latency-images", "2",
+            "--chunk", "8", "--resnet50-images", "3", "--resnet50-latency-images", "1", "--resnet50-chunk", "2",
+            "--resnet50-side", "32", "--repeats", "1", "--target-savings", "0.2", "5.0", "--out", str(tmp_path / "ee")]
+    bench.main(bench.get_args_parser().parse_args(tiny))
+    result = json.loads((tmp_path / "ee.json").read_text())
+    assert [m["name"] for m in result["models"]] == ["ResNet-32 (CEBEBEBE)", "ResNet-50 (CEBEBEBEBE)"]
+    text = (tmp_path / "ee.md").read_text()
+    assert text.startswith("# har early exit")
+    for model in result["models"]:
+        assert model["unreachable_targets"] == [5.0] and not model["cuda_graphs"]
+        assert [r["target_savings"] for r in model["rows"]] == [[0.2], []]  # the chosen s, then s = 1.01
+        assert model["rows"][-1]["exit_threshold"] == 1.01 and model["rows"][-1]["exit_fractions"][-1] == 1.0
+        for row in model["rows"]:
+            assert sum(row["exit_fractions"]) == pytest.approx(1.0)
+            assert row["chunked_differs"]["of"] == model["images"] and row["batch_one_differs"]["of"] > 0
+        table = text.split(f"## {model['name']}")[1].split("\n## ")[0]
+        regimes = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+        assert regimes == ["| regime", "| static backbone", "| early exit", "| early exit"]

@@ -170,7 +170,7 @@ class ExitHead(nn.Module):
         return self.classifier(self.features(x))
 
 
-def _confidence(logits: Tensor) -> tuple[Tensor, Tensor]:
+def exit_confidence(logits: Tensor) -> tuple[Tensor, Tensor]:
     """Max softmax probability and predicted class: the one place the exit rule reads logits."""
     return logits.softmax(dim=1).max(dim=1)
 
@@ -184,7 +184,7 @@ def exit_by_threshold(logits: Sequence[Tensor], exit_threshold: float) -> tuple[
     Returns:
         Predictions [N] and 0-based exit indices [N], both long.
     """
-    conf, pred = zip(*(_confidence(out) for out in logits), strict=True)
+    conf, pred = zip(*(exit_confidence(out) for out in logits), strict=True)
     exits_here = torch.stack(conf) > exit_threshold
     exits_here[-1] = True
     exit_index = exits_here.to(torch.uint8).argmax(dim=0)  # argmax returns the first maximum
@@ -292,7 +292,7 @@ class MultiExitNet(nn.Module):
         for group_index, group in enumerate(self.backbone.groups):
             if group_index in self._exit_at_group:
                 exit_idx = self._exit_at_group[group_index]
-                conf, pred = _confidence(self.heads[exit_idx](x))
+                conf, pred = exit_confidence(self.heads[exit_idx](x))
                 leaves = conf > exit_threshold
                 predictions[remaining[leaves]] = pred[leaves]
                 exit_index[remaining[leaves]] = exit_idx
@@ -300,7 +300,7 @@ class MultiExitNet(nn.Module):
                 if remaining.numel() == 0:
                     return predictions, exit_index
             x = group(x)
-        _, pred = _confidence(self.backbone.classifier(self.backbone.pool_features(x)))
+        _, pred = exit_confidence(self.backbone.classifier(self.backbone.pool_features(x)))
         predictions[remaining] = pred
         exit_index[remaining] = self.num_exits - 1
         return predictions, exit_index
