@@ -1,163 +1,320 @@
-"""GPU check: full 200-epoch CIFAR-10-LT (imbalance 100) runs of HAR(LDAM)+DRW and LDAM+DRW, next to Table II.
+"""Table II check on one GPU: CE+DRW, HAR(CE)+DRW, LDAM+DRW and HAR(LDAM)+DRW on CIFAR-10-LT at imbalance 100,
+3 seeds each (12 runs of 200 epochs), trained as packs, evaluated, and printed beside the paper's Table II.
 
-Sized for one H100 or H200 within 15 minutes, start-up included, on a machine with no network: the data
-come from a bundle written here by `har export-data` and carried along. The two runs share the GPU (one
-small ResNet-32 cannot fill it), each in its own process. Before them, a short check confirms that a
-training step makes no host-device synchronisation: the number of synchronising calls in an epoch must
-not grow with the number of steps.
+Sized for one H100 or H200 within 10 minutes, start-up and compiling included, on a machine with no network: the
+data come from a bundle written here by `har export-data` and carried along. The runs are the pipeline's own
+(`har.pipeline.grid.run_config` from `config.yaml`: fixed t = 0.9 and 2.0 / C, fp32, the paper's schedule), so
+they are the runs behind the pipeline's Table II cells. Members of one shape share a pack (`har.engine.pack`);
+bare baselines and HAR models differ in layout, CE and LDAM in classifier, so the 12 runs make 4 packs of 3, each
+trained in its own process, all at once on the device; each process then evaluates its runs
+(`evaluate_run`, s chosen at the paper's savings as the pipeline's evaluation jobs choose it). The report is the
+pipeline's: Table II and the fidelity report (ours mean ± std over seeds against the paper, within our seed
+noise or not, and HAR minus its baseline, seed by seed), then the wall times.
 
     har export-data --config config/runs/cifar10_lt100_har_ldam_drw.yaml --out .carry/cifar10-lt100.npz.xz
-    python benchmarks/gpu_check.py --bundle .carry/cifar10-lt100.npz.xz --out OUT
+    python benchmarks/gpu_check.py --bundle .carry/cifar10-lt100.npz.xz --out OUT --deadline 560
 
-On CUDA the runs use `train.compile: reduce-overhead` (CUDA graphs) unless `--compile` says otherwise. The sync
-check compiles the same kind of step first: if compiling fails there, the runs train eagerly and the output says so,
-rather than both runs dying after the session's device time has been spent on them.
+On CUDA the packs use `train.compile: reduce-overhead` (CUDA graphs) unless `--compile` says otherwise; a pack
+whose process fails while compiled is started once more eagerly (it resumes from its last checkpoint), and the
+output says so. At `--deadline` the packs are stopped (SIGTERM: each saves a mid-epoch checkpoint) and the report
+says how far they got; the same command resumes them. On the CPU (`--device cpu`, with `--epochs 1` and small
+`data.train_fraction` / `data.eval_fraction`) it is a smoke test of the script, whose numbers judge nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import signal
+import statistics
 import subprocess
 import sys
 import time
-import traceback
-import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-# (run name, config, Table II's published top-1 on CIFAR-10-LT at imbalance 100)
-RUNS = [("har-ldam-drw", "config/runs/cifar10_lt100_har_ldam_drw.yaml", 78.1),
-        ("ldam-drw", "config/runs/cifar10_lt100_ldam_drw.yaml", 77.0)]
+PIPELINE_CONFIG = REPO / "config.yaml"
+METHODS = ("ce_drw", "har_ce_drw", "ldam_drw", "har_ldam_drw")  # Table II's HAR rows and their baselines
+DATASET, RATIO = "cifar10", 100.0
+STOPPED = 75  # a pack stopped by a signal after saving its checkpoints (har.engine.signals.EXIT_TEMPFAIL)
 
 
-def sync_check(bundle: str, compile_mode: str, steps: tuple[int, int] = (4, 16)) -> dict[int, int]:
-    """Synchronising CUDA calls in one training epoch of `steps` batches each; no growth with steps: none per step.
+def check_config(args: argparse.Namespace) -> dict:
+    """`config.yaml` cut to CIFAR-10-LT-100, Table II, the methods and seeds asked for; labelled not the paper's
+    setting when the schedule or any field is changed."""
+    from har.config import ConfigError
+    from har.pipeline import grid
 
-    The step is the HAR run's, built as the trainer builds it (`train.compile` = `compile_mode`); an untimed epoch
-    first compiles it (and records its CUDA graphs), so the counted epochs see only steady-state steps; inductor's
-    on-disk cache may then spare the HAR run its own compile. Raises what compiling raises.
-    """
+    cfg = yaml.safe_load(PIPELINE_CONFIG.read_text())
+    grid.check_config(cfg)
+    unknown = [m for m in args.methods if m not in cfg["methods"]]
+    if unknown:
+        raise ConfigError(f"--methods: {unknown} are not methods of {PIPELINE_CONFIG}")
+    cfg["datasets"] = [{"name": DATASET, "ratios": [RATIO], "tables": ["II"]}]
+    cfg["methods"] = {m: cfg["methods"][m] for m in args.methods}
+    cfg["seeds"] = list(args.seeds)
+    cfg.pop("layouts", None)  # Table V is not checked here
+    changes = ([f"{args.epochs} epochs"] if args.epochs is not None else []) + list(args.set)
+    if changes:
+        cfg["label"] = f"GPU check with {', '.join(changes)} (not the paper's setting)"
+    return cfg
+
+
+def shorten(values: dict, epochs: int) -> None:
+    """The schedule of `values` scaled to `epochs`: DRW's start, the lr milestones and the warm-up in proportion."""
+    t = values["train"]
+    full = t["epochs"]
+    t["lr_milestones"] = [m * epochs // full for m in t["lr_milestones"]]
+    t["warmup_epochs"] = t["warmup_epochs"] * epochs // full
+    values["loss"]["drw_epoch"] = values["loss"]["drw_epoch"] * epochs // full
+    t["epochs"] = epochs
+
+
+@dataclass
+class Pack:
+    """One pack: its members (grid specs, run configs) and its process."""
+
+    index: int
+    members: list[tuple[Any, Any]]  # (grid.RunSpec, RunConfig)
+    file: Path
+    log: Path
+    proc: subprocess.Popen | None = None
+    launched: float = 0.0
+    ended: float | None = None
+    eager_retry: bool = False
+
+
+def plan(cfg: dict, args: argparse.Namespace, out: Path, compile_mode: str) -> list[Pack]:
+    """Every run of the check, grouped into packs by `pack_shape`, each pack's member file written."""
+    from har.config import dump_config, from_dict, set_override
+    from har.engine.pack import pack_shape
+    from har.pipeline import grid
+
+    groups: dict[str, list[tuple[Any, Any]]] = {}
+    for method in args.methods:
+        for seed in args.seeds:
+            spec = grid.RunSpec(DATASET, RATIO, method, seed)
+            values = grid.run_config(cfg, spec)
+            if args.bundle:
+                values["data"]["bundle"] = str(Path(args.bundle).resolve())
+            values["train"].update(device=args.device, compile=compile_mode)
+            if args.epochs is not None:
+                shorten(values, args.epochs)
+            for assignment in args.set:
+                set_override(values, assignment)
+            run_cfg = from_dict(values)
+            groups.setdefault(json.dumps(pack_shape(run_cfg), sort_keys=True), []).append((spec, run_cfg))
+    packs = []
+    folder = out / "packs"
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, members in enumerate(groups.values()):
+        entries = []
+        for spec, run_cfg in members:
+            config = folder / f"{spec.method}-seed{spec.seed}.yaml"
+            config.write_text(dump_config(run_cfg))
+            entries.append({"config": str(config), "run_dir": str(out / spec.run_dir),
+                            "target_savings": grid.target_savings(cfg, spec)})
+        file = folder / f"pack{index}.json"
+        file.write_text(json.dumps({"members": entries, "device": args.device, "threads": args.threads}, indent=1))
+        packs.append(Pack(index, members, file, folder / f"pack{index}.log"))
+    return packs
+
+
+def launch(pack: Pack, eager: bool = False) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(pack.file)]
+    if eager:
+        command.append("--eager")
+    log = open(pack.log, "a")  # noqa: SIM115 - closed with the process
+    pack.proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    pack.launched, pack.ended, pack.eager_retry = time.time(), None, eager
+
+
+def run_packs(packs: list[Pack], args: argparse.Namespace, began: float, compiled: bool) -> bool:
+    """Run the packs, at most `--processes` at a time; True when the deadline stopped them."""
+    waiting, running = list(packs), []
+    stopped = False
+    while waiting or running:
+        while waiting and len(running) < (args.processes or len(packs)) and not stopped:
+            pack = waiting.pop(0)
+            launch(pack)
+            running.append(pack)
+        if not stopped and args.deadline and time.time() - began > args.deadline:
+            print(f"deadline of {args.deadline:g} s reached: stopping {len(running)} pack(s); they save their "
+                  f"checkpoints, and the same command resumes them", flush=True)
+            for pack in running:
+                pack.proc.send_signal(signal.SIGTERM)
+            stopped, waiting = True, []
+        for pack in list(running):
+            code = pack.proc.poll()
+            if code is None:
+                continue
+            running.remove(pack)
+            pack.ended = time.time()
+            if code not in (0, STOPPED) and compiled and not pack.eager_retry and not stopped:
+                print(f"pack {pack.index} failed compiled (exit {code}; see {pack.log}); starting it again eagerly "
+                      f"(it resumes from its checkpoints)", flush=True)
+                launch(pack, eager=True)
+                running.append(pack)
+        time.sleep(0.5)
+    return stopped
+
+
+def worker(pack_file: Path, eager: bool) -> int:
+    """One pack's process: train its members together, then evaluate each; its timings beside the pack file."""
+    started = time.time()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
     from har.config import load_config
-    from har.data.augment import BatchAugment
     from har.data.build import build_data
-    from har.data.loader import TensorBatches
-    from har.engine import assembly, trainer
-    from har.engine.signals import StopRequest
+    from har.engine.pack import train_pack
+    from har.engine.run_state import read_history
+    from har.engine.signals import TrainingInterrupted
+    from har.evaluation.evaluate import evaluate_run
 
-    cfg = load_config(REPO / RUNS[0][1], [f"data.bundle={bundle}", "train.device=cuda", f"train.log_every={10**9}",
-                                          f"train.compile={compile_mode}"])  # the HAR run's own step
-    data = build_data(cfg.data)
-    device = torch.device("cuda")
-    model = assembly.build_model(cfg, data.num_classes).to(device).to(memory_format=torch.channels_last)
-    har_loss = assembly.build_loss(cfg, data.class_counts).to(device)
-    har_loss.exit_loss.set_weight(torch.ones(data.num_classes, device=device))  # as the trainer's before DRW
-    optimizer = assembly.build_optimizer(cfg, model)
-    step_loss = assembly.build_step_loss(model, har_loss, model.num_exits, cfg, amp=True)
-
-    def epoch(n: int) -> None:
-        images = torch.from_numpy(data.train.images[: n * 128]).to(device)
-        labels = torch.from_numpy(data.train.labels[: n * 128]).to(device)
-        batches = TensorBatches(images, labels, 128, shuffle=True, augment=BatchAugment(*cfg.data.normalization()),
-                                mean=cfg.data.normalization()[0], std=cfg.data.normalization()[1])
-        generator = torch.Generator(device=device).manual_seed(0)
-        progress = trainer.EpochProgress.begin(batches.order(generator), model.num_exits)
-        trainer._train_epoch(step_loss, optimizer, batches, generator, 0, cfg, False, progress, StopRequest())
-
-    epoch(steps[0])  # warm-up: compiling and graph recording synchronise, once
-    counts = {}
-    for n in steps:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            epoch(n)
-            torch.cuda.set_sync_debug_mode("default")
-        counts[n] = sum("synchroniz" in str(w.message) for w in caught)
-    return counts
+    spec = json.loads(pack_file.read_text())
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    overrides = ["train.compile=off"] if eager else []
+    members = [(load_config(m["config"], overrides), Path(m["run_dir"])) for m in spec["members"]]
+    data = build_data(members[0][0].data)
+    data_ready = time.time()
+    done_before = len(read_history(members[0][1]))  # epochs an earlier attempt trained
+    try:
+        histories = train_pack(members, data)
+    except TrainingInterrupted:
+        return STOPPED
+    trained = time.time()
+    for entry in spec["members"]:
+        evaluate_run(entry["run_dir"], device=spec["device"], data=data, target_savings=entry["target_savings"])
+    timing = {"started": started, "data_ready": data_ready, "trained": trained, "evaluated": time.time(),
+              "epoch_seconds": [row["seconds"] for row in histories[0][done_before:]], "eager": eager,
+              "train_images": len(data.train)}
+    pack_file.with_suffix(".timing.json").write_text(json.dumps(timing, indent=1))
+    return 0
 
 
-def launch(name: str, config: str, bundle: str, out: Path, device: str,
-           extra: list[str]) -> tuple[subprocess.Popen, float]:
-    log = open(out / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-    cmd = [sys.executable, "-m", "har.cli", "run", "--config", str(REPO / config), "--out", str(out / name),
-           "--set", f"data.bundle={bundle}", "--set", f"train.device={device}", *extra]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT), time.perf_counter()
+def compile_estimate(epoch_seconds: list[float]) -> float | None:
+    """Compiling's share of the first epoch: its time minus the median of the others (None: one epoch only)."""
+    if len(epoch_seconds) < 2:
+        return None
+    return max(0.0, epoch_seconds[0] - statistics.median(epoch_seconds[1:]))
+
+
+def report(packs: list[Pack], cfg: dict, out: Path, began: float, device_name: str) -> dict:
+    """The wall times, Table II and the fidelity report of the finished runs."""
+    from har.pipeline import grid
+    from har.reporting.published import load_published
+    from har.reporting.results import load_results
+    from har.reporting.tables import make_tables, to_markdown, write_fidelity
+
+    timings, finished = [], []
+    print("\n| pack | runs | exit | start-up s | compile s (est.) | training s | evaluation s | epoch s (median) |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for pack in packs:
+        names = ", ".join(f"{spec.method}/{spec.seed}" for spec, _ in pack.members)
+        code = pack.proc.returncode if pack.proc else None
+        path = pack.file.with_suffix(".timing.json")
+        if code != 0 or not path.exists():
+            print(f"| {pack.index} | {names} | {code} | - | - | - | - | - |")
+            continue
+        t = json.loads(path.read_text())
+        epochs = t["epoch_seconds"]
+        compiling = compile_estimate(epochs)
+        row = {"pack": pack.index, "runs": names, "eager_retry": pack.eager_retry,
+               "startup_s": t["data_ready"] - pack.launched, "compile_s": compiling,
+               "training_s": t["trained"] - t["data_ready"], "evaluation_s": t["evaluated"] - t["trained"],
+               "median_epoch_s": statistics.median(epochs) if epochs else None, "epochs_trained": len(epochs),
+               "images": len(pack.members) * len(epochs) * t["train_images"], "data_ready": t["data_ready"],
+               "trained": t["trained"]}
+        timings.append(row)
+        finished += [spec for spec, _ in pack.members]
+        median = "-" if row["median_epoch_s"] is None else f"{row['median_epoch_s']:.2f}"
+        print(f"| {pack.index} | {names}{' (eager retry)' if pack.eager_retry else ''} | 0 | {row['startup_s']:.0f} | "
+              f"{'-' if compiling is None else f'{compiling:.0f}'} | {row['training_s']:.0f} | "
+              f"{row['evaluation_s']:.0f} | {median} |")
+    total = time.time() - began
+    result: dict[str, Any] = {"device": device_name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                              "label": cfg["label"], "packs": timings, "wall_s": total}
+    images = sum(r["images"] for r in timings)
+    if images:
+        window = max(r["trained"] for r in timings) - min(r["data_ready"] for r in timings)
+        result["training_images_per_s"] = images / window
+        print(f"\ntraining throughput over all packs: {result['training_images_per_s']:,.0f} images/s (the images of "
+              f"every epoch the members trained in this call, over the time from the first pack's data being ready "
+              f"to the last pack's end of training: compiling and per-epoch test passes included)")
+    if finished:
+        df = load_results([grid.describe(cfg, spec) for spec in finished], out)
+        tables = make_tables(df, cfg, {}, load_published())
+        print("\n" + to_markdown(next(t for t in tables if t.id == "II")))
+        write_fidelity(tables, df, cfg, load_published(), out)
+        print((out / "fidelity.md").read_text())
+        result["runs"] = json.loads(df.to_json(orient="records"))
+    print(f"wall time: {total:.0f} s from start to this report on {device_name} ({result['date']}); {len(finished)} "
+          f"of {sum(len(p.members) for p in packs)} runs finished", flush=True)
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
+    return result
 
 
 def main(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    began = time.time()
+    if args.worker:
+        return worker(Path(args.worker), args.eager)
+    if not args.out:
+        raise SystemExit("--out is required")
     import torch
 
-    name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (dry run)"
-    print(f"device: {name}  torch {torch.__version__}", flush=True)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (smoke test)"
     compile_mode = args.compile or ("reduce-overhead" if args.device == "cuda" else "off")
-    if args.device == "cuda" and not args.skip_sync_check:
-        began = time.perf_counter()
-        try:
-            counts = sync_check(args.bundle, compile_mode)
-        except Exception:  # noqa: BLE001 - a failed compile must not cost the session its full runs
-            print(f"train.compile={compile_mode} FAILED on this machine; the runs train eagerly instead:\n"
-                  f"{traceback.format_exc()[-3000:]}", flush=True)
-            compile_mode = "off"
-            counts = sync_check(args.bundle, compile_mode)
-        few, many = (counts[n] for n in sorted(counts))
-        verdict = "none per step" if many <= few else "PER-STEP SYNCS"
-        print(f"synchronising calls per epoch by steps in the epoch (train.compile={compile_mode}): {counts} -> "
-              f"{verdict} ({time.perf_counter() - began:.0f} s, compiling included)", flush=True)
-    if args.sync_check_only:
-        return 0
-    print(f"runs: train.compile={compile_mode}", flush=True)
-    extra = [x for pair in (("--set", s) for s in [f"train.compile={compile_mode}", *args.set]) for x in pair]
-    procs = {name: launch(name, config, args.bundle, out, args.device, extra) for name, config, _ in RUNS}
-    ended: dict[str, float] = {}
-    while len(ended) < len(procs):  # each run's own end: one finishing first must not wait for the other's
-        for name, (proc, _) in procs.items():
-            if name not in ended and proc.poll() is not None:
-                ended[name] = time.perf_counter()
-        time.sleep(0.5)
-    rows = []
-    for name, _, paper in RUNS:
-        proc, began = procs[name]
-        code = proc.returncode
-        seconds = ended[name] - began
-        report_path = out / name / "eval" / "test.json"
-        if code != 0 or not report_path.exists():
-            print(f"{name}: FAILED (exit {code}); see {out / (name + '.log')}", flush=True)
-            print((out / f"{name}.log").read_text()[-3000:])
-            continue
-        test = json.loads(report_path.read_text())
-        best = test["dynamic_selected"]["best"]
-        rows.append({"run": name, "paper_top1": paper, "top1": 100 * test["static"]["top1"],
-                     "many": test["static"]["shot"]["many"], "medium": test["static"]["shot"]["medium"],
-                     "few": test["static"]["shot"]["few"], "dynamic_top1": 100 * best["top1"],
-                     "dynamic_s": best["exit_threshold"], "dynamic_saving": best["saving"],
-                     "wall_seconds": seconds})
-    print("\n| run | Table II top-1 | ours: static top-1 | many / medium / few | dynamic (s on val) | wall time |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        shots = " / ".join("-" if r[k] is None else f"{100 * r[k]:.1f}" for k in ("many", "medium", "few"))
-        print(f"| {r['run']} | {r['paper_top1']:.1f} | {r['top1']:.2f} | {shots} | {r['dynamic_top1']:.2f} at "
-              f"s={r['dynamic_s']:.3f}, saving {100 * r['dynamic_saving']:+.1f}% | {r['wall_seconds']:.0f} s |")
-    (out / "gpu_check.json").write_text(json.dumps(rows, indent=1))
-    return 0 if len(rows) == len(RUNS) else 1
+    cfg = check_config(args)
+    packs = plan(cfg, args, out, compile_mode)
+    print(f"device: {device_name}  torch {torch.__version__}; {sum(len(p.members) for p in packs)} runs in "
+          f"{len(packs)} packs ({', '.join(str(len(p.members)) for p in packs)} members), train.compile="
+          f"{compile_mode}; config: {cfg['label']}", flush=True)
+    stopped = run_packs(packs, args, began, compile_mode != "off")
+    result = report(packs, cfg, out, began, device_name)
+    complete = len(result.get("runs", [])) == sum(len(p.members) for p in packs)
+    return 0 if complete else (STOPPED if stopped else 1)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", required=True, help="data bundle from `har export-data` (CIFAR-10-LT-100)")
-    parser.add_argument("--out", required=True, help="folder for the run folders, logs and gpu_check.json")
+    parser.add_argument("--bundle", default=None,
+                        help="data bundle from `har export-data` (CIFAR-10-LT-100); default: none, the data from "
+                             "$HAR_DATA")
+    parser.add_argument("--out", default=None, help="folder for the run folders, pack logs, fidelity report and "
+                                                    "gpu_check.json (required)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        help=f"methods of config.yaml to train (default: {' '.join(METHODS)})")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="a shortened schedule: DRW, lr milestones and warm-up scaled in proportion (default: "
+                             "none, the paper's 200 epochs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for both runs, e.g. train.epochs=2 for a dry run (default: none)")
+                        help="run-config override for every run, e.g. data.train_fraction=0.02 (default: none)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                        help="cpu only for a dry run of this script (default: cuda)")
+                        help="cpu only for a smoke test of this script (default: cuda)")
     parser.add_argument("--compile", choices=["off", "default", "reduce-overhead"],
-                        help="train.compile of the sync check and both runs; if compiling fails in the sync check, the "
-                             "runs train eagerly (default: reduce-overhead on CUDA, off on the CPU)")
-    parser.add_argument("--sync-check-only", action="store_true", help="stop after the sync check (default: off)")
-    parser.add_argument("--skip-sync-check", action="store_true", help="skip the host-sync check (default: run it)")
+                        help="train.compile of the packs (default: reduce-overhead on CUDA, off on the CPU)")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="packs training at once, each in its own process (default: 0, all)")
+    parser.add_argument("--deadline", type=float, default=0,
+                        help="seconds after the start at which running packs are stopped with their checkpoints "
+                             "saved (default: 0, none)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch's CPU threads per pack process (default: 0, torch's choice)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one pack's process
+    parser.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 

@@ -2,17 +2,22 @@
 
 Training rows time the trainer's own `_train_epoch` over a fixed number of batches, fed either by the package's
 data path (uint8 images on the device, `TensorBatches` + `BatchAugment`) or by the reference path of LDAM-DRW
-(PIL images, torchvision transforms, `DataLoader` workers, a copy to the device every step). Inference rows
-time `forward_static` (the bare backbone) against `forward_early_exit` at exit thresholds s chosen so that the
-MACs saving the counter predicts is near a few targets. It prints figures; it is not a timed test.
+(PIL images, torchvision transforms, `DataLoader` workers, a copy to the device every step); pack rows time the
+step of `train_pack` (`har.engine.pack.PackSteps`) for K runs trained as one K-wide network. All rows are built and
+warmed up first, then timed in rounds, taking turns. Each row is set against the single eager, compiled and
+reference rows, the device's peak FLOP/s and a memory-bandwidth bound computed for the network (`BOUND_MODEL`).
+Inference rows time `forward_static` (the bare backbone) against `forward_early_exit` at exit thresholds s chosen
+so that the MACs saving the counter predicts is near a few targets. It prints figures; it is not a timed test.
 
     python benchmarks/throughput.py                    # CIFAR-10-LT-100 from $HAR_DATA; CUDA when present
-    python benchmarks/throughput.py --run runs/quick --set data.bundle=.carry/cifar10-lt100.npz.xz --device cuda
+    python benchmarks/throughput.py --run runs/quick --set data.bundle=.carry/cifar10-lt100.npz.xz --device cuda \
+        --compile --compile-mode reduce-overhead --packs 2 4 8 16 32 --share 4
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import itertools
@@ -52,6 +57,7 @@ from har.engine.assembly import (
     resolve_device,
 )
 from har.engine.checkpoint import load_checkpoint
+from har.engine.pack import PackSteps
 from har.engine.signals import StopRequest
 from har.engine.trainer import EpochProgress, _train_epoch
 from har.evaluation.early_exit import thresholds_for_savings
@@ -90,6 +96,23 @@ VARIANTS = (
     Variant("har-reference", HAR_CE, fast_data=False, mixed=False),
     Variant("ce-bare-fast", ("loss.name=ce", "loss.har=false", "model.layout=CBBBE"), fast_data=True, mixed=True),
 )
+# Peak rates of known GPUs (dense, NVIDIA's data sheets), by torch.cuda.get_device_name(): memory bandwidth, and
+# tensor-core TFLOP/s in bf16 (the mixed rows) and TF32 (the fp32 rows: cuDNN convolutions run TF32 by default).
+KNOWN_PEAKS = {"NVIDIA H200": {"gbps": 4800.0, "tflops_mixed": 989.0, "tflops_fp32": 494.0},
+               "NVIDIA H100 80GB HBM3": {"gbps": 3350.0, "tflops_mixed": 989.0, "tflops_fp32": 494.0}}
+# Optimiser-side traffic per parameter and step, fp32: weights read in forward and in backward, gradient written,
+# SGD with momentum reads weight, gradient and momentum and writes weight and momentum.
+PARAMETER_ACCESSES = 8
+BOUND_MODEL = (
+    "bandwidth bound: images/s = peak bytes/s / bytes per training image; bytes per image = 2 x the bytes of every "
+    "leaf module's output in one forward (each written in forward, read once in backward; in the row's dtypes, "
+    "measured) + 8 x 4 bytes x parameters / batch (fp32 weights read in forward and backward, gradient written, "
+    "SGD momentum: weight, gradient and momentum read, weight and momentum written). A lower bound on the traffic "
+    "(no input reads, no activation gradients, perfect reuse), so an upper bound on images/s. 'unfused': every "
+    "leaf module reads its inputs and writes its output in forward, and in backward reads its output gradient and "
+    "saved input and writes its input gradient (3 x inputs + 2 x outputs), what eager kernels without fusion move")
+FLOP_MODEL = ("training FLOPs per image = 3 x 2 x MACs of the forward with every exit head (har.evaluation.flops; "
+              "backward about twice the forward; batch norm, ReLU and the loss not counted)")
 
 
 def synchronize(device: torch.device) -> None:
@@ -109,6 +132,14 @@ def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def memory_in_use_mib(device: torch.device) -> float | None:
+    """Tensor memory allocated on CUDA; on the CPU the process's current RSS (None where /proc is missing)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    statm = Path("/proc/self/statm")
+    return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20 if statm.exists() else None
 
 
 class PILImages(Dataset):
@@ -138,13 +169,16 @@ class Steps:
         return itertools.islice(self.stream, self.steps - start)
 
 
-def device_stream(data: RunData, cfg: RunConfig, device: torch.device,
-                  generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+def device_batches(data: RunData, cfg: RunConfig, device: torch.device) -> TensorBatches:
     """The package's path: the training set sits on the device as uint8, batches are gathered and augmented there."""
-    batches = TensorBatches(torch.from_numpy(data.train.images).to(device),
-                            torch.from_numpy(data.train.labels).to(device), cfg.train.batch_size, shuffle=True,
-                            augment=BatchAugment(*cfg.data.normalization()), mean=cfg.data.normalization()[0],
-                            std=cfg.data.normalization()[1], drop_last=True)
+    mean, std = cfg.data.normalization()
+    return TensorBatches(torch.from_numpy(data.train.images).to(device),
+                         torch.from_numpy(data.train.labels).to(device), cfg.train.batch_size, shuffle=True,
+                         augment=BatchAugment(mean, std), mean=mean, std=std, drop_last=True)
+
+
+def endless(batches: TensorBatches, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+    """Epoch after epoch of `batches`, drawn from `generator`."""
     while True:
         yield from batches.epoch(generator)
 
@@ -162,10 +196,20 @@ def reference_stream(data: RunData, cfg: RunConfig, device: torch.device, worker
             yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
+@dataclasses.dataclass
+class Prepared:
+    """A training row ready to time: a function running n of its steps, its release, what one step trains."""
+
+    run: Callable[[int], None]
+    close: Callable[[], None]
+    model: torch.nn.Module  # one run's model (a pack member's): what the cost per image is computed on
+    mixed: bool
+    images_per_step: int
+
+
 def prepare_training(variant: Variant, cfg: RunConfig, data: RunData, device: torch.device,
-                     args: argparse.Namespace) -> tuple[Callable[[int], None], Callable[[], None]]:
-    """A function that runs the trainer's step (forward, HAR loss, backward, SGD step) a given number of times,
-    and one that releases the data stream."""
+                     args: argparse.Namespace) -> Prepared:
+    """The trainer's step (forward, HAR loss, backward, SGD step) of one run, to be run a given number of times."""
     mixed = variant.mixed_on(device)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, data.num_classes).to(device)
@@ -176,7 +220,7 @@ def prepare_training(variant: Variant, cfg: RunConfig, data: RunData, device: to
     optimizer = build_optimizer(cfg, model)
     if variant.fast_data:
         generator = torch.Generator(device=device).manual_seed(t.seed)
-        stream = device_stream(data, cfg, device, generator)
+        stream = endless(device_batches(data, cfg, device), generator)
     else:
         generator = torch.Generator().manual_seed(t.seed)
         stream = reference_stream(data, cfg, device, args.workers, generator)
@@ -188,7 +232,33 @@ def prepare_training(variant: Variant, cfg: RunConfig, data: RunData, device: to
         progress = EpochProgress.begin(torch.empty(0, dtype=torch.long, device=device), model.num_exits)
         _train_epoch(step_loss, optimizer, Steps(stream, steps), generator, 0, cfg, False, progress, StopRequest())
 
-    return run, stream.close  # close() stops the DataLoader workers before the next row
+    # close() stops the DataLoader workers
+    return Prepared(run, stream.close, model, mixed, cfg.train.batch_size)
+
+
+def pack_configs(k: int, cfg_for: Callable[[list[str]], RunConfig], device: torch.device,
+                 args: argparse.Namespace) -> list[RunConfig]:
+    """K HAR(CE) members of `har-fast`'s shape and precision that differ in seed (0 .. K-1), as a grid's seeds do;
+    compiled with --compile on CUDA."""
+    mixed = device.type == "cuda"
+    compiled = args.compile_mode if args.compile and mixed else "off"
+    return [cfg_for([*HAR_CE, f"train.seed={seed}", f"train.compile={compiled}", f"train.amp={mixed}",
+                     f"train.channels_last={mixed}"]) for seed in range(k)]
+
+
+def prepare_pack(cfgs: Sequence[RunConfig], data: RunData, device: torch.device) -> Prepared:
+    """A pack's step as `train_pack` takes it (`PackSteps`), each member on its own stream of the on-device data
+    (one copy of the images, one generator per member, seeded by its seed)."""
+    pack = PackSteps(cfgs, data, device)
+    batches = device_batches(data, cfgs[0], device)
+    streams = [endless(batches, torch.Generator(device=device).manual_seed(c.train.seed)) for c in cfgs]
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            pack([next(stream) for stream in streams])
+
+    return Prepared(run, lambda: None, pack.members[0].model, bool(cfgs[0].train.amp),
+                    len(cfgs) * cfgs[0].train.batch_size)
 
 
 def describe(variant: Variant, cfg: RunConfig, device: torch.device, args: argparse.Namespace) -> dict:
@@ -200,21 +270,106 @@ def describe(variant: Variant, cfg: RunConfig, device: torch.device, args: argpa
             + (", compiled" if variant.compiled else ""), "steps": args.steps, "batch_size": cfg.train.batch_size}
 
 
-def time_training(variant: Variant, cfg: RunConfig, data: RunData, device: torch.device,
-                  args: argparse.Namespace) -> dict:
-    """Images per second of the trainer's step after a warm-up."""
+def describe_pack(cfgs: Sequence[RunConfig], args: argparse.Namespace) -> dict:
+    """What a pack row ran: K members of one model and loss, their precision."""
+    cfg = cfgs[0]
+    compiled = cfg.train.compile != "off"
+    return {"variant": f"har-pack{len(cfgs)}" + ("-compiled" if compiled else ""), "layout": cfg.model.layout,
+            "loss": cfg.loss.name, "har": cfg.loss.har, "members": len(cfgs),
+            "data_path": f"uint8 on device, {len(cfgs)} streams",
+            "precision": ("bf16 autocast, channels-last" if cfg.train.amp else "fp32")
+            + (", compiled" if compiled else ""), "steps": args.steps, "batch_size": cfg.train.batch_size}
+
+
+def training_cost(model: torch.nn.Module, mixed: bool, device: torch.device, batch_size: int) -> dict:
+    """Per training image: MACs (every exit head included) and the bytes of the bound models (`BOUND_MODEL`),
+    the activations' from one forward of a copy of `model` in the row's precision with hooks on every leaf."""
+    macs = flops_table(copy.deepcopy(model).cpu().float())["exits"][-1]["cumulative_macs"]
+    probe = copy.deepcopy(model).train()
+    sizes = {"outputs": 0, "unfused": 0}
+
+    def nbytes(values: Any) -> int:
+        values = values if isinstance(values, (tuple, list)) else (values,)
+        return sum(v.numel() * v.element_size() for v in values if isinstance(v, Tensor))
+
+    def hook(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        sizes["outputs"] += nbytes(output)
+        sizes["unfused"] += 3 * nbytes(inputs) + 2 * nbytes(output)
+
+    leaves = [m for m in probe.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    images = 2  # batch norm in training mode needs more than one value per channel
+    x = torch.zeros(images, 3, 32, 32, device=device)
+    if mixed:
+        x = x.to(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
+            probe(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    weights = PARAMETER_ACCESSES * 4 * params / batch_size
+    return {"train_macs": macs, "params": params, "bytes_min": 2 * sizes["outputs"] / images + weights,
+            "bytes_unfused": sizes["unfused"] / images + weights}
+
+
+@dataclasses.dataclass
+class Timed:
+    """A training row during the interleaved timing."""
+
+    info: dict
+    prepared: Prepared
+    cost: dict
+    memory_mib: float | None
+    seconds: float = 0.0
+    steps: int = 0
+    block_rates: list[float] = dataclasses.field(default_factory=list)
+
+
+def build_row(info: dict, prepare: Callable[[], Prepared], device: torch.device, args: argparse.Namespace) -> Timed:
+    """Build a row and run its warm-up (compiling, for compiled rows); its memory: what it added to the device's
+    allocated memory at its peak (CUDA), or to the process's RSS (CPU), while it was built and warmed up."""
+    log.info("training: building and warming up %s", info["variant"])
     reset_peak_memory(device)
-    run, close = prepare_training(variant, cfg, data, device, args)
-    run(args.warmup)
+    before = memory_in_use_mib(device)
+    prepared = prepare()
+    prepared.run(args.warmup)
     synchronize(device)
-    began = time.perf_counter()
-    run(args.steps)
-    synchronize(device)
-    seconds = time.perf_counter() - began
-    close()
-    images = args.steps * cfg.train.batch_size  # drop_last: every batch is full
-    return {**describe(variant, cfg, device, args), "seconds": seconds, "images_per_s": images / seconds,
-            "peak_memory_mib": peak_memory_mib(device)}
+    after = peak_memory_mib(device) if device.type == "cuda" else memory_in_use_mib(device)
+    memory = None if before is None or after is None else after - before
+    cost = training_cost(prepared.model, prepared.mixed, device, info["batch_size"])
+    return Timed(info, prepared, cost, memory)
+
+
+def blocks(steps: int, rounds: int) -> list[int]:
+    """`steps` split into at most `rounds` near-equal blocks."""
+    rounds = max(1, min(rounds, steps))
+    return [steps // rounds + (i < steps % rounds) for i in range(rounds)]
+
+
+def time_interleaved(rows: Sequence[Timed], device: torch.device, args: argparse.Namespace) -> None:
+    """Every row's `--steps` timed steps in `--rounds` blocks, the rows taking turns block by block, so a change in
+    the load of a shared machine hits them all alike."""
+    for round_index, block in enumerate(blocks(args.steps, args.rounds)):
+        log.info("training: timed round %d (%d steps per row)", round_index + 1, block)
+        for row in rows:
+            synchronize(device)
+            began = time.perf_counter()
+            row.prepared.run(block)
+            synchronize(device)
+            seconds = time.perf_counter() - began
+            row.seconds += seconds
+            row.steps += block
+            row.block_rates.append(block * row.prepared.images_per_step / seconds)
+
+
+def finish(row: Timed) -> dict:
+    row.prepared.close()  # stops the DataLoader workers
+    images = row.steps * row.prepared.images_per_step  # drop_last: every batch is full
+    return {**row.info, "steps": row.steps, "seconds": row.seconds, "images_per_s": images / row.seconds,
+            "block_images_per_s": row.block_rates, "peak_memory_mib": row.memory_mib, "cost": row.cost,
+            "mixed": row.prepared.mixed}
 
 
 def shared_worker(variant: Variant, cfg: RunConfig, args: argparse.Namespace, go: Any, queue: Any) -> None:
@@ -223,27 +378,28 @@ def shared_worker(variant: Variant, cfg: RunConfig, args: argparse.Namespace, go
         if args.threads:
             torch.set_num_threads(args.threads)
         device = resolve_device(args.device)
-        run, close = prepare_training(variant, cfg, build_data(cfg.data), device, args)
-        run(args.warmup)
+        prepared = prepare_training(variant, cfg, build_data(cfg.data), device, args)
+        prepared.run(args.warmup)
         synchronize(device)
         queue.put(("ready", None))
         go.wait()
-        run(args.steps)
+        prepared.run(args.steps)
         synchronize(device)
-        close()
+        prepared.close()
         queue.put(("done", peak_memory_mib(device)))
     except BaseException as error:
         queue.put(("failed", f"{type(error).__name__}: {error}"))
         raise
 
 
-def time_shared(variant: Variant, cfg: RunConfig, device: torch.device, args: argparse.Namespace) -> dict:
-    """Images per second of `args.share` processes training at once on one device, each a run of its own (as runs
+def time_shared(variant: Variant, cfg: RunConfig, device: torch.device, args: argparse.Namespace,
+                processes: int) -> dict:
+    """Images per second of `processes` processes training at once on one device, each a run of its own (as runs
     of a grid can share a GPU that one small network cannot fill): all their images over the time from the common
     start to the last one's end. Each process builds its data and warms up (compiles) before the start."""
     mp = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     go, queue = mp.Event(), mp.Queue()
-    procs = [mp.Process(target=shared_worker, args=(variant, cfg, args, go, queue)) for _ in range(args.share)]
+    procs = [mp.Process(target=shared_worker, args=(variant, cfg, args, go, queue)) for _ in range(processes)]
     for proc in procs:
         proc.start()
 
@@ -278,10 +434,10 @@ def time_shared(variant: Variant, cfg: RunConfig, device: torch.device, args: ar
             proc.join(timeout=60)
             if proc.is_alive():
                 proc.kill()
-    images = args.share * args.steps * cfg.train.batch_size
-    return {**describe(variant, cfg, device, args), "variant": f"{variant.name} x{args.share}",
-            "processes": args.share, "seconds": seconds, "images_per_s": images / seconds,
-            "peak_memory_mib": max(peaks)}
+    images = processes * args.steps * cfg.train.batch_size
+    return {**describe(variant, cfg, device, args), "variant": f"{variant.name} x{processes}",
+            "processes": processes, "seconds": seconds, "images_per_s": images / seconds,
+            "peak_memory_mib": max(peaks), "mixed": variant.mixed_on(device)}
 
 
 def load_model(args: argparse.Namespace, cfg: RunConfig, data: RunData) -> tuple[MultiExitNet, str]:
@@ -358,38 +514,95 @@ def machine() -> dict:
             "load_average": os.getloadavg(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def speed_of(result: dict, variant: str) -> float:
-    return next(r["images_per_s"] for r in result["training"] if r["variant"] == variant)
+def speed_of(result: dict, variant: str) -> float | None:
+    return next((r["images_per_s"] for r in result["training"] if r["variant"] == variant), None)
+
+
+def device_peaks(device: torch.device, args: argparse.Namespace) -> dict[str, float | None]:
+    """Peak memory bandwidth (GB/s) and TFLOP/s (mixed and fp32 rows): the flags, else those of a known GPU."""
+    known = KNOWN_PEAKS.get(torch.cuda.get_device_name(device), {}) if device.type == "cuda" else {}
+    return {"gbps": args.peak_gbps or known.get("gbps"), "tflops_mixed": args.peak_tflops or known.get("tflops_mixed"),
+            "tflops_fp32": args.peak_tflops_fp32 or known.get("tflops_fp32")}
+
+
+def add_ratios(training: list[dict], peaks: dict[str, float | None]) -> None:
+    """Each row's speed against the single eager, compiled and reference rows, its achieved TFLOP/s, its bandwidth
+    bounds (images/s) and the shares of the peaks; None where a row or a peak is missing."""
+    speed = {r["variant"]: r["images_per_s"] for r in training}
+    for r in training:
+        for name, base in (("x_fast", "har-fast"), ("x_compiled", "har-fast-compiled"),
+                           ("x_reference", "har-reference")):
+            r[name] = r["images_per_s"] / speed[base] if base in speed else None
+        cost = r["cost"]
+        r["tflops"] = r["images_per_s"] * 6 * cost["train_macs"] / 1e12
+        peak = peaks["tflops_mixed" if r["mixed"] else "tflops_fp32"]
+        r["share_peak_flops"] = r["tflops"] / peak if peak else None
+        gbps = peaks["gbps"]
+        for model in ("min", "unfused"):
+            bound = gbps * 1e9 / cost[f"bytes_{model}"] if gbps else None
+            r[f"bound_{model}_images_per_s"] = bound
+            r[f"share_bound_{model}"] = r["images_per_s"] / bound if bound else None
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def markdown(result: dict) -> str:
     """The results as the tables printed and written beside the JSON."""
-    m, inf = result["machine"], result["inference"]
-    memory = "peak GPU memory allocated (MiB)" if result["device"] == "cuda" else "peak RSS of the process (MiB)"
+    m, inf, peaks = result["machine"], result["inference"], result["peaks"]
+    memory = ("peak GPU memory allocated (MiB)" if result["device"] == "cuda"
+              else "RSS added by the row (MiB)")
     lines = ["# har throughput benchmark", "",
              f"- machine: {m['cpu']}, {m['logical_cores']} logical cores, GPU {m['gpu'] or 'none'}; "
              f"{m['platform']}; torch {m['torch']} ({m['torch_threads']} threads); load average "
              f"{m['load_average'][0]:.2f} at the start; {m['date']}",
              f"- command: `{result['command']}`",
              f"- data: {result['dataset']}, {result['train_images']} long-tailed training images; device "
-             f"{result['device']}", "",
-             f"## Training: batch {result['batch_size']}, {result['steps']} timed steps after {result['warmup']} "
-             f"warm-up steps", "",
-             f"| variant | layout | loss | data path | precision | images/s | {memory} |",
-             "| --- | --- | --- | --- | --- | ---: | ---: |"]
+             f"{result['device']}",
+             "- peaks: " + ", ".join(f"{name} {value:g}" if value else f"{name} -" for name, value in peaks.items()),
+             "",
+             f"## Training: batch {result['batch_size']} per run, {result['steps']} timed steps after "
+             f"{result['warmup']} warm-up steps, in {result['rounds']} interleaved rounds", "",
+             f"| variant | layout | loss | data path | precision | images/s | x har-fast | x compiled | x reference "
+             f"| TFLOP/s | % peak FLOP/s | % bandwidth bound (min / unfused) | {memory} |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["training"]:
         loss = f"{r['loss']} + HAR" if r["har"] else r["loss"]
+        mib = "-" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}"
         lines.append(f"| {r['variant']} | {r['layout']} | {loss} | {r['data_path']} | {r['precision']} | "
-                     f"{r['images_per_s']:.1f} | {r['peak_memory_mib']:.0f} |")
-    lines += ["", f"Speed-up of har-fast over har-reference: {result['speedup_fast_over_reference']:.2f}x"]
+                     f"{r['images_per_s']:.1f} | {_ratio(r['x_fast'])} | {_ratio(r['x_compiled'])} | "
+                     f"{_ratio(r['x_reference'])} | {r['tflops']:.3g} | {_share(r['share_peak_flops'])} | "
+                     f"{_share(r['share_bound_min'])} / {_share(r['share_bound_unfused'])} | {mib} |")
+    lines += ["", f"Speed-up of har-fast over har-reference: {result['speedup_fast_over_reference']:.2f}x", "",
+              "A pack row (har-packK) is K runs of har-fast's model and loss (seeds 0 .. K-1) trained as one K-wide "
+              "network by `har.engine.pack.PackSteps`, the step of `train_pack`; its images/s counts all K members' "
+              "images. Rows take turns round by round in one process, on the same on-device data (each run and "
+              "member its own generator)."]
     for r in result["training"]:
         if "processes" in r:
             lines += ["", f"{r['variant']}: {r['processes']} processes, each a run of its own, trained at once on the "
-                          f"device; images/s is all their images over the time from their common start to the last "
-                          f"one's end ({r['images_per_s'] / speed_of(result, 'har-reference'):.2f}x har-reference). "
-                          "Peak memory: the largest process's."]
+                          f"device after the interleaved rows; images/s is all their images over the time from their "
+                          f"common start to the last one's end. Peak memory: the largest process's "
+                          f"({'CUDA max allocated' if result['device'] == 'cuda' else 'peak RSS'})."]
+    bounds = {(r["precision"].split(",")[0], r["layout"]): r for r in result["training"]}
+    lines += ["", f"FLOPs: {FLOP_MODEL}.", "", f"Memory traffic: {BOUND_MODEL}.", "",
+              "| model, precision | MACs per image | MB per image (min / unfused) | bound images/s (min / unfused) |",
+              "| --- | ---: | ---: | ---: |"]
+    for (precision, layout), r in bounds.items():
+        c = r["cost"]
+        bound = ("-" if r["bound_min_images_per_s"] is None else
+                 f"{r['bound_min_images_per_s']:,.0f} / {r['bound_unfused_images_per_s']:,.0f}")
+        lines.append(f"| {layout}, {precision} | {c['train_macs'] / 1e6:.1f} M | {c['bytes_min'] / 1e6:.2f} / "
+                     f"{c['bytes_unfused'] / 1e6:.2f} | {bound} |")
     if result["device"] != "cuda":
-        lines += ["", "Peak RSS is process-wide and never decreases: a row shows the maximum so far, not its own."]
+        lines += ["", "Memory on the CPU: the process's resident set after the row's warm-up minus before it was "
+                      "built (its model, optimiser, data copy and what the allocator kept); the allocator may reuse "
+                      "memory freed by earlier rows, so it is no peak."]
     lines += ["", f"## Dynamic inference: {inf['images']} test images, batch {inf['batch_size']}, fp32, "
                   f"median of {inf['repeats']}", "",
               f"Model: {result['model']}.", "",
@@ -416,20 +629,34 @@ def main(args: argparse.Namespace) -> None:
     host = machine()  # before the work: the load average says what else the machine was doing
     fixed = [*args.set, f"data.train_fraction={args.train_fraction}", "data.eval_fraction=1",
              f"train.batch_size={args.batch_size}", f"eval.batch_size={args.eval_batch}"]
-    configs = {v.name: load_config(args.config, [*fixed, *v.overrides]) for v in VARIANTS}
+
+    def cfg_for(overrides: list[str]) -> RunConfig:
+        return load_config(args.config, [*fixed, *overrides])
+
+    configs = {v.name: cfg_for(list(v.overrides)) for v in VARIANTS}
     data = build_data(configs["har-fast"].data)
     if len(data.train) < args.batch_size:
         raise SystemExit(f"{len(data.train)} training images are fewer than one batch of {args.batch_size}")
-    training = []
+    rows = []
     for variant in VARIANTS:
         if variant.cuda_only and device.type != "cuda" or variant.compiled and not args.compile:
             continue
-        log.info("training: %s", variant.name)
-        training.append(time_training(variant, configs[variant.name], data, device, args))
-    if args.share > 1:
-        shared = next(v for v in VARIANTS if v.name == ("har-fast-compiled" if args.compile else "har-fast"))
-        log.info("training: %s in %d processes at once", shared.name, args.share)
-        training.append(time_shared(shared, configs[shared.name], device, args))
+        cfg = configs[variant.name]
+        rows.append(build_row(describe(variant, cfg, device, args),
+                              functools.partial(prepare_training, variant, cfg, data, device, args), device, args))
+    for k in args.packs:
+        cfgs = pack_configs(k, cfg_for, device, args)
+        rows.append(build_row(describe_pack(cfgs, args), functools.partial(prepare_pack, cfgs, data, device),
+                              device, args))
+    time_interleaved(rows, device, args)
+    training = [finish(row) for row in rows]
+    shared = next(v for v in VARIANTS if v.name == ("har-fast-compiled" if args.compile else "har-fast"))
+    for processes in args.share:
+        log.info("training: %s in %d processes at once", shared.name, processes)
+        row = time_shared(shared, configs[shared.name], device, args, processes)
+        training.append({**row, "cost": next(r["cost"] for r in training if r["variant"] == shared.name)})
+    peaks = device_peaks(device, args)
+    add_ratios(training, peaks)
     speed = {r["variant"]: r["images_per_s"] for r in training}
     log.info("dynamic inference")
     cfg = configs["har-fast"]
@@ -438,7 +665,8 @@ def main(args: argparse.Namespace) -> None:
               "config": args.config and str(args.config), "overrides": args.set,
               "dataset": f"{cfg.data.dataset}-LT, imbalance ratio {cfg.data.ratio:g}",
               "train_images": len(data.train), "batch_size": args.batch_size, "steps": args.steps,
-              "warmup": args.warmup, "training": training,
+              "warmup": args.warmup, "rounds": len(blocks(args.steps, args.rounds)), "peaks": peaks,
+              "flop_model": FLOP_MODEL, "bound_model": BOUND_MODEL, "training": training,
               "speedup_fast_over_reference": speed["har-fast"] / speed["har-reference"],
               "model": about, "inference": time_inference(model, cfg, data, device, args)}
     text = markdown(result)
@@ -467,18 +695,32 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="torch's intra-op CPU threads; 1 is far steadier on a busy shared machine (default: 0, "
                              "torch's choice, one per core)")
     # training throughput
-    parser.add_argument("--batch-size", type=int, default=128, help="training batch (default: 128)")
+    parser.add_argument("--batch-size", type=int, default=128, help="training batch of each run (default: 128)")
     parser.add_argument("--compile", action="store_true",
-                        help="add a torch.compile row; the warm-up steps then include the compile (default: off)")
+                        help="add a torch.compile row and, on CUDA, compile the pack rows; the warm-up steps then "
+                             "include the compile (default: off)")
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"],
-                        help="torch.compile mode of that row, e.g. reduce-overhead for CUDA graphs (default: default)")
-    parser.add_argument("--share", type=int, default=1,
-                        help="also time this many processes training at once on the device, each a run of its own "
-                             "(har-fast, or har-fast-compiled with --compile); 1: no such row (default: 1)")
-    parser.add_argument("--steps", type=int, default=30, help="timed training steps per variant (default: 30)")
+                        help="torch.compile mode of the compiled rows, e.g. reduce-overhead for CUDA graphs (default: "
+                             "default)")
+    parser.add_argument("--packs", type=int, nargs="*", default=[],
+                        help="pack sizes K: a row per K of K runs trained as one K-wide network, e.g. --packs 2 4 8 "
+                             "16 32 (default: none)")
+    parser.add_argument("--share", type=int, nargs="*", default=[],
+                        help="process counts K: a row per K of K processes training at once on the device, each a "
+                             "run of its own (har-fast, or har-fast-compiled with --compile) (default: none)")
+    parser.add_argument("--steps", type=int, default=30, help="timed training steps per row (default: 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them (default: 5)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="blocks the timed steps are split into, the rows taking turns block by block (default: "
+                             "3)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="DataLoader workers of har-reference (default: min(4, logical cores))")
+    parser.add_argument("--peak-gbps", type=float, default=None,
+                        help="the device's memory bandwidth, GB/s (default: H200 4800, H100 SXM 3350; else none)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="peak TFLOP/s of the bf16 rows (default: 989 on an H200 or H100 SXM; else none)")
+    parser.add_argument("--peak-tflops-fp32", type=float, default=None,
+                        help="peak TFLOP/s of the fp32 rows (default: 494, TF32, on an H200 or H100 SXM; else none)")
     # dynamic inference
     parser.add_argument("--run", type=Path, default=None,
                         help="finished run folder whose last.pt is timed (default: none, an untrained model)")

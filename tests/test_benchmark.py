@@ -15,9 +15,9 @@ TINY = ["--steps", "1", "--warmup", "1", "--batch-size", "16", "--workers", "1",
         "--threads", "1"]
 
 
-def load_benchmark(monkeypatch):
+def load_benchmark(monkeypatch, name="throughput"):
     """benchmarks/ holds scripts, not a package: load the file as a module (registered, as dataclasses need)."""
-    spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
@@ -32,17 +32,25 @@ def test_tiny_benchmark_writes_every_row(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # the shared row's spawned processes import the module
     benchmark = load_benchmark(monkeypatch)
     out = tmp_path / "bench"
-    benchmark.main(benchmark.get_args_parser().parse_args([*TINY, "--share", "2", "--out", str(out)]))
+    benchmark.main(benchmark.get_args_parser().parse_args([*TINY, "--packs", "2", "--share", "2", "--peak-gbps", "100",
+                                                           "--out", str(out)]))
     result = json.loads((tmp_path / "bench.json").read_text())
-    assert [r["variant"] for r in result["training"]] == ["har-fast", "har-reference", "ce-bare-fast", "har-fast x2"]
-    assert all(r["images_per_s"] > 0 and r["peak_memory_mib"] > 0 for r in result["training"])
-    assert result["training"][-1]["processes"] == 2
+    assert [r["variant"] for r in result["training"]] == ["har-fast", "har-reference", "ce-bare-fast", "har-pack2",
+                                                          "har-fast x2"]
+    assert all(r["images_per_s"] > 0 and r["x_reference"] > 0 and r["tflops"] > 0 for r in result["training"])
+    assert all(r["bound_min_images_per_s"] > r["bound_unfused_images_per_s"] > 0 for r in result["training"])
+    assert all(r["x_compiled"] is None and r["share_peak_flops"] is None for r in result["training"])  # none given
+    pack, shared = result["training"][-2:]
+    assert pack["members"] == 2 and len(pack["block_images_per_s"]) == 1  # one timed step: one round
+    assert pack["cost"] == result["training"][0]["cost"]  # per image, a member costs what its single run costs
+    assert shared["processes"] == 2 and shared["peak_memory_mib"] > 0
     assert result["speedup_fast_over_reference"] > 0
     rows = result["inference"]["rows"]
     assert rows[-1]["exit_threshold"] == 1.01 and rows[-1]["exit_fractions"][-1] == 1.0
     assert all(r["seconds_per_image"] > 0 and sum(r["exit_fractions"]) == pytest.approx(1.0) for r in rows)
     assert result["inference"]["static_seconds_per_image"] > 0
-    assert (tmp_path / "bench.md").read_text().startswith("# har throughput benchmark")
+    text = (tmp_path / "bench.md").read_text()
+    assert text.startswith("# har throughput benchmark") and "| har-pack2 |" in text and "bandwidth bound" in text
 
 
 def test_a_failing_process_of_a_shared_row_ends_the_benchmark_with_its_reason(monkeypatch):
@@ -54,7 +62,7 @@ def test_a_failing_process_of_a_shared_row_ends_the_benchmark_with_its_reason(mo
     args = benchmark.get_args_parser().parse_args([*TINY, "--share", "2", "--device", "cuda"])
     variant = benchmark.VARIANTS[0]
     with pytest.raises(SystemExit, match="failed: RunError: train.device is 'cuda' but CUDA is not available"):
-        benchmark.time_shared(variant, from_dict({}), torch.device("cpu"), args)
+        benchmark.time_shared(variant, from_dict({}), torch.device("cpu"), args, 2)
 
 
 def test_pack_kernels_times_every_row_and_the_fused_layer_equals_the_separate_ones(tmp_path, monkeypatch):
@@ -103,3 +111,49 @@ def test_early_exit_benchmark_writes_a_row_per_regime(tmp_path, monkeypatch):
         table = text.split(f"## {model['name']}")[1].split("\n## ")[0]
         regimes = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and "---" not in line]
         assert regimes == ["| regime", "| static backbone", "| early exit", "| early exit"]
+
+
+def test_blocks_split_the_timed_steps_into_rounds(monkeypatch):
+    blocks = load_benchmark(monkeypatch).blocks
+    assert blocks(5, 3) == [2, 2, 1] and blocks(2, 3) == [1, 1] and blocks(6, 1) == [6]
+
+
+def test_gpu_check_smoke_trains_packs_evaluates_and_prints_the_fidelity_lines(tmp_path, monkeypatch, capsys):
+    """The Table II check on the CPU: 2 methods x 2 seeds, 1 epoch on 2% of the data, as 2 packs of 2 in their own
+    processes; the report's lines are there (their values judge nothing: a smoke test)."""
+    root = shared_cifar_root()
+    if root is None:
+        pytest.skip("no shared CIFAR-10 copy (set HAR_DATA)")
+    monkeypatch.setenv("HAR_DATA", str(root))
+    check = load_benchmark(monkeypatch, "gpu_check")
+    args = ["--device", "cpu", "--methods", "ce_drw", "har_ce_drw", "--seeds", "0", "1", "--epochs", "1",
+            "--set", "data.train_fraction=0.02", "--set", "data.eval_fraction=0.05", "--threads", "1",
+            "--out", str(tmp_path)]
+    assert check.main(check.get_args_parser().parse_args(args)) == 0
+    printed = capsys.readouterr().out
+    assert "4 runs in 2 packs (2, 2 members)" in printed and "not the paper's setting" in printed
+    for line in ("**Table II.**", "**Fidelity report.**", "| II | cifar10-r100 | CE+DRW | static | top-1 |",
+                 "| II | cifar10-r100 | HAR(CE)+DRW | dynamic, s for the paper's 32% saving | top-1 |",
+                 "| II | cifar10-r100 | HAR(CE)+DRW - CE+DRW |", "training throughput over all packs:", "wall time:"):
+        assert line in printed, line
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert len(result["runs"]) == 4 and [len(p["runs"].split(", ")) for p in result["packs"]] == [2, 2]
+    assert all((tmp_path / r["run_dir"] / "eval" / "test.json").is_file() for r in result["runs"])
+
+
+def test_table_ii_run_configs_train_what_the_pipeline_trains():
+    """config/runs/cifar10_lt100_*.yaml (single runs by hand) and the grid's runs of config.yaml (the pipeline and
+    the GPU check) agree on the model and the loss of Table II's CIFAR-10-LT-100 rows."""
+    import yaml
+
+    from har.config import load_config, to_dict
+    from har.engine.assembly import build_model
+    from har.pipeline import grid
+
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    for method in ("ce_drw", "har_ce_drw", "ldam_drw", "har_ldam_drw"):
+        ours = load_config(REPO / "config" / "runs" / f"cifar10_lt100_{method}.yaml")
+        theirs = from_dict(grid.run_config(cfg, grid.RunSpec("cifar10", 100.0, method, 0)))
+        assert to_dict(ours)["loss"] == to_dict(theirs)["loss"], method
+        assert (ours.data.dataset, ours.data.ratio) == (theirs.data.dataset, theirs.data.ratio)
+        assert str(build_model(ours, 10)) == str(build_model(theirs, 10)), method  # layout None: the default's

@@ -18,6 +18,9 @@ channels) fill it with K times the work per launch. Packing is an execution deta
   between two members' saves) train apart until they are level again, then together.
 - A member whose loss turns non-finite stops with the single run's error (logged and written to its folder's
   `train.error`; its `last.pt` keeps its last good state); the others go on, and the pack then fails naming it.
+
+`PackSteps` builds fresh members as one pack without run folders and takes the same steps (`_Group.train_step`),
+for benchmarks that time a pack's step.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from har.atomic import atomic_write_text
-from har.config import ConfigError, RunConfig, config_diff, config_hash, stored_config_hash, to_dict
+from har.config import ConfigError, RunConfig, TrainConfig, config_diff, config_hash, stored_config_hash, to_dict
 from har.data.batches import eval_batches, train_batches
 from har.data.build import RunData, build_data
 from har.data.loader import TensorBatches
@@ -219,6 +222,32 @@ class _Group:
                 else:
                     state["momentum_buffer"] = stacked.clone()
 
+    def train_step(self, drawn: Sequence[tuple[Tensor, Tensor]], epoch: int, step: int) -> list[Tensor]:
+        """One step of every member on its batch `drawn[k]` (forward, losses, backward, SGD step, the member's
+        epoch sums); each member's loss, kept on the device."""
+        members = self.members
+        mixings = [None if m.cfg.train.mixup == "off" else
+                   draw_mixing(m.cfg.train.mixup_alpha, m.cfg.train.seed, epoch, step, len(labels), labels.device)
+                   for m, (_, labels) in zip(members, drawn, strict=True)]
+        outs = self.step([x for x, _ in drawn], [y for _, y in drawn], mixings)
+        losses = [out.loss_sum / out.normaliser for out in outs]
+        self.optimizer.zero_grad(set_to_none=True)
+        live = [loss for m, loss in zip(members, losses, strict=True) if m.error is None]
+        if live:
+            torch.stack(live).sum().backward()  # members share no weight: each gets its own loss's gradient
+            self.optimizer.step()
+        with torch.no_grad():
+            for m, out, loss, (_, labels) in zip(members, outs, losses, drawn, strict=True):
+                sums = m.progress.sums
+                sums["loss"] += out.loss_sum.detach()
+                sums["normaliser"] += out.normaliser
+                sums["correct"] += out.correct
+                sums["exit_counts"] += out.exit_counts
+                sums["exit_loss"] += out.exit_loss
+                sums["first_bad_step"].masked_fill_((sums["first_bad_step"] < 0) & ~loss.isfinite(), step)
+                m.progress.step, m.progress.seen = step + 1, m.progress.seen + len(labels)
+        return losses
+
     @torch.no_grad()
     def store(self) -> None:
         """The pack's weights and momentum back into each member's own modules (which its checkpoint saves)."""
@@ -256,9 +285,8 @@ def train_pack(members: Sequence[tuple[RunConfig, str | Path]], data: RunData | 
         return _train_pack(pairs, data, device)
 
 
-def _assemble(cfg: RunConfig, out: Path, data: RunData, device: torch.device) -> Member:
-    """A member as `har train` would start or resume it (same seeding of its initialisation)."""
-    (out / ERROR_FILE).unlink(missing_ok=True)
+def _fresh(cfg: RunConfig, out: Path, data: RunData, device: torch.device) -> Member:
+    """A member as `har train` initialises it (same seeding of its initialisation), before any checkpoint."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, data.num_classes)
     rng = rng_state()  # the single run draws nothing from the global generators after its initialisation
@@ -267,30 +295,65 @@ def _assemble(cfg: RunConfig, out: Path, data: RunData, device: torch.device) ->
     reweight = ReweightSchedule(cfg.loss.reweight, data.class_counts, beta=cfg.loss.cb_beta,
                                 drw_epoch=cfg.loss.drw_epoch)
     optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer)
-    start, partial = 0, None
+    return Member(cfg, out, model, har_loss, reweight, optimizer, build_scheduler(cfg, optimizer), rng, 0, None, [])
+
+
+def _assemble(cfg: RunConfig, out: Path, data: RunData, device: torch.device) -> Member:
+    """A member as `har train` would start or resume it."""
+    (out / ERROR_FILE).unlink(missing_ok=True)
+    member = _fresh(cfg, out, data, device)
     ckpt = resume_checkpoint(out / CHECKPOINT, out / PREVIOUS, map_location=device)
     if ckpt is not None:
         if stored_config_hash(ckpt.get("config")) != config_hash(cfg):
             raise RunError(f"{out / CHECKPOINT} was written by another config; delete it or choose another --out")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        rng = ckpt["rng"]
-        start, partial = ckpt["epoch"] + 1, ckpt.get("partial")
-        where = f"at step {partial['step']} of" if partial else "before"
-        log.info("resuming %s %s epoch %d (0-based) of %d", out, where, start, cfg.train.epochs)
-    return Member(cfg, out, model, har_loss, reweight, optimizer, scheduler, rng, start, partial,
-                  read_history(out, start))
+        member.model.load_state_dict(ckpt["model"])
+        member.optimizer.load_state_dict(ckpt["optimizer"])
+        member.scheduler.load_state_dict(ckpt["scheduler"])
+        member.rng = ckpt["rng"]
+        member.start, member.partial = ckpt["epoch"] + 1, ckpt.get("partial")
+        where = f"at step {member.partial['step']} of" if member.partial else "before"
+        log.info("resuming %s %s epoch %d (0-based) of %d", out, where, member.start, cfg.train.epochs)
+    member.history = read_history(out, member.start)
+    return member
+
+
+def _precision(t: TrainConfig, device: torch.device) -> tuple[bool, bool]:
+    """bf16 autocast and channels-last of a pack on `device` (unset: on for CUDA, off for the CPU, as `har train`)."""
+    on_cuda = device.type == "cuda"
+    return (on_cuda if t.amp is None else t.amp), (on_cuda if t.channels_last is None else t.channels_last)
+
+
+class PackSteps:
+    """K fresh runs of one shape as one pack, stepped on batches the caller draws: per step exactly what
+    `train_pack` computes (`_Group.train_step`: forward, each member's loss, backward, SGD step, epoch sums), at
+    the first epoch's learning rate and class weights, with no run folder, checkpoint or epoch end. For
+    benchmarks, which time a pack's step against a single run's."""
+
+    def __init__(self, cfgs: Sequence[RunConfig], data: RunData, device: torch.device) -> None:
+        placeholders = [(cfg, Path(f"pack-member-{k}")) for k, cfg in enumerate(cfgs)]  # named in errors only
+        check_pack(placeholders)
+        self.members = [_fresh(cfg, out, data, device) for cfg, out in placeholders]
+        for m in self.members:
+            _set_class_weights(m, 0)
+            m.progress = EpochProgress.begin(torch.empty(0, dtype=torch.long, device=device), m.model.num_exits,
+                                             device)
+        self.group = _Group(self.members, cfgs[0], *_precision(cfgs[0].train, device))
+        self.group.load()
+        self.group.packed.train()
+        self.steps = 0
+
+    def __call__(self, drawn: Sequence[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        """One step of every member on its batch `drawn[k]`; their losses (on the device)."""
+        losses = self.group.train_step(drawn, 0, self.steps)
+        self.steps += 1
+        return losses
 
 
 def _train_pack(pairs: list[tuple[RunConfig, Path]], data: RunData | None, device: torch.device) -> list[list[dict]]:
     cfg = pairs[0][0]
     t = cfg.train
-    on_cuda = device.type == "cuda"
-    amp = on_cuda if t.amp is None else t.amp
-    channels_last = on_cuda if t.channels_last is None else t.channels_last
-    if t.deterministic and not on_cuda:
+    amp, channels_last = _precision(t, device)
+    if t.deterministic and device.type != "cuda":
         torch.use_deterministic_algorithms(True, warn_only=True)
     data = data or build_data(cfg.data)
     members = [_assemble(member_cfg, out, data, device) for member_cfg, out in pairs]
@@ -318,13 +381,17 @@ def _train_pack(pairs: list[tuple[RunConfig, Path]], data: RunData | None, devic
     return [m.history for m in members]
 
 
+def _set_class_weights(member: Member, epoch: int) -> None:
+    """The member's exit-loss class weights for `epoch`."""
+    weights = member.reweight.weights(epoch)
+    unit = weights is None and member.cfg.train.compile != "off"  # as the single run: DRW then needs no recompile
+    member.har_loss.exit_loss.set_weight(torch.ones(member.model.num_classes) if unit else weights)
+
+
 def _begin(member: Member, batches: TensorBatches, epoch: int, num_exits: int, device: torch.device) -> None:
     """Start (or continue) a member's epoch: its class weights, data order, augmentation generator, sums."""
     t = member.cfg.train
-    weights = member.reweight.weights(epoch)
-    unit = weights is None and t.compile != "off"  # as the single run: DRW then needs no recompile
-    num_classes = member.model.num_classes
-    member.har_loss.exit_loss.set_weight(torch.ones(num_classes) if unit else weights)
+    _set_class_weights(member, epoch)
     member.generator = epoch_generator(t.seed, epoch, batches.generator_device)
     if member.partial is not None:
         member.progress = EpochProgress.resume(member.partial, member.generator)
@@ -348,27 +415,7 @@ def _train_epoch(group: _Group, batches: TensorBatches, data: RunData, epoch: in
     bar = tqdm(total=len(batches), initial=first, desc=f"pack epoch {epoch + 1}/{t.epochs}", leave=False,
                disable=not interactive)
     for step in range(first, len(batches)):
-        drawn = [next(m.batches) for m in members]
-        mixings = [None if m.cfg.train.mixup == "off" else
-                   draw_mixing(m.cfg.train.mixup_alpha, m.cfg.train.seed, epoch, step, len(labels), device)
-                   for m, (_, labels) in zip(members, drawn, strict=True)]
-        outs = group.step([x for x, _ in drawn], [y for _, y in drawn], mixings)
-        losses = [out.loss_sum / out.normaliser for out in outs]
-        group.optimizer.zero_grad(set_to_none=True)
-        live = [loss for m, loss in zip(members, losses, strict=True) if m.error is None]
-        if live:
-            torch.stack(live).sum().backward()  # members share no weight: each gets its own loss's gradient
-            group.optimizer.step()
-        with torch.no_grad():
-            for m, out, loss, (_, labels) in zip(members, outs, losses, drawn, strict=True):
-                sums = m.progress.sums
-                sums["loss"] += out.loss_sum.detach()
-                sums["normaliser"] += out.normaliser
-                sums["correct"] += out.correct
-                sums["exit_counts"] += out.exit_counts
-                sums["exit_loss"] += out.exit_loss
-                sums["first_bad_step"].masked_fill_((sums["first_bad_step"] < 0) & ~loss.isfinite(), step)
-                m.progress.step, m.progress.seen = step + 1, m.progress.seen + len(labels)
+        losses = group.train_step([next(m.batches) for m in members], epoch, step)
         bar.update()
         if (step + 1) % t.log_every == 0:
             _check_finite(members, epoch, len(batches))
