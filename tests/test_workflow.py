@@ -82,9 +82,19 @@ def expected_jobs(cfg: dict) -> dict[str, int]:
     return {rule: n for rule, n in counts.items() if n}
 
 
+def with_packs(expected: dict[str, int], packs: int, members: int) -> dict[str, int]:
+    """`expected_jobs` of a config whose `members` runs train in `packs` pack jobs: their train.json markers come
+    from one pack_member job each, the other runs keep their run_train jobs."""
+    singles = expected["run_train"] - members
+    counts = {**expected, "run_train": singles, "pack_train": packs, "pack_member": members}
+    return {rule: n for rule, n in counts.items() if n}
+
+
 def test_full_paper_config_dry_run_has_every_job(tmp_path):
     work = workdir_copy(tmp_path)
-    proc = snakemake(work, "-n", "--quiet", "rules")
+    cfg = paper_config()
+    (work / "single.yaml").write_text(yaml.safe_dump({**cfg, "pack": {"size": 1}}))
+    proc = snakemake(work, "--configfile", "single.yaml", "-n", "--quiet", "rules")  # every run its own job
     # config.yaml today: CIFAR-10 and CIFAR-100 at ratios 100 / 50 / 10 (tables I, II, IV) are 6 bundled splits;
     # ImageNet-LT (III, V) and iNaturalist 2018 (III) 2 verified ones. CIFAR runs the 14 methods of Tables II and
     # IV (9 + 5): 6 splits x 14 x 3 seeds = 252 final runs. ImageNet-LT runs Table III's 6 methods (CE, LDAM+DRW,
@@ -95,6 +105,10 @@ def test_full_paper_config_dry_run_has_every_job(tmp_path):
     assert job_counts(proc.stdout) == expected
     assert (expected["split_build"], expected["split_verify"], expected["run_train"]) == (6, 2, 483)
     assert "har: not trained" not in proc.stderr  # every method of every table is trained
+    # config.yaml as it is, packs of 16: the 432 CIFAR runs but Manifold Mixup's 18 train in 7 packs per split
+    # (test_pipeline_packs.py::test_the_paper_configs_packs), ImageNet-LT and iNaturalist's 51 runs alone
+    proc = snakemake(work, "-n", "--quiet", "rules")
+    assert job_counts(proc.stdout) == with_packs(expected, 6 * 7, 432 - 18)
 
 
 def test_quick_config_dry_run(tmp_path):
@@ -102,9 +116,12 @@ def test_quick_config_dry_run(tmp_path):
     proc = snakemake(work, "--configfile", "config/quick.yaml", "-n", "--quiet", "rules")
     # 15 methods (mixup, manifold mixup and the decoupled three among them) + 1 layout variant, 2 seeds = 32;
     # t search 2 methods x 2 t x 1 seed = 4
+    # in packs of 4 but Manifold Mixup's 2 and the 6 decoupled runs: bare linear CE, focal, Mixup, CE+DRW,
+    # focal+DRW (10 runs, 3 packs), bare cosine LDAM, LDAM+DRW, exits linear HAR(CE)(+DRW), exits cosine
+    # HAR(LDAM)(+DRW) (4 each), the layout variant (2), the t search of each searched method (2 each): 9 packs
     cfg = yaml.safe_load((REPO / "config" / "quick.yaml").read_text())
-    assert job_counts(proc.stdout) == expected_jobs(cfg)
-    assert job_counts(proc.stdout)["run_train"] == 36
+    assert expected_jobs(cfg)["run_train"] == 36
+    assert job_counts(proc.stdout) == with_packs(expected_jobs(cfg), 9, 36 - 8)
 
 
 def test_decoupled_runs_train_after_their_shared_stage_one_run(tmp_path):
@@ -274,6 +291,7 @@ def test_grid_refuses_inconsistent_configs(edit, message):
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c.update(seeds="zero"), "'zero' is not of type 'array'"),
     (lambda c: c["datasets"][0].update(ratios=[0.5]), "0.5 is less than the minimum of 1"),
+    (lambda c: c.update(pack={"size": 0}), "0 is less than the minimum of 1"),
     (lambda c: c["methods"]["ce"]["run"]["loss"].update(name="hinge"),
      "config: method 'ce': loss.name: 'hinge' is not allowed"),
     (lambda c: c["methods"]["tau_norm"].update(stage_one="ce_plain"),
@@ -329,8 +347,8 @@ def test_ci_config_runs_end_to_end_and_reruns_only_what_changed(tmp_path, monkey
     cfg["methods"]["ce"]["run"]["loss"]["reweight"] = "cb"
     (work / "edited.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake(work, "--configfile", "edited.yaml", "-n", "--quiet", "rules")
-    # ce's two seeds, and tau_norm's two stage-two runs on them
-    assert job_counts(proc.stdout) == {"run_train": 4, "run_evaluate": 4, "tables_build": 1, "figures_plot": 1,
-                                       "all": 1}
+    # ce's two seeds (their pack, then their markers), and tau_norm's two stage-two runs on them
+    assert job_counts(proc.stdout) == {"pack_train": 1, "pack_member": 2, "run_train": 2, "run_evaluate": 4,
+                                       "tables_build": 1, "figures_plot": 1, "all": 1}
     proc = snakemake(work, "--configfile", "config/ci.yaml", "-n", "--quiet", "rules")
     assert "Nothing to be done" in proc.stdout + proc.stderr

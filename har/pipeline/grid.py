@@ -7,12 +7,14 @@ its own run fields and the tables it serves), methods (each a partial `har` run 
 and its t), the t line search (Table I; on CIFAR a stand-in for the paper's ImageNet-LT search), the exit layouts
 (Table V) and seeds; `run_config` turns one grid point into a complete run config. A method runs on a dataset when
 their tables meet; a decoupled method (cRT, LWS, tau-norm) starts from the run of its `stage_one` method on the
-same split and seed.
+same split and seed. With `pack.size` > 1, `packs` groups CIFAR runs of one shape into packs, one job each.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -387,3 +389,63 @@ def describe(cfg: dict, spec: RunSpec) -> dict[str, Any]:
     return {"dataset": spec.dataset, "ratio": spec.ratio, "split": spec.split, "method": spec.method,
             "base_method": spec.base_method, "display": display, "tables": tables, "seed": spec.seed,
             "t_point": spec.t_point, "role": spec.role, "run_dir": spec.run_dir}
+
+
+def pack_size(cfg: dict) -> int:
+    """The most runs one pack job trains (`pack.size`; absent: 1, every run its own job as before packs)."""
+    return int((cfg.get("pack") or {}).get("size", 1))
+
+
+def pack_resources(cfg: dict, members: list[RunSpec]) -> dict[str, int]:
+    """What a pack job asks for: its dataset's train resources (one GPU at most: packs are only made of such
+    runs) with `pack.resources` on top (a pack of K runs takes longer than one)."""
+    return {**run_resources(cfg, members[0], "train"), **((cfg.get("pack") or {}).get("resources") or {})}
+
+
+def _pack_key(cfg: dict, spec: RunSpec) -> str | None:
+    """What a run must share with the other members of its pack, as text (None: it trains alone).
+
+    Runs share a pack when they have the same split and role (t search, final), wait on the same selection of t
+    (or none) and have the same `har.engine.pack.pack_shape`. Runs `pack_refusal` refuses (decoupled stage two,
+    list datasets, Manifold Mixup) and runs whose train job asks for several GPUs (torchrun) train alone.
+    """
+    from har.engine.pack import pack_refusal, pack_shape
+
+    pending = needs_selected_t(cfg, spec)
+    run_cfg = from_dict(run_config(cfg, spec), t_pending=pending)
+    if pack_refusal(run_cfg) is not None or run_resources(cfg, spec, "train")["gpu"] > 1:
+        return None
+    waits_on = spec.base_method if pending else None
+    return json.dumps({"split": spec.split, "role": spec.role, "waits_on": waits_on, "shape": pack_shape(run_cfg)},
+                      sort_keys=True)
+
+
+def packs(cfg: dict) -> dict[str, list[RunSpec]]:
+    """Pack name -> its member runs, each pack trained by one job (`har.engine.pack.train_pack`).
+
+    Runs of one `_pack_key` (split, role, the selection of t they wait on, shape), ordered by method, t point and
+    seed, are cut into the fewest packs of at most `pack.size` runs, of sizes that differ by one at most (so that
+    they finish together). A pack of one would be a single run: such a run, and every run when `pack.size` is 1,
+    trains alone (its own `run_train` job). Names, `<split>/<role>-<hash of the key, 8 hex digits>-<index>`,
+    depend only on the key and the order, so the same config gives the same packs.
+    """
+    size = pack_size(cfg)
+    if size <= 1:
+        return {}
+    groups: dict[str, list[RunSpec]] = {}
+    for spec in final_runs(cfg) + tsearch_runs(cfg):
+        key = _pack_key(cfg, spec)
+        if key is not None:
+            groups.setdefault(key, []).append(spec)
+    out: dict[str, list[RunSpec]] = {}
+    for key, specs in sorted(groups.items()):
+        specs = sorted(specs, key=lambda s: (s.method, s.t_point or 0.0, s.seed))  # one role: t all None or none
+        count = -(-len(specs) // size)  # ceil
+        digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+        start = 0
+        for index in range(count):
+            stop = start + len(specs) // count + (index < len(specs) % count)
+            if stop - start > 1:
+                out[f"{specs[0].split}/{specs[0].role}-{digest}-{index}"] = specs[start:stop]
+            start = stop
+    return out

@@ -90,11 +90,7 @@ def train_run(cfg: dict, spec: grid.RunSpec, bundle: str | Path | None, selectio
     """
     from har.engine.trainer import read_history, train
 
-    threshold = selected_threshold(selection) if selection else None
-    values = grid.run_config(cfg, spec, threshold)
-    if bundle is not None:
-        values["data"]["bundle"] = str(bundle)
-    run_cfg = from_dict(values)
+    run_cfg = job_run_config(cfg, spec, bundle, selected_threshold(selection) if selection else None)
     set_aside_stale(run_cfg, Path(spec.run_dir))
     if processes > 1:
         launch = Path(spec.run_dir) / "launch.yaml"
@@ -109,8 +105,85 @@ def train_run(cfg: dict, spec: grid.RunSpec, bundle: str | Path | None, selectio
         history = read_history(Path(spec.run_dir))
     else:
         history = train(run_cfg, spec.run_dir)
-    atomic_write_json(Path(marker), {"run": grid.describe(cfg, spec), "epochs": len(history),
-                                     "final": history[-1] if history else None})
+    atomic_write_json(Path(marker), train_marker(cfg, spec, history))
+
+
+def job_run_config(cfg: dict, spec: grid.RunSpec, bundle: str | Path | None, threshold: float | None) -> RunConfig:
+    """The run config a train job trains: the grid's, with the selected t (when the search feeds the run) and the
+    split's bundle (CIFAR)."""
+    values = grid.run_config(cfg, spec, threshold)
+    if bundle is not None:
+        values["data"]["bundle"] = str(bundle)
+    return from_dict(values)
+
+
+def train_marker(cfg: dict, spec: grid.RunSpec, history: list[dict]) -> dict:
+    """What a run's `train.json` says (the evaluation waits on it): the run's record, its epochs, the last row."""
+    return {"run": grid.describe(cfg, spec), "epochs": len(history), "final": history[-1] if history else None}
+
+
+def train_pack_job(cfg: dict, members: list[grid.RunSpec], bundle: str | Path | None, selections: list[str],
+                   marker: str | Path) -> dict:
+    """Train the runs of one pack (`grid.packs`) in one process (`har.engine.pack.train_pack`), then write the
+    pack's marker, which holds each member's `train.json` content (or the error it stopped with).
+
+    Each member's config and stale folder are handled as `train_run` handles a single run's; `selections` are the
+    files of the t selections the members wait on. A member whose loss turned non-finite stops alone: the job
+    still writes the marker, with that member's error, so that the others' markers (`write_member_marker`) and
+    evaluations go on, and the failed member's marker job fails naming it. Anything else that stops the pack
+    (bad input, a stop signal: exit 75, the retry resumes every member) fails the job without a marker.
+    """
+    from har.engine.checkpoint import RunError
+    from har.engine.pack import ERROR_FILE, train_pack
+    from har.engine.run_state import read_history
+
+    selected = load_selections(selections)
+    pairs = []
+    for spec in members:
+        chosen = selected.get(spec.split, {}).get(spec.base_method)
+        if grid.needs_selected_t(cfg, spec) and chosen is None:
+            raise ValueError(f"{spec.run_dir}: its t comes from results/selection/{spec.split}/{spec.base_method}"
+                             f".json, which is not among the pack job's selections {selections}")
+        threshold = float(chosen["train_threshold"]) if grid.needs_selected_t(cfg, spec) else None
+        run_cfg = job_run_config(cfg, spec, bundle, threshold)
+        set_aside_stale(run_cfg, Path(spec.run_dir))
+        (Path(spec.run_dir) / ERROR_FILE).unlink(missing_ok=True)  # an error file below is this job's
+        pairs.append((run_cfg, Path(spec.run_dir)))
+    try:
+        histories: list[list[dict] | None] = list(train_pack(pairs))
+        errors: list[str | None] = [None] * len(pairs)
+    except RunError:  # members that stopped have written their error; anything else is the pack's own failure
+        errors = [(out / ERROR_FILE).read_text().strip() if (out / ERROR_FILE).is_file() else None
+                  for _, out in pairs]
+        histories = [None if error else read_history(out) for error, (_, out) in zip(errors, pairs, strict=True)]
+        finished = all(error or len(history) == member_cfg.train.epochs
+                       for error, history, (member_cfg, _) in zip(errors, histories, pairs, strict=True))
+        if not any(errors) or not finished:
+            raise
+        logging.getLogger(__name__).error("%d of %d pack members stopped; the others finished",
+                                          sum(map(bool, errors)), len(pairs))
+    result = {"members": [{"run_dir": spec.run_dir, "error": error,
+                           "train": None if error else train_marker(cfg, spec, history)}
+                          for spec, error, history in zip(members, errors, histories, strict=True)]}
+    atomic_write_json(Path(marker), result)
+    return result
+
+
+def write_member_marker(pack_marker: str | Path, run_dir: str, marker: str | Path) -> None:
+    """Write a pack member's `train.json` from its pack's marker (the content `train_run` writes for a single
+    run); a member that stopped in its pack is a RunError naming its error and how to train it again."""
+    from har.engine.checkpoint import RunError
+
+    entry = next((m for m in json.loads(Path(pack_marker).read_text())["members"] if m["run_dir"] == run_dir), None)
+    if entry is None:
+        raise RunError(f"{pack_marker} has no member {run_dir}; delete {pack_marker} to train its pack again")
+    if entry["error"]:
+        raise RunError(f"{run_dir} stopped in its pack ({pack_marker}): {entry['error'].rstrip('.')}. "
+                       f"After fixing its config (which trains its pack again), or to retry it as it is, delete "
+                       f"{pack_marker}")
+    atomic_write_json(Path(marker), entry["train"])
+    logging.getLogger(__name__).info("%s trained in the pack of %s (whose job's log has its training)", run_dir,
+                                     pack_marker)
 
 
 def stale_reason(run_cfg: RunConfig, run_dir: Path) -> str | None:

@@ -29,6 +29,11 @@ if grid.idle_methods(config):
     print(f"har: not run, their tables meet no dataset's tables: {', '.join(grid.idle_methods(config))}",
           file=sys.stderr)
 
+# Packs (pack.size > 1): runs of one shape trained by one job as one K-wide network; every other run alone.
+PACKS = grid.packs(config)
+PACK_OF = {spec.run_dir: name for name, members in PACKS.items() for spec in members}
+SINGLE_RUNS = [run_dir for run_dir in RUNS if run_dir not in PACK_OF]
+
 SPLITS = {grid.split_name(d, r): (d, r) for d, r in grid.splits(config)}
 # CIFAR splits are cut once into a bundle; list datasets (ImageNet-LT, iNaturalist 2018) are only verified.
 BUNDLED_SPLITS = [split for split, (dataset, _) in SPLITS.items() if not grid.is_list_dataset(dataset)]
@@ -65,6 +70,16 @@ def run_resources(kind):
     return {key: value(name) for key, name in RESOURCE_NAMES.items() if key != "gpu" or asked}
 
 
+def pack_resources():
+    """Resources of a pack job: its dataset's train ones with pack.resources on top (grid.pack_resources)."""
+
+    def value(name):
+        return lambda wildcards: grid.pack_resources(config, PACKS[wildcards.pack])[name]
+
+    asked = any(grid.pack_resources(config, members)["gpu"] for members in PACKS.values())
+    return {key: value(name) for key, name in RESOURCE_NAMES.items() if key != "gpu" or asked}
+
+
 def bundle_of(split):
     return f"results/splits/{split}/data.npz"
 
@@ -90,6 +105,13 @@ def get_run_inputs(wildcards):
     if first is not None:  # a decoupled run's stage two starts from its stage-one run, trained once and shared
         inputs["stage_one"] = f"{first.run_dir}/train.json"
     return inputs
+
+
+def get_pack_inputs(wildcards):
+    """A pack's members' inputs: their split's bundle and the t selections any of them waits on."""
+    members = PACKS[wildcards.pack]
+    return {"bundle": bundle_of(members[0].split),
+            "selections": sorted({selection_file(s) for s in members if grid.needs_selected_t(config, s)})}
 
 
 def get_search_reports(wildcards):
