@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from pack_kernels import machine
+from pack_kernels import machine, synchronize
 from torch import Tensor, nn
 
 from har.atomic import atomic_write_json, atomic_write_text
@@ -61,12 +61,6 @@ log = logging.getLogger("early_exit")
 REPO = Path(__file__).resolve().parents[1]
 UNTRAINED = ("untrained, batch-norm statistics from the first images: the exits taken say nothing about a trained "
              "model; s is chosen on its confidences so that a range of exit patterns is timed")
-
-
-def synchronize(device: torch.device) -> None:
-    """CUDA kernels run asynchronously: a clock read without this would time the launches only."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()

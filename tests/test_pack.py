@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from conftest import synthetic_data
+from test_faults import wait_for_line
 from test_train import TINY
 
 import har.data.augment as augment_module
@@ -260,16 +261,6 @@ def pack_setup(tmp_path_factory):
     runs._straight.communicate()
 
 
-def wait_for(proc: subprocess.Popen, fragment: str, timeout: float = 120) -> str:
-    seen, deadline = [], time.monotonic() + timeout
-    for line in proc.stdout:
-        seen.append(line)
-        if fragment in line:
-            return "".join(seen)
-        assert time.monotonic() < deadline, f"no {fragment!r} in time:\n{''.join(seen)}"
-    raise AssertionError(f"the pack ended (status {proc.wait()}) before logging {fragment!r}:\n{''.join(seen)}")
-
-
 def assert_equal_runs(a: Path, b: Path) -> None:
     """Bit for bit: same weights and metrics rows (the same computation, interrupted or not)."""
     first, second = load(a), load(b)
@@ -285,7 +276,7 @@ def test_a_pack_stopped_by_sigterm_and_sigkills_resumes_to_the_uninterrupted_res
     the same command; every member ends as in the uninterrupted pack."""
     out = tmp_path / "pack"
     proc = pack_setup.start(out)
-    wait_for(proc, "pack epoch 2 step 2/7 ")
+    wait_for_line(proc, "pack epoch 2 step 2/7 ")
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate()[0]
     assert proc.returncode == 75, log
@@ -296,7 +287,7 @@ def test_a_pack_stopped_by_sigterm_and_sigkills_resumes_to_the_uninterrupted_res
     rng = random.Random(20261202)
     for epoch, step in [(2, rng.randrange(4, 8)), (3, rng.randrange(1, 8))]:  # after the SIGTERM's step
         proc = pack_setup.start(out)
-        wait_for(proc, f"pack epoch {epoch} step {step}/7 ")
+        wait_for_line(proc, f"pack epoch {epoch} step {step}/7 ")
         time.sleep(rng.uniform(0, 0.3))
         proc.kill()
         proc.communicate()

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from har.config import RunConfig
+from har.config import RunConfig, TrainConfig
 from har.engine.checkpoint import RunError
 from har.engine.distributed import Distributed
 from har.engine.schedule import lr_factor
 from har.engine.step import StepLoss
-from har.losses import HARLoss, build_exit_loss
+from har.losses import HARLoss, ReweightSchedule, build_exit_loss
 from har.methods import decoupled
 from har.models import MultiExitNet, create_model
 
@@ -46,6 +46,17 @@ def build_loss(cfg: RunConfig, class_counts: list[int]) -> HARLoss:
     exit_loss = build_exit_loss(cfg.loss.name, class_counts, focal_gamma=cfg.loss.focal_gamma,
                                 ldam_max_margin=cfg.loss.ldam_max_margin, ldam_scale=cfg.loss.ldam_scale)
     return HARLoss(exit_loss, cfg.loss.train_threshold if cfg.loss.har else None)
+
+
+def build_reweight(cfg: RunConfig, class_counts: list[int]) -> ReweightSchedule:
+    """The class weights of each epoch (none, class-balanced, or DRW's switch to them)."""
+    return ReweightSchedule(cfg.loss.reweight, class_counts, beta=cfg.loss.cb_beta, drw_epoch=cfg.loss.drw_epoch)
+
+
+def precision(t: TrainConfig, device: torch.device) -> tuple[bool, bool]:
+    """bf16 autocast and channels-last on `device` (unset: on for CUDA, off for the CPU)."""
+    on_cuda = device.type == "cuda"
+    return (on_cuda if t.amp is None else t.amp), (on_cuda if t.channels_last is None else t.channels_last)
 
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

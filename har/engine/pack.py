@@ -25,7 +25,6 @@ for benchmarks that time a pack's step.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -41,21 +40,22 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from har.atomic import atomic_write_text
-from har.config import ConfigError, RunConfig, TrainConfig, config_diff, config_hash, stored_config_hash, to_dict
+from har.config import ConfigError, RunConfig, config_diff, to_dict
 from har.data.batches import eval_batches, train_batches
 from har.data.build import RunData, build_data
 from har.data.loader import TensorBatches
 from har.engine.assembly import (
     CHECKPOINT,
-    METRICS,
     PREVIOUS,
     build_loss,
     build_model,
     build_optimizer,
+    build_reweight,
     build_scheduler,
+    precision,
     resolve_device,
 )
-from har.engine.checkpoint import RunError, atomic_save, resume_checkpoint
+from har.engine.checkpoint import RunError, atomic_save
 from har.engine.distributed import Distributed
 from har.engine.run_state import (
     EpochProgress,
@@ -66,7 +66,10 @@ from har.engine.run_state import (
     owned_run_dir,
     read_history,
     records_test,
+    restore,
     rng_state,
+    set_class_weights,
+    write_history,
 )
 from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
 from har.engine.step import StepOutput, step_statistics
@@ -236,16 +239,8 @@ class _Group:
         if live:
             torch.stack(live).sum().backward()  # members share no weight: each gets its own loss's gradient
             self.optimizer.step()
-        with torch.no_grad():
-            for m, out, loss, (_, labels) in zip(members, outs, losses, drawn, strict=True):
-                sums = m.progress.sums
-                sums["loss"] += out.loss_sum.detach()
-                sums["normaliser"] += out.normaliser
-                sums["correct"] += out.correct
-                sums["exit_counts"] += out.exit_counts
-                sums["exit_loss"] += out.exit_loss
-                sums["first_bad_step"].masked_fill_((sums["first_bad_step"] < 0) & ~loss.isfinite(), step)
-                m.progress.step, m.progress.seen = step + 1, m.progress.seen + len(labels)
+        for m, out, loss, (_, labels) in zip(members, outs, losses, drawn, strict=True):
+            m.progress.add(out, loss, step, len(labels))
         return losses
 
     @torch.no_grad()
@@ -292,8 +287,7 @@ def _fresh(cfg: RunConfig, out: Path, data: RunData, device: torch.device) -> Me
     rng = rng_state()  # the single run draws nothing from the global generators after its initialisation
     model = model.to(device)
     har_loss = build_loss(cfg, data.class_counts).to(device)
-    reweight = ReweightSchedule(cfg.loss.reweight, data.class_counts, beta=cfg.loss.cb_beta,
-                                drw_epoch=cfg.loss.drw_epoch)
+    reweight = build_reweight(cfg, data.class_counts)
     optimizer = build_optimizer(cfg, model)
     return Member(cfg, out, model, har_loss, reweight, optimizer, build_scheduler(cfg, optimizer), rng, 0, None, [])
 
@@ -302,25 +296,10 @@ def _assemble(cfg: RunConfig, out: Path, data: RunData, device: torch.device) ->
     """A member as `har train` would start or resume it."""
     (out / ERROR_FILE).unlink(missing_ok=True)
     member = _fresh(cfg, out, data, device)
-    ckpt = resume_checkpoint(out / CHECKPOINT, out / PREVIOUS, map_location=device)
-    if ckpt is not None:
-        if stored_config_hash(ckpt.get("config")) != config_hash(cfg):
-            raise RunError(f"{out / CHECKPOINT} was written by another config; delete it or choose another --out")
-        member.model.load_state_dict(ckpt["model"])
-        member.optimizer.load_state_dict(ckpt["optimizer"])
-        member.scheduler.load_state_dict(ckpt["scheduler"])
-        member.rng = ckpt["rng"]
-        member.start, member.partial = ckpt["epoch"] + 1, ckpt.get("partial")
-        where = f"at step {member.partial['step']} of" if member.partial else "before"
-        log.info("resuming %s %s epoch %d (0-based) of %d", out, where, member.start, cfg.train.epochs)
+    member.start, member.partial, rng = restore(cfg, out, member.model, member.optimizer, member.scheduler, device)
+    member.rng = member.rng if rng is None else rng
     member.history = read_history(out, member.start)
     return member
-
-
-def _precision(t: TrainConfig, device: torch.device) -> tuple[bool, bool]:
-    """bf16 autocast and channels-last of a pack on `device` (unset: on for CUDA, off for the CPU, as `har train`)."""
-    on_cuda = device.type == "cuda"
-    return (on_cuda if t.amp is None else t.amp), (on_cuda if t.channels_last is None else t.channels_last)
 
 
 class PackSteps:
@@ -334,10 +313,10 @@ class PackSteps:
         check_pack(placeholders)
         self.members = [_fresh(cfg, out, data, device) for cfg, out in placeholders]
         for m in self.members:
-            _set_class_weights(m, 0)
+            set_class_weights(m.har_loss, m.reweight, 0, m.cfg, m.model.num_classes)
             m.progress = EpochProgress.begin(torch.empty(0, dtype=torch.long, device=device), m.model.num_exits,
                                              device)
-        self.group = _Group(self.members, cfgs[0], *_precision(cfgs[0].train, device))
+        self.group = _Group(self.members, cfgs[0], *precision(cfgs[0].train, device))
         self.group.load()
         self.group.packed.train()
         self.steps = 0
@@ -352,7 +331,7 @@ class PackSteps:
 def _train_pack(pairs: list[tuple[RunConfig, Path]], data: RunData | None, device: torch.device) -> list[list[dict]]:
     cfg = pairs[0][0]
     t = cfg.train
-    amp, channels_last = _precision(t, device)
+    amp, channels_last = precision(t, device)
     if t.deterministic and device.type != "cuda":
         torch.use_deterministic_algorithms(True, warn_only=True)
     data = data or build_data(cfg.data)
@@ -381,17 +360,10 @@ def _train_pack(pairs: list[tuple[RunConfig, Path]], data: RunData | None, devic
     return [m.history for m in members]
 
 
-def _set_class_weights(member: Member, epoch: int) -> None:
-    """The member's exit-loss class weights for `epoch`."""
-    weights = member.reweight.weights(epoch)
-    unit = weights is None and member.cfg.train.compile != "off"  # as the single run: DRW then needs no recompile
-    member.har_loss.exit_loss.set_weight(torch.ones(member.model.num_classes) if unit else weights)
-
-
 def _begin(member: Member, batches: TensorBatches, epoch: int, num_exits: int, device: torch.device) -> None:
     """Start (or continue) a member's epoch: its class weights, data order, augmentation generator, sums."""
     t = member.cfg.train
-    _set_class_weights(member, epoch)
+    set_class_weights(member.har_loss, member.reweight, epoch, member.cfg, member.model.num_classes)
     member.generator = epoch_generator(t.seed, epoch, batches.generator_device)
     if member.partial is not None:
         member.progress = EpochProgress.resume(member.partial, member.generator)
@@ -450,7 +422,7 @@ def _train_epoch(group: _Group, batches: TensorBatches, data: RunData, epoch: in
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
             m.scheduler.step()
         m.history.append(row)
-        atomic_write_text(m.out / METRICS, "".join(json.dumps(r) + "\n" for r in m.history))
+        write_history(m.out, m.history)
         m.save(epoch)
     live = [m for m in members if m.error is None]
     if live:

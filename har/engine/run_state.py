@@ -1,5 +1,5 @@
 """The state of a run folder that every trainer shares: its config files, lock, metrics rows, checkpoint contents,
-and the per-epoch random streams and running sums that make a resumed run continue exactly.
+and the per-epoch class weights, random streams and running sums that make a resumed run continue exactly.
 
 The single-run trainer and the pack trainer both write folders through here, so a pack member's folder is a
 single run's (../shared/DESIGN.md: "many runs, one assembly").
@@ -26,6 +26,8 @@ from har.engine.assembly import CHECKPOINT, METRICS, PREVIOUS
 from har.engine.checkpoint import RunError, resume_checkpoint
 from har.engine.distributed import Distributed
 from har.engine.lock import folder_lock
+from har.engine.step import StepOutput
+from har.losses import HARLoss, ReweightSchedule
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,40 @@ def read_history(out: Path, before_epoch: int | None = None) -> list[dict]:
     return [r for r in rows if before_epoch is None or r["epoch"] < before_epoch]
 
 
+def write_history(out: Path, history: list[dict]) -> None:
+    """Rewrite the folder's metrics rows (before the epoch's checkpoint: rows past it are dropped on resume)."""
+    atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+
+
+def restore(cfg: RunConfig, out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler,
+            device: torch.device) -> tuple[int, dict | None, dict[str, Any] | None]:
+    """Load the folder's newest readable checkpoint into the run's modules: (the next epoch, the mid-epoch progress,
+    the saved RNG states), or (0, None, None) for a fresh run. A checkpoint of another config is refused."""
+    ckpt = resume_checkpoint(out / CHECKPOINT, out / PREVIOUS, map_location=device)
+    if ckpt is None:
+        return 0, None, None
+    if stored_config_hash(ckpt.get("config")) != config_hash(cfg):
+        raise RunError(f"{out / CHECKPOINT} was written by another config; delete it or choose another --out")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    start, partial = ckpt["epoch"] + 1, ckpt.get("partial")
+    where = f"at step {partial['step']} of" if partial else "before"
+    log.info("resuming %s %s epoch %d (0-based) of %d", out, where, start, cfg.train.epochs)
+    return start, partial, ckpt["rng"]
+
+
+def set_class_weights(har_loss: HARLoss, reweight: ReweightSchedule, epoch: int, cfg: RunConfig,
+                      num_classes: int) -> Tensor | None:
+    """Give the exit loss the class weights of `epoch` and return them (None: unweighted). A compiled step trains
+    with unit weights before DRW instead: the same values, and DRW then needs no recompile."""
+    weights = reweight.weights(epoch)
+    unit = weights is None and cfg.train.compile != "off"
+    har_loss.exit_loss.set_weight(torch.ones(num_classes) if unit else weights)
+    return weights
+
+
 @dataclass
 class EpochProgress:
     """How far an epoch got: its data order, the steps done and the running sums (device tensors).
@@ -168,6 +204,18 @@ class EpochProgress:
                            "exit_counts": torch.zeros(num_exits, device=dev),
                            "exit_loss": torch.zeros(num_exits, device=dev),
                            "first_bad_step": torch.full((), -1, device=dev, dtype=torch.long)})
+
+    def add(self, out: StepOutput, loss: Tensor, step: int, examples: int) -> None:
+        """Add one step's statistics (`loss`: the step's normalised loss, checked for being finite)."""
+        sums = self.sums
+        with torch.no_grad():
+            sums["loss"] += out.loss_sum.detach()
+            sums["normaliser"] += out.normaliser
+            sums["correct"] += out.correct
+            sums["exit_counts"] += out.exit_counts
+            sums["exit_loss"] += out.exit_loss
+            sums["first_bad_step"].masked_fill_((sums["first_bad_step"] < 0) & ~loss.isfinite(), step)
+        self.step, self.seen = step + 1, self.seen + examples
 
     def state_dict(self, generator: torch.Generator) -> dict[str, Any]:
         return {"order": self.order, "sums": self.sums, "step": self.step, "seen": self.seen,

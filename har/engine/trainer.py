@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from har.atomic import atomic_write_text
-from har.config import RunConfig, config_hash, stored_config_hash, to_dict
+from har.config import RunConfig, config_hash, to_dict
 from har.data.batches import eval_batches, train_batches
 from har.data.build import RunData, build_data
 from har.data.loader import ImageBatches, TensorBatches
@@ -37,11 +37,13 @@ from har.engine.assembly import (
     build_loss,
     build_model,
     build_optimizer,
+    build_reweight,
     build_scheduler,
     build_step_loss,
+    precision,
     resolve_device,
 )
-from har.engine.checkpoint import RunError, atomic_save, resume_checkpoint
+from har.engine.checkpoint import RunError, atomic_save
 from har.engine.distributed import Distributed, from_environment, process_group
 from har.engine.run_state import (
     EpochProgress,
@@ -52,12 +54,14 @@ from har.engine.run_state import (
     owned_run_dir,
     read_history,
     records_test,
+    restore,
     rng_state,
+    set_class_weights,
     set_rng_state,
+    write_history,
 )
 from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
 from har.engine.step import StepLoss
-from har.losses import ReweightSchedule
 from har.methods import decoupled
 from har.methods.mixup import draw_mixing
 from har.models import MultiExitNet
@@ -88,8 +92,7 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
     ctx.barrier()  # rank 0 has locked and prepared the folder
     t = cfg.train
     on_cuda = device.type == "cuda"
-    amp = on_cuda if t.amp is None else t.amp
-    channels_last = on_cuda if t.channels_last is None else t.channels_last
+    amp, channels_last = precision(t, device)
     if t.deterministic and not on_cuda:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(t.seed)
@@ -112,27 +115,17 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
         wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if on_cuda else None)
     har_loss = build_loss(cfg, data.class_counts).to(device)
     step_loss = build_step_loss(wrapped, har_loss, model.num_exits, cfg, amp, distributed=ctx.enabled)
-    reweight = ReweightSchedule(cfg.loss.reweight, data.class_counts, beta=cfg.loss.cb_beta,
-                                drw_epoch=cfg.loss.drw_epoch)
+    reweight = build_reweight(cfg, data.class_counts)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
 
-    start, partial = 0, None
     ckpt_path, prev_path = out / CHECKPOINT, out / PREVIOUS
-    ckpt = resume_checkpoint(ckpt_path, prev_path, map_location=device)
-    if ckpt is not None:
-        if stored_config_hash(ckpt.get("config")) != config_hash(cfg):
-            raise RunError(f"{ckpt_path} was written by another config; delete it or choose another --out")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        start, partial = ckpt["epoch"] + 1, ckpt.get("partial")
-        if partial is not None and not ctx.is_main:  # rank 0's checkpoint holds the sums of every process
-            partial = {**partial, "sums": {k: torch.zeros_like(v) if k != "first_bad_step" else v
-                                           for k, v in partial["sums"].items()}, "seen": 0}
-        where = f"at step {partial['step']} of" if partial else "before"
-        log.info("resuming %s %s epoch %d (0-based) of %d", out, where, start, t.epochs)
+    start, partial, rng = restore(cfg, out, model, optimizer, scheduler, device)
+    if rng is not None:
+        set_rng_state(rng)
+    if partial is not None and not ctx.is_main:  # rank 0's checkpoint holds the sums of every process
+        partial = {**partial, "sums": {k: torch.zeros_like(v) if k != "first_bad_step" else v
+                                       for k, v in partial["sums"].items()}, "seen": 0}
     history = read_history(out, start)
 
     def save(epoch_done: int, progress: dict[str, Any] | None = None) -> None:
@@ -146,10 +139,7 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
     interactive = sys.stderr.isatty() and ctx.is_main
     with stop_requests() as stop:
         for epoch in range(start, t.epochs):
-            weights = reweight.weights(epoch)
-            # compiled: unit weights before DRW give the same values, and DRW then needs no recompile
-            unit = weights is None and t.compile != "off"
-            har_loss.exit_loss.set_weight(torch.ones(data.num_classes) if unit else weights)
+            weights = set_class_weights(har_loss, reweight, epoch, cfg, data.num_classes)
             generator = epoch_generator(t.seed, epoch, batches.generator_device)
             if partial is not None:
                 progress = EpochProgress.resume(partial, generator)
@@ -174,7 +164,7 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
             scheduler.step()
             history.append(row)
             if ctx.is_main:  # metrics first: rows past the checkpoint's epoch are dropped on resume, computed again
-                atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+                write_history(out, history)
             save(epoch)
             if ctx.is_main:
                 log.info("epoch %d/%d  loss %.4f  train acc %.4f  exit fractions %s  (%.1f s)", epoch + 1, t.epochs,
@@ -276,14 +266,7 @@ def _train_epoch(step_loss: StepLoss, optimizer: torch.optim.Optimizer, batches:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        with torch.no_grad():
-            sums["loss"] += out.loss_sum.detach()
-            sums["normaliser"] += out.normaliser
-            sums["correct"] += out.correct
-            sums["exit_counts"] += out.exit_counts
-            sums["exit_loss"] += out.exit_loss
-            sums["first_bad_step"].masked_fill_((sums["first_bad_step"] < 0) & ~loss.isfinite(), step)
-        progress.step, progress.seen = step + 1, progress.seen + len(labels)
+        progress.add(out, loss, step, len(labels))
         bar.update()
         at_log = (step + 1) % t.log_every == 0
         if at_log:
