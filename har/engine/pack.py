@@ -88,6 +88,19 @@ MEMBER_FIELDS: dict[str, tuple[str, ...] | None] = {
 }
 
 
+class MembersStopped(RunError):
+    """Some members of a pack stopped (a non-finite loss); the others finished.
+
+    Attributes:
+        errors: each stopped member's run folder and its error (also in the folder's `train.error`).
+        histories: every member's metrics rows, in the pack's order (a stopped member's up to its last good epoch).
+    """
+
+    def __init__(self, message: str, errors: dict[Path, str], histories: list[list[dict]]) -> None:
+        super().__init__(message)
+        self.errors, self.histories = errors, histories
+
+
 def pack_shape(cfg: RunConfig) -> dict[str, Any]:
     """What the members of a pack must share: the config without `MEMBER_FIELDS`, with the resolved classifier
     kind (the exits' layers) and `train.compile` (one way of computing all)."""
@@ -268,7 +281,7 @@ def train_pack(members: Sequence[tuple[RunConfig, str | Path]], data: RunData | 
 
     Raises:
         ConfigError: runs that cannot share a pack (`check_pack`).
-        RunError: after the others have finished, when some member stopped (its error in its folder).
+        MembersStopped: after the others have finished, when some member stopped (its error in its folder).
     """
     pairs = [(cfg, Path(out)) for cfg, out in members]
     check_pack(pairs)
@@ -355,8 +368,9 @@ def _train_pack(pairs: list[tuple[RunConfig, Path]], data: RunData | None, devic
                 _stopped(stop, members, f"the end of epoch {epoch} (0-based)")
     failed = [m for m in members if m.error is not None]
     if failed:
-        raise RunError(f"{len(failed)} of {len(members)} pack members stopped (the others finished): "
-                       + "; ".join(f"{m.out}: {m.error}" for m in failed))
+        raise MembersStopped(f"{len(failed)} of {len(members)} pack members stopped (the others finished): "
+                             + "; ".join(f"{m.out}: {m.error}" for m in failed),
+                             {m.out: m.error for m in failed}, [m.history for m in members])
     return [m.history for m in members]
 
 

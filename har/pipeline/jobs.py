@@ -133,9 +133,7 @@ def train_pack_job(cfg: dict, members: list[grid.RunSpec], bundle: str | Path | 
     evaluations go on, and the failed member's marker job fails naming it. Anything else that stops the pack
     (bad input, a stop signal: exit 75, the retry resumes every member) fails the job without a marker.
     """
-    from har.engine.checkpoint import RunError
-    from har.engine.pack import ERROR_FILE, train_pack
-    from har.engine.run_state import read_history
+    from har.engine.pack import MembersStopped, train_pack
 
     selected = load_selections(selections)
     pairs = []
@@ -147,21 +145,15 @@ def train_pack_job(cfg: dict, members: list[grid.RunSpec], bundle: str | Path | 
         threshold = float(chosen["train_threshold"]) if grid.needs_selected_t(cfg, spec) else None
         run_cfg = job_run_config(cfg, spec, bundle, threshold)
         set_aside_stale(run_cfg, Path(spec.run_dir))
-        (Path(spec.run_dir) / ERROR_FILE).unlink(missing_ok=True)  # an error file below is this job's
         pairs.append((run_cfg, Path(spec.run_dir)))
     try:
         histories: list[list[dict] | None] = list(train_pack(pairs))
         errors: list[str | None] = [None] * len(pairs)
-    except RunError:  # members that stopped have written their error; anything else is the pack's own failure
-        errors = [(out / ERROR_FILE).read_text().strip() if (out / ERROR_FILE).is_file() else None
-                  for _, out in pairs]
-        histories = [None if error else read_history(out) for error, (_, out) in zip(errors, pairs, strict=True)]
-        finished = all(error or len(history) == member_cfg.train.epochs
-                       for error, history, (member_cfg, _) in zip(errors, histories, pairs, strict=True))
-        if not any(errors) or not finished:
-            raise
+    except MembersStopped as stopped:  # anything else that stops the pack is the job's own failure
+        errors = [stopped.errors.get(out) for _, out in pairs]
+        histories = [None if error else history for error, history in zip(errors, stopped.histories, strict=True)]
         logging.getLogger(__name__).error("%d of %d pack members stopped; the others finished",
-                                          sum(map(bool, errors)), len(pairs))
+                                          len(stopped.errors), len(pairs))
     result = {"members": [{"run_dir": spec.run_dir, "error": error,
                            "train": None if error else train_marker(cfg, spec, history)}
                           for spec, error, history in zip(members, errors, histories, strict=True)]}
