@@ -60,24 +60,25 @@ def resources_for(kind):
     return {key: r[name] for key, name in RESOURCE_NAMES.items() if key != "gpu" or r["gpu"]}
 
 
-def run_resources(kind):
-    """Resources of a run job kind (train, evaluate): the top-level ones, with its dataset's own on top."""
+def job_resources(of, jobs, wildcard):
+    """Resources of a job kind: `of(job)` gives one job's from the config, `jobs` maps the value of the rule's
+    `wildcard` to the job; gpu only when some job asks for one."""
 
     def value(name):
-        return lambda wildcards: grid.run_resources(config, RUNS[wildcards.run_dir], kind)[name]
+        return lambda wildcards: of(jobs[getattr(wildcards, wildcard)])[name]
 
-    asked = any(grid.run_resources(config, spec, kind)["gpu"] for spec in RUNS.values())
+    asked = any(of(job)["gpu"] for job in jobs.values())
     return {key: value(name) for key, name in RESOURCE_NAMES.items() if key != "gpu" or asked}
+
+
+def run_resources(kind):
+    """Resources of a run job kind (train, evaluate): the top-level ones, with its dataset's own on top."""
+    return job_resources(lambda spec: grid.run_resources(config, spec, kind), RUNS, "run_dir")
 
 
 def pack_resources():
     """Resources of a pack job: its dataset's train ones with pack.resources on top (grid.pack_resources)."""
-
-    def value(name):
-        return lambda wildcards: grid.pack_resources(config, PACKS[wildcards.pack])[name]
-
-    asked = any(grid.pack_resources(config, members)["gpu"] for members in PACKS.values())
-    return {key: value(name) for key, name in RESOURCE_NAMES.items() if key != "gpu" or asked}
+    return job_resources(lambda members: grid.pack_resources(config, members), PACKS, "pack")
 
 
 def bundle_of(split):
