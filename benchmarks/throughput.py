@@ -3,7 +3,8 @@
 Training rows time the trainer's own `_train_epoch` over a fixed number of batches, fed either by the package's
 data path (uint8 images on the device, `TensorBatches` + `BatchAugment`) or by the reference path of LDAM-DRW
 (PIL images, torchvision transforms, `DataLoader` workers, a copy to the device every step); pack rows time the
-step of `train_pack` (`har.engine.pack.PackSteps`) for K runs trained as one K-wide network. All rows are built and
+step of `train_pack` (`har.engine.pack.PackSteps`) for K runs trained by each executor asked for (`fused`: one K-wide
+network; `serial`: each member's own step in turn). All rows are built and
 warmed up first, then timed in rounds, taking turns. Each row is set against the single eager, compiled and
 reference rows, the device's peak FLOP/s and a memory-bandwidth bound computed for the network (`BOUND_MODEL`).
 Inference rows time `forward_static` (the bare backbone) against `forward_early_exit` at exit thresholds s chosen
@@ -57,9 +58,10 @@ from har.engine.assembly import (
     resolve_device,
 )
 from har.engine.checkpoint import load_checkpoint
-from har.engine.pack import PackSteps
+from har.engine.pack import EXECUTORS, PackSteps
 from har.engine.signals import StopRequest
 from har.engine.trainer import EpochProgress, _train_epoch
+from har.evaluation.dynamic import NO_EXIT_THRESHOLD
 from har.evaluation.early_exit import thresholds_for_savings
 from har.evaluation.evaluate import collect_logits
 from har.evaluation.flops import dynamic_cost, flops_table
@@ -69,7 +71,6 @@ from har.models.exits import exit_by_threshold
 log = logging.getLogger("benchmark")
 
 REPO = Path(__file__).resolve().parents[1]
-NO_EXIT = 1.01  # above any softmax probability: every example runs to the last exit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,14 +237,14 @@ def prepare_training(variant: Variant, cfg: RunConfig, data: RunData, device: to
     return Prepared(run, stream.close, model, mixed, cfg.train.batch_size)
 
 
-def pack_configs(k: int, cfg_for: Callable[[list[str]], RunConfig], device: torch.device,
+def pack_configs(k: int, executor: str, cfg_for: Callable[[list[str]], RunConfig], device: torch.device,
                  args: argparse.Namespace) -> list[RunConfig]:
-    """K HAR(CE) members of `har-fast`'s shape and precision that differ in seed (0 .. K-1), as a grid's seeds do;
-    compiled with --compile on CUDA."""
+    """K HAR(CE) members of `har-fast`'s shape and precision that differ in seed (0 .. K-1), as a grid's seeds do,
+    trained by `executor`; compiled with --compile on CUDA."""
     mixed = device.type == "cuda"
     compiled = args.compile_mode if args.compile and mixed else "off"
     return [cfg_for([*HAR_CE, f"train.seed={seed}", f"train.compile={compiled}", f"train.amp={mixed}",
-                     f"train.channels_last={mixed}"]) for seed in range(k)]
+                     f"train.channels_last={mixed}", f"train.pack_executor={executor}"]) for seed in range(k)]
 
 
 def prepare_pack(cfgs: Sequence[RunConfig], data: RunData, device: torch.device) -> Prepared:
@@ -274,7 +275,8 @@ def describe_pack(cfgs: Sequence[RunConfig], args: argparse.Namespace) -> dict:
     """What a pack row ran: K members of one model and loss, their precision."""
     cfg = cfgs[0]
     compiled = cfg.train.compile != "off"
-    return {"variant": f"har-pack{len(cfgs)}" + ("-compiled" if compiled else ""), "layout": cfg.model.layout,
+    return {"variant": f"har-pack{len(cfgs)}-{cfg.train.pack_executor}" + ("-compiled" if compiled else ""),
+            "layout": cfg.model.layout, "executor": cfg.train.pack_executor,
             "loss": cfg.loss.name, "har": cfg.loss.har, "members": len(cfgs),
             "data_path": f"uint8 on device, {len(cfgs)} streams",
             "precision": ("bf16 autocast, channels-last" if cfg.train.amp else "fp32")
@@ -486,7 +488,8 @@ def time_inference(model: MultiExitNet, cfg: RunConfig, data: RunData, device: t
                                                   device)))
     batches = normalize(torch.from_numpy(images).to(device), *cfg.data.normalization()).split(args.eval_batch)
     chosen = thresholds_for_savings(logits, table, args.target_savings)
-    thresholds = list(dict.fromkeys([*chosen.values(), NO_EXIT]))  # one row per s, however many targets chose it
+    # one row per s, however many targets chose it
+    thresholds = list(dict.fromkeys([*chosen.values(), NO_EXIT_THRESHOLD]))
     forwards = [model.forward_static, *(functools.partial(model.forward_early_exit, exit_threshold=s)
                                         for s in thresholds)]
     static, *dynamic = seconds_per_image(forwards, batches, args.repeats, device)
@@ -579,8 +582,9 @@ def markdown(result: dict) -> str:
                      f"{_ratio(r['x_reference'])} | {r['tflops']:.3g} | {_share(r['share_peak_flops'])} | "
                      f"{_share(r['share_bound_min'])} / {_share(r['share_bound_unfused'])} | {mib} |")
     lines += ["", f"Speed-up of har-fast over har-reference: {result['speedup_fast_over_reference']:.2f}x", "",
-              "A pack row (har-packK) is K runs of har-fast's model and loss (seeds 0 .. K-1) trained as one K-wide "
-              "network by `har.engine.pack.PackSteps`, the step of `train_pack`; its images/s counts all K members' "
+              "A pack row (har-packK-EXECUTOR) is K runs of har-fast's model and loss (seeds 0 .. K-1) trained by "
+              "`har.engine.pack.PackSteps`, the step of `train_pack`, with that executor (fused: one K-wide network; "
+              "serial: each member's own step in turn); its images/s counts all K members' "
               "images. Rows take turns round by round in one process, on the same on-device data (each run and "
               "member its own generator)."]
     for r in result["training"]:
@@ -644,8 +648,8 @@ def main(args: argparse.Namespace) -> None:
         cfg = configs[variant.name]
         rows.append(build_row(describe(variant, cfg, device, args),
                               functools.partial(prepare_training, variant, cfg, data, device, args), device, args))
-    for k in args.packs:
-        cfgs = pack_configs(k, cfg_for, device, args)
+    for k, executor in itertools.product(args.packs, args.pack_executors):
+        cfgs = pack_configs(k, executor, cfg_for, device, args)
         rows.append(build_row(describe_pack(cfgs, args), functools.partial(prepare_pack, cfgs, data, device),
                               device, args))
     time_interleaved(rows, device, args)
@@ -705,6 +709,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--packs", type=int, nargs="*", default=[],
                         help="pack sizes K: a row per K of K runs trained as one K-wide network, e.g. --packs 2 4 8 "
                              "16 32 (default: none)")
+    parser.add_argument("--pack-executors", nargs="+", default=["fused"], choices=list(EXECUTORS),
+                        help="train.pack_executor of the pack rows, a row per executor and K (default: fused)")
     parser.add_argument("--share", type=int, nargs="*", default=[],
                         help="process counts K: a row per K of K processes training at once on the device, each a "
                              "run of its own (har-fast, or har-fast-compiled with --compile) (default: none)")

@@ -130,6 +130,9 @@ class TrainConfig:
     sync_batchnorm: bool = False  # distributed CUDA runs: batch statistics over all processes
     compile: Literal["off", "default", "reduce-overhead"] = "off"  # torch.compile mode; reduce-overhead: CUDA graphs
     log_every: int = 50  # steps between progress updates when stderr is not a terminal
+    # how har train-pack computes its members (a single run ignores it): fused, one K-wide network; serial, each
+    # member's own step in turn; auto: fused on CUDA, serial on the CPU (measured: docs/benchmarks.md, Packs)
+    pack_executor: Literal["auto", "fused", "serial"] = "auto"
 
     @property
     def scaled_lr(self) -> float:
@@ -183,7 +186,8 @@ class RunConfig:
 # Fields that change where or how fast a run goes, not what it computes: left out of the hash.
 RUNTIME_FIELDS = {("data", "root"), ("data", "download"), ("data", "bundle"), ("data", "lists"), ("data", "images"),
                   ("data", "strict_lists"), ("data", "workers"), ("data", "pin_memory"), ("train", "device"),
-                  ("train", "log_every"), ("train", "compile")}
+                  ("train", "log_every"), ("train", "compile"),
+                  ("train", "pack_executor")}
 
 
 def _type_name(tp: Any) -> str:

@@ -32,17 +32,20 @@ def test_tiny_benchmark_writes_every_row(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # the shared row's spawned processes import the module
     benchmark = load_benchmark(monkeypatch)
     out = tmp_path / "bench"
-    benchmark.main(benchmark.get_args_parser().parse_args([*TINY, "--packs", "2", "--share", "2", "--peak-gbps", "100",
+    benchmark.main(benchmark.get_args_parser().parse_args([*TINY, "--packs", "2", "--pack-executors", "fused",
+                                                           "serial", "--share", "2", "--peak-gbps", "100",
                                                            "--out", str(out)]))
     result = json.loads((tmp_path / "bench.json").read_text())
-    assert [r["variant"] for r in result["training"]] == ["har-fast", "har-reference", "ce-bare-fast", "har-pack2",
-                                                          "har-fast x2"]
+    assert [r["variant"] for r in result["training"]] == ["har-fast", "har-reference", "ce-bare-fast",
+                                                          "har-pack2-fused", "har-pack2-serial", "har-fast x2"]
     assert all(r["images_per_s"] > 0 and r["x_reference"] > 0 and r["tflops"] > 0 for r in result["training"])
     assert all(r["bound_min_images_per_s"] > r["bound_unfused_images_per_s"] > 0 for r in result["training"])
     assert all(r["x_compiled"] is None and r["share_peak_flops"] is None for r in result["training"])  # none given
-    pack, shared = result["training"][-2:]
-    assert pack["members"] == 2 and len(pack["block_images_per_s"]) == 1  # one timed step: one round
-    assert pack["cost"] == result["training"][0]["cost"]  # per image, a member costs what its single run costs
+    *packs, shared = result["training"][-3:]
+    assert [p["executor"] for p in packs] == ["fused", "serial"]
+    for pack in packs:
+        assert pack["members"] == 2 and len(pack["block_images_per_s"]) == 1  # one timed step: one round
+        assert pack["cost"] == result["training"][0]["cost"]  # per image, a member costs what its single run costs
     assert shared["processes"] == 2 and shared["peak_memory_mib"] > 0
     assert result["speedup_fast_over_reference"] > 0
     rows = result["inference"]["rows"]
@@ -50,7 +53,8 @@ def test_tiny_benchmark_writes_every_row(tmp_path, monkeypatch):
     assert all(r["seconds_per_image"] > 0 and sum(r["exit_fractions"]) == pytest.approx(1.0) for r in rows)
     assert result["inference"]["static_seconds_per_image"] > 0
     text = (tmp_path / "bench.md").read_text()
-    assert text.startswith("# har throughput benchmark") and "| har-pack2 |" in text and "bandwidth bound" in text
+    assert text.startswith("# har throughput benchmark") and "| har-pack2-serial |" in text
+    assert "bandwidth bound" in text
 
 
 def test_a_failing_process_of_a_shared_row_ends_the_benchmark_with_its_reason(monkeypatch):

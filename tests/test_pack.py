@@ -1,4 +1,5 @@
-"""Packs (har.engine.pack): K runs trained as one K-wide network end as the K single runs would.
+"""Packs (har.engine.pack): K runs trained together end as the K single runs would, with either executor (one
+K-wide network, or each member's own step in turn).
 
 In-process tests compute in float64 (models built with float64 as the default dtype, images widened), so that
 "equal" means within rounding of another kernel, never a float tie. Tiny synthetic data: 56 training images in
@@ -48,12 +49,23 @@ MEMBERS = [
 ]
 
 
-def member_config(extra, classifier="cosine"):
+def member_config(extra, classifier="cosine", executor="auto"):
     values = json.loads(json.dumps(TINY))
-    for part in (TWO_EPOCHS, {"model": {"classifier": classifier}}, extra):
+    for part in (TWO_EPOCHS, {"model": {"classifier": classifier}, "train": {"pack_executor": executor}}, extra):
         for section, fields in part.items():
             values.setdefault(section, {}).update(fields)
     return from_dict(values)
+
+
+@pytest.fixture(params=["fused", "serial"])
+def executor(request):
+    """Each in-process pack test runs with both executors (on the CPU `auto` would take serial)."""
+    return request.param
+
+
+def exactness(executor: str) -> float:
+    """The serial executor takes the single run's own kernels: bit for bit; the fused one other kernels."""
+    return 0.0 if executor == "serial" else 1e-9
 
 
 @pytest.fixture
@@ -121,8 +133,8 @@ def assert_close_runs(single: Path, member: Path, tol: float = 1e-9) -> None:
                 assert y[key] == pytest.approx(value, rel=tol, abs=tol), key
 
 
-def test_a_pack_ends_as_its_single_runs_in_float64(tmp_path, tiny_data, float64, batches_seen):
-    configs = [member_config(m) for m in MEMBERS]
+def test_a_pack_ends_as_its_single_runs_in_float64(tmp_path, tiny_data, float64, batches_seen, executor):
+    configs = [member_config(m, executor=executor) for m in MEMBERS]
     singles = [tmp_path / f"single{k}" for k in range(len(configs))]
     for cfg, out in zip(configs, singles, strict=True):
         train(cfg, out, data=tiny_data)
@@ -138,17 +150,18 @@ def test_a_pack_ends_as_its_single_runs_in_float64(tmp_path, tiny_data, float64,
         for (x, y), (px, py) in zip(batches, batches_seen[seed], strict=True):
             assert torch.equal(x, px) and torch.equal(y, py)
     for single, member in zip(singles, members, strict=True):
-        assert_close_runs(single, member)
+        assert_close_runs(single, member, exactness(executor))
         assert (single / "config.yaml").read_text() == (member / "config.yaml").read_text()
     assert [r["reweighted"] for r in rows(members[1])] == [False, True]
     assert "test_top1" in rows(members[0])[1]
 
 
-def test_a_member_that_turns_non_finite_stops_alone(tmp_path, tiny_data, float64, monkeypatch):
-    """Member 1's loss turns NaN in epoch 1: it stops with the single run's error in its folder and keeps its
-    epoch-0 checkpoint; members 0 and 2 finish as their single runs; the pack then fails naming member 1."""
-    configs = [member_config({"train": {"seed": s}, "loss": {"name": "ce", "reweight": "none"}}, "linear")
-               for s in (0, 1, 2)]
+def test_a_member_that_turns_non_finite_stops_alone(tmp_path, tiny_data, float64, monkeypatch, executor):
+    """Member 1's loss turns NaN in epoch 1 (3 epochs): it stops with the single run's error in its folder and
+    keeps its epoch-0 checkpoint; members 0 and 2 finish as their single runs (the fused executor rebuilds the
+    pack without member 1 for epoch 2); the pack then fails naming member 1."""
+    configs = [member_config({"train": {"seed": s, "epochs": 3}, "loss": {"name": "ce", "reweight": "none"}},
+                             "linear", executor) for s in (0, 1, 2)]
     singles = [tmp_path / f"single{k}" for k in (0, 2)]
     for cfg, out in zip([configs[0], configs[2]], singles, strict=True):
         train(cfg, out, data=tiny_data)
@@ -177,7 +190,8 @@ def test_a_member_that_turns_non_finite_stops_alone(tmp_path, tiny_data, float64
     assert "non-finite training loss at epoch 1, step 0" in error
     assert load(members[1])["epoch"] == 0 and len(rows(members[1])) == 1
     for single, member in zip(singles, [members[0], members[2]], strict=True):
-        assert_close_runs(single, member)
+        assert_close_runs(single, member, exactness(executor))
+        assert load(member)["epoch"] == 2
         assert not (member / ERROR_FILE).exists()
 
 
@@ -195,10 +209,10 @@ def test_members_must_share_a_shape_and_not_be_decoupled(tmp_path):
         check_pack([(manifold, tmp_path / "c")])
 
 
-def test_members_at_different_epochs_train_apart_until_level(tmp_path, tiny_data, float64):
+def test_members_at_different_epochs_train_apart_until_level(tmp_path, tiny_data, float64, executor):
     """A member one epoch ahead (as after a kill between two members' checkpoints) waits while the other catches
     up; both end as their single runs."""
-    configs = [member_config(MEMBERS[0]), member_config(MEMBERS[1])]
+    configs = [member_config(MEMBERS[0], executor=executor), member_config(MEMBERS[1], executor=executor)]
     singles = [tmp_path / "single0", tmp_path / "single1"]
     for cfg, out in zip(configs, singles, strict=True):
         train(cfg, out, data=tiny_data)
@@ -213,15 +227,15 @@ def test_members_at_different_epochs_train_apart_until_level(tmp_path, tiny_data
     (members[0] / "metrics.jsonl").write_text((tmp_path / "ahead" / "metrics.jsonl").read_text())
     train_pack(list(zip(configs, members, strict=True)), data=tiny_data)
     for single, member in zip(singles, members, strict=True):
-        assert_close_runs(single, member)
+        assert_close_runs(single, member, exactness(executor))
 
 
 class PackSetup:
     """A tiny bundle, three member configs and an uninterrupted `har train-pack` to compare with (started at once
     in the background). 56 images in batches of 8: 7 steps an epoch, 3 epochs, a log line every step."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path, executor: str) -> None:
+        self.root, self.executor = root, executor
         self.bundle = root / "tiny.npz"
         self.configs = []
         for k, member in enumerate([{"train": {"seed": 0}, "loss": {"har": False}},
@@ -240,7 +254,8 @@ class PackSetup:
 
     def command(self, out: Path, *extra: str) -> list[str]:
         members = [part for k, c in enumerate(self.configs) for part in ("--member", str(c), str(out / f"m{k}"))]
-        return [sys.executable, "-m", "har.cli", "train-pack", *members, "--set", f"data.bundle={self.bundle}", *extra]
+        return [sys.executable, "-m", "har.cli", "train-pack", *members, "--set", f"data.bundle={self.bundle}",
+                "--set", f"train.pack_executor={self.executor}", *extra]
 
     def start(self, out: Path) -> subprocess.Popen:
         return subprocess.Popen(self.command(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -253,9 +268,9 @@ class PackSetup:
         return self._reference
 
 
-@pytest.fixture(scope="module")
-def pack_setup(tmp_path_factory):
-    runs = PackSetup(tmp_path_factory.mktemp("packs"))
+@pytest.fixture(scope="module", params=["fused", "serial"])
+def pack_setup(tmp_path_factory, request):
+    runs = PackSetup(tmp_path_factory.mktemp("packs"), request.param)
     yield runs
     runs._straight.kill()
     runs._straight.communicate()
@@ -298,10 +313,10 @@ def test_a_pack_stopped_by_sigterm_and_sigkills_resumes_to_the_uninterrupted_res
         assert_equal_runs(pack_setup.reference / f"m{k}", out / f"m{k}")
 
 
-def test_a_member_of_a_stopped_pack_resumes_alone(tmp_path, tiny_data, float64, monkeypatch):
+def test_a_member_of_a_stopped_pack_resumes_alone(tmp_path, tiny_data, float64, monkeypatch, executor):
     """SIGUSR1 (SLURM's warning) in epoch 1 stops the pack with every member's mid-epoch checkpoint; `train` on one
     member's folder alone continues it and ends as its uninterrupted single run."""
-    configs = [member_config(m) for m in MEMBERS]
+    configs = [member_config(m, executor=executor) for m in MEMBERS]
     train(configs[1], tmp_path / "single1", data=tiny_data)
     real, drawn = loader_module.TensorBatches.epoch, []
 
@@ -320,7 +335,7 @@ def test_a_member_of_a_stopped_pack_resumes_alone(tmp_path, tiny_data, float64, 
     for member in members:
         assert load(member)["epoch"] == 0 and load(member)["partial"]["step"] == 2
     train(configs[1], members[1], data=tiny_data)
-    assert_close_runs(tmp_path / "single1", members[1])
+    assert_close_runs(tmp_path / "single1", members[1], exactness(executor))
 
 
 def test_the_compiled_pack_step_is_one_graph_that_equals_the_eager_step(tiny_data):

@@ -19,7 +19,13 @@ channels) fill it with K times the work per launch. Packing is an execution deta
 - A member whose loss turns non-finite stops with the single run's error (logged and written to its folder's
   `train.error`; its `last.pt` keeps its last good state); the others go on, and the pack then fails naming it.
 
-`PackSteps` builds fresh members as one pack without run folders and takes the same steps (`_Group.train_step`),
+Two executors compute a pack's step (`train.pack_executor`; `auto` picks by device, as measured in
+docs/benchmarks.md): `fused` (`_Fused`) trains the members as one K-wide network, `serial` (`_Serial`) takes each
+member's own single-run step (`har.engine.step.StepLoss`, compiled as `train.compile` says) in turn. On a CPU, whose
+grouped-convolution kernels are slower than K separate ones, serial computes what K single runs would in the same
+time; the pack still shares one process, one copy of the data and one job.
+
+`PackSteps` builds fresh members as one pack without run folders and takes the same steps (`train_step`),
 for benchmarks that time a pack's step.
 """
 
@@ -33,7 +39,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +58,7 @@ from har.engine.assembly import (
     build_optimizer,
     build_reweight,
     build_scheduler,
+    build_step_loss,
     precision,
     resolve_device,
 )
@@ -69,6 +76,7 @@ from har.engine.run_state import (
     restore,
     rng_state,
     set_class_weights,
+    static_test_top1,
     write_history,
 )
 from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
@@ -196,12 +204,95 @@ class PackStep(nn.Module):
                 for k, loss in enumerate(self.har_losses)]
 
 
-class _Group:
+EXECUTORS = ("fused", "serial")
+
+
+def resolve_executor(name: str, device: torch.device) -> str:
+    """`train.pack_executor` for `device`: auto is fused on CUDA and serial elsewhere (on the CPU the fused
+    network's grouped convolutions are slower than separate ones: docs/benchmarks.md, Packs)."""
+    if name == "auto":
+        return "fused" if device.type == "cuda" else "serial"
+    return name  # the config's validation admits only auto and EXECUTORS
+
+
+class _Executor(Protocol):
+    """How one set of members (kept while the set trains together) takes its steps."""
+
+    members: list[Member]
+    num_exits: int
+
+    def train(self) -> None:
+        """Put every member's modules in training mode."""
+
+    def load(self) -> None:
+        """Take up the members' state (weights, momentum, learning rate) before an epoch."""
+
+    def train_step(self, drawn: Sequence[tuple[Tensor, Tensor]], epoch: int, step: int) -> list[Tensor]:
+        """One step of every member on its batch `drawn[k]`; each member's loss, kept on the device."""
+
+    def store(self) -> None:
+        """Hand the state back to each member's own modules (which its checkpoint saves)."""
+
+    def static_test_top1(self, data: RunData, cfg: RunConfig, device: torch.device) -> list[float]:
+        """Each member's static test top-1 in eval mode (the single run's `static_test_top1`)."""
+
+
+def _executor(members: Sequence[Member], cfg: RunConfig, device: torch.device) -> _Executor:
+    amp, channels_last = precision(cfg.train, device)
+    if resolve_executor(cfg.train.pack_executor, device) == "serial":
+        return _Serial(members, cfg, amp)
+    return _Fused(members, cfg, amp, channels_last)
+
+
+class _Serial:
+    """Each member's own single-run step in turn: the trainer's `StepLoss` (compiled as `train.compile` says),
+    loss, backward and SGD step on the member's own modules and optimiser, exactly as `har train` takes them. A
+    stopped member is skipped."""
+
+    def __init__(self, members: Sequence[Member], cfg: RunConfig, amp: bool) -> None:
+        self.members = list(members)
+        self.num_exits = self.members[0].model.num_exits
+        self.steps = [build_step_loss(m.model, m.har_loss, self.num_exits, m.cfg, amp) for m in self.members]
+
+    def train(self) -> None:
+        for step in self.steps:
+            step.train()
+
+    def load(self) -> None:
+        pass  # the members' own modules are the ones trained
+
+    def train_step(self, drawn: Sequence[tuple[Tensor, Tensor]], epoch: int, step: int) -> list[Tensor]:
+        losses = []
+        for m, step_loss, (images, labels) in zip(self.members, self.steps, drawn, strict=True):
+            if m.error is not None:
+                losses.append(torch.full((), float("nan"), device=labels.device))
+                continue
+            t = m.cfg.train
+            mixing = None if t.mixup == "off" else draw_mixing(t.mixup_alpha, t.seed, epoch, step, len(labels),
+                                                               labels.device)
+            out = step_loss(images, labels, mixing)
+            loss = out.loss_sum / out.normaliser
+            m.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            m.optimizer.step()
+            m.progress.add(out, loss, step, len(labels))
+            losses.append(loss)
+        return losses
+
+    def store(self) -> None:
+        pass
+
+    def static_test_top1(self, data: RunData, cfg: RunConfig, device: torch.device) -> list[float]:
+        return [static_test_top1(m.model, data, cfg, device) for m in self.members]
+
+
+class _Fused:
     """The K-wide network, its optimiser and step for one set of members (kept while the set trains together)."""
 
     def __init__(self, members: Sequence[Member], cfg: RunConfig, amp: bool, channels_last: bool) -> None:
         self.members = list(members)
         self.packed = PackedNet([m.model for m in members])
+        self.num_exits = self.packed.num_exits
         if channels_last:
             self.packed = self.packed.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(cfg, self.packed)
@@ -209,6 +300,9 @@ class _Group:
         step = PackStep(self.packed, [m.har_loss for m in members], [m.cfg.train.mixup for m in members], amp)
         mode = cfg.train.compile
         self.step = step if mode == "off" else torch.compile(step, mode=mode)
+
+    def train(self) -> None:
+        self.packed.train()
 
     def _member_params(self, member: Member) -> list[Tensor]:
         return [p for p in member.model.parameters() if p.requires_grad]
@@ -240,7 +334,7 @@ class _Group:
 
     def train_step(self, drawn: Sequence[tuple[Tensor, Tensor]], epoch: int, step: int) -> list[Tensor]:
         """One step of every member on its batch `drawn[k]` (forward, losses, backward, SGD step, the member's
-        epoch sums); each member's loss, kept on the device."""
+        epoch sums); each member's loss, kept on the device. A stopped member rides along, out of the loss."""
         members = self.members
         mixings = [None if m.cfg.train.mixup == "off" else
                    draw_mixing(m.cfg.train.mixup_alpha, m.cfg.train.seed, epoch, step, len(labels), labels.device)
@@ -299,6 +393,8 @@ def _fresh(cfg: RunConfig, out: Path, data: RunData, device: torch.device) -> Me
     model = build_model(cfg, data.num_classes)
     rng = rng_state()  # the single run draws nothing from the global generators after its initialisation
     model = model.to(device)
+    if precision(cfg.train, device)[1]:  # as the single run lays out its model (the serial executor trains it)
+        model = model.to(memory_format=torch.channels_last)
     har_loss = build_loss(cfg, data.class_counts).to(device)
     reweight = build_reweight(cfg, data.class_counts)
     optimizer = build_optimizer(cfg, model)
@@ -317,7 +413,7 @@ def _assemble(cfg: RunConfig, out: Path, data: RunData, device: torch.device) ->
 
 class PackSteps:
     """K fresh runs of one shape as one pack, stepped on batches the caller draws: per step exactly what
-    `train_pack` computes (`_Group.train_step`: forward, each member's loss, backward, SGD step, epoch sums), at
+    `train_pack` computes (the executor's `train_step`: forward, each member's loss, backward, SGD step, epoch sums), at
     the first epoch's learning rate and class weights, with no run folder, checkpoint or epoch end. For
     benchmarks, which time a pack's step against a single run's."""
 
@@ -329,9 +425,9 @@ class PackSteps:
             set_class_weights(m.har_loss, m.reweight, 0, m.cfg, m.model.num_classes)
             m.progress = EpochProgress.begin(torch.empty(0, dtype=torch.long, device=device), m.model.num_exits,
                                              device)
-        self.group = _Group(self.members, cfgs[0], *precision(cfgs[0].train, device))
+        self.group = _executor(self.members, cfgs[0], device)
         self.group.load()
-        self.group.packed.train()
+        self.group.train()
         self.steps = 0
 
     def __call__(self, drawn: Sequence[tuple[Tensor, Tensor]]) -> list[Tensor]:
@@ -344,15 +440,15 @@ class PackSteps:
 def _train_pack(pairs: list[tuple[RunConfig, Path]], data: RunData | None, device: torch.device) -> list[list[dict]]:
     cfg = pairs[0][0]
     t = cfg.train
-    amp, channels_last = precision(t, device)
     if t.deterministic and device.type != "cuda":
         torch.use_deterministic_algorithms(True, warn_only=True)
     data = data or build_data(cfg.data)
     members = [_assemble(member_cfg, out, data, device) for member_cfg, out in pairs]
     batches = train_batches(data.train, cfg.data, t.batch_size, device)  # one copy of the images for all
-    groups: dict[tuple[int, ...], _Group] = {}
+    groups: dict[tuple[int, ...], _Executor] = {}
     interactive = sys.stderr.isatty()
-    log.info("pack of %d runs on %s: %s", len(members), device, ", ".join(str(m.out) for m in members))
+    log.info("pack of %d runs on %s (%s executor): %s", len(members), device,
+             resolve_executor(t.pack_executor, device), ", ".join(str(m.out) for m in members))
     with stop_requests() as stop:
         while not all(m.done for m in members):
             epoch = min(m.start for m in members if not m.done)
@@ -362,7 +458,7 @@ def _train_pack(pairs: list[tuple[RunConfig, Path]], data: RunData | None, devic
                 ids = tuple(i for i, m in enumerate(members) if m in due
                             and (0 if m.partial is None else m.partial["step"]) == first_step)
                 if ids not in groups:
-                    groups[ids] = _Group([members[i] for i in ids], cfg, amp, channels_last)
+                    groups[ids] = _executor([members[i] for i in ids], cfg, device)
                 _train_epoch(groups[ids], batches, data, epoch, device, interactive, stop)
             if stop.signum is not None and not all(m.done for m in members):
                 _stopped(stop, members, f"the end of epoch {epoch} (0-based)")
@@ -387,15 +483,15 @@ def _begin(member: Member, batches: TensorBatches, epoch: int, num_exits: int, d
     member.batches = batches.epoch(member.generator, member.progress.order, member.progress.step)
 
 
-def _train_epoch(group: _Group, batches: TensorBatches, data: RunData, epoch: int, device: torch.device,
+def _train_epoch(group: _Executor, batches: TensorBatches, data: RunData, epoch: int, device: torch.device,
                  interactive: bool, stop: StopRequest) -> None:
     """The rest of `epoch` for the members of `group`, then their metrics rows and checkpoints."""
     members, cfg = group.members, group.members[0].cfg
     t = cfg.train
     for m in members:
-        _begin(m, batches, epoch, group.packed.num_exits, device)
+        _begin(m, batches, epoch, group.num_exits, device)
     group.load()
-    group.packed.train()
+    group.train()
     first = members[0].progress.step
     began = time.perf_counter() - members[0].progress.seconds
     bar = tqdm(total=len(batches), initial=first, desc=f"pack epoch {epoch + 1}/{t.epochs}", leave=False,

@@ -21,6 +21,8 @@ from torch import Tensor
 
 from har.atomic import atomic_write_text
 from har.config import ConfigError, RunConfig, config_diff, config_hash, dump_config, stored_config_hash, to_dict
+from har.data.batches import eval_batches
+from har.data.build import RunData
 from har.data.errors import DataError
 from har.engine.assembly import CHECKPOINT, METRICS, PREVIOUS
 from har.engine.checkpoint import RunError, resume_checkpoint
@@ -28,6 +30,7 @@ from har.engine.distributed import Distributed
 from har.engine.lock import folder_lock
 from har.engine.step import StepOutput
 from har.losses import HARLoss, ReweightSchedule
+from har.models import MultiExitNet
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +241,21 @@ def records_test(cfg: RunConfig, epoch: int) -> bool:
     if start is None:
         start = None if cfg.data.is_list_dataset else min(cfg.train.lr_milestones, default=None)
     return start is not None and start >= 0 and epoch >= start
+
+
+@torch.no_grad()
+def static_test_top1(model: MultiExitNet, data: RunData, cfg: RunConfig, device: torch.device) -> float:
+    """Static test top-1 (the backbone's own classifier) in eval mode, for the LDAM-DRW protocol's best epoch.
+
+    Uses no random numbers (no augmentation, no dropout), so a resumed run stays bit-identical; every process of
+    a distributed run computes it on the whole test split, which keeps them in step without a collective.
+    The next epoch puts the model back in training mode.
+    """
+    model.eval()
+    labels = torch.from_numpy(data.test.labels).to(device)
+    predictions = torch.cat([model.forward_static(images).argmax(1)
+                             for images in eval_batches(data.test, cfg.data, cfg.eval.batch_size, device)])
+    return (predictions == labels).float().mean().item()
 
 
 def checkpoint_state(cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -58,6 +58,7 @@ from har.engine.run_state import (
     rng_state,
     set_class_weights,
     set_rng_state,
+    static_test_top1,
     write_history,
 )
 from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
@@ -173,21 +174,6 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
                 _stopped(stop, ckpt_path, f"the end of epoch {epoch} (0-based)")
     ctx.barrier()  # nobody reads the folder before rank 0 has written it
     return history
-
-
-@torch.no_grad()
-def static_test_top1(model: MultiExitNet, data: RunData, cfg: RunConfig, device: torch.device) -> float:
-    """Static test top-1 (the backbone's own classifier) in eval mode, for the LDAM-DRW protocol's best epoch.
-
-    Uses no random numbers (no augmentation, no dropout), so a resumed run stays bit-identical; every process of
-    a distributed run computes it on the whole test split, which keeps them in step without a collective.
-    The next epoch puts the model back in training mode.
-    """
-    model.eval()
-    labels = torch.from_numpy(data.test.labels).to(device)
-    predictions = torch.cat([model.forward_static(images).argmax(1)
-                             for images in eval_batches(data.test, cfg.data, cfg.eval.batch_size, device)])
-    return (predictions == labels).float().mean().item()
 
 
 def _tau_norm(cfg: RunConfig, out: Path, model: MultiExitNet, data: RunData, device: torch.device,

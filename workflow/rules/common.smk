@@ -29,7 +29,7 @@ if grid.idle_methods(config):
     print(f"har: not run, their tables meet no dataset's tables: {', '.join(grid.idle_methods(config))}",
           file=sys.stderr)
 
-# Packs (pack.size > 1): runs of one shape trained by one job as one K-wide network; every other run alone.
+# Packs (pack.size > 1): runs of one shape trained together by one job (train.pack_executor); every other run alone.
 PACKS = grid.packs(config)
 PACK_OF = {spec.run_dir: name for name, members in PACKS.items() for spec in members}
 SINGLE_RUNS = [run_dir for run_dir in RUNS if run_dir not in PACK_OF]
