@@ -156,6 +156,21 @@ def test_a_pack_ends_as_its_single_runs_in_float64(tmp_path, tiny_data, float64,
     assert "test_top1" in rows(members[0])[1]
 
 
+def test_a_channels_last_pack_ends_as_its_single_runs_in_float64(tmp_path, tiny_data, float64, executor):
+    """In the channels-last layout (the CUDA default) a member's state moves between the pack and its own modules
+    in that layout too (weights, momentum), and members end as their channels-last single runs."""
+    configs = [member_config({**m, "train": {**m["train"], "channels_last": True}}, executor=executor)
+               for m in MEMBERS[:2]]
+    singles = [tmp_path / f"single{k}" for k in range(2)]
+    for cfg, out in zip(configs, singles, strict=True):
+        train(cfg, out, data=tiny_data)
+    members = [tmp_path / "pack" / f"m{k}" for k in range(2)]
+    train_pack(list(zip(configs, members, strict=True)), data=tiny_data)
+    assert load(members[0])["model"]["backbone.stem.0.weight"].is_contiguous(memory_format=torch.channels_last)
+    for single, member in zip(singles, members, strict=True):
+        assert_close_runs(single, member, exactness(executor))
+
+
 def test_a_member_that_turns_non_finite_stops_alone(tmp_path, tiny_data, float64, monkeypatch, executor):
     """Member 1's loss turns NaN in epoch 1 (3 epochs): it stops with the single run's error in its folder and
     keeps its epoch-0 checkpoint; members 0 and 2 finish as their single runs (the fused executor rebuilds the

@@ -7,8 +7,9 @@ mixes channels of two members, so each member computes what it computes alone (u
 kernel) and a non-finite value of one member never reaches another.
 
 Every fused tensor is the members' tensors concatenated along dimension 0 in member order, under the member's
-own parameter name: member k's part of any parameter, buffer or optimiser state is `t.view(K, -1)[k]`. That one
-rule moves state between the members' own modules (which keep the single-run checkpoint format) and the pack.
+own parameter name: member k's part of any parameter, buffer or optimiser state is `t.unflatten(0, (K, -1))[k]`
+(a view in any memory format, channels-last included). That one rule moves state between the members' own
+modules (which keep the single-run checkpoint format) and the pack.
 Supported leaves are those of the CIFAR ResNets with their exits (convolution, batch norm, linear and cosine
 classifiers, the option-A shortcut, parameter-free layers); anything else is refused by name.
 """
@@ -204,7 +205,7 @@ class PackedNet(nn.Module):
         """Member `index`'s part of a fused tensor (or of its optimiser state), shaped like the member's `like`."""
         if fused.numel() == like.numel():  # shared by all members (batch norm's step counter)
             return fused.view_as(like)
-        return fused.view(self.k, -1)[index].view_as(like)
+        return fused.unflatten(0, (self.k, -1))[index].reshape(like.shape)
 
     @torch.no_grad()
     def load_members(self, members: Sequence[nn.Module]) -> None:
@@ -216,7 +217,8 @@ class PackedNet(nn.Module):
             if fused.numel() == parts[0].numel():
                 fused.copy_(_shared(parts, name))
             else:
-                fused.view(self.k, -1).copy_(torch.stack([p.reshape(-1) for p in parts]))
+                for block, part in zip(fused.unflatten(0, (self.k, -1)), parts, strict=True):
+                    block.copy_(part.reshape(block.shape))
 
     @torch.no_grad()
     def store_members(self, members: Sequence[nn.Module]) -> None:
