@@ -353,9 +353,11 @@ def test_a_member_of_a_stopped_pack_resumes_alone(tmp_path, tiny_data, float64, 
     assert_close_runs(tmp_path / "single1", members[1], exactness(executor))
 
 
-def test_the_compiled_pack_step_is_one_graph_that_equals_the_eager_step(tiny_data):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_compiled_pack_step_is_one_graph_that_equals_the_eager_step(tiny_data, channels_last):
     """`train.compile` compiles the whole pack step (K-wide forward, every member's loss and statistics); checked
-    with the `aot_eager` backend (inductor would take minutes on 2 cores), fullgraph=True failing on any break."""
+    with the `aot_eager` backend (inductor would take minutes on 2 cores), fullgraph=True failing on any break,
+    also in the channels-last layout that CUDA trains in."""
     torch._dynamo.reset()
     configs = [member_config(m) for m in MEMBERS]
     members = []
@@ -363,6 +365,8 @@ def test_the_compiled_pack_step_is_one_graph_that_equals_the_eager_step(tiny_dat
         torch.manual_seed(cfg.train.seed)
         members.append((build_model(cfg, tiny_data.num_classes), build_loss(cfg, tiny_data.class_counts)))
     packed = PackedNet([model for model, _ in members])
+    if channels_last:
+        packed = packed.to(memory_format=torch.channels_last)
     eager = PackStep(packed, [loss for _, loss in members], [cfg.train.mixup for cfg in configs], amp=False)
     compiled = torch.compile(eager, backend="aot_eager", fullgraph=True)
     params = list(packed.parameters())
