@@ -143,7 +143,7 @@ def test_a_lock_of_another_host_is_never_taken_over(tiny, tmp_path, capsys):
 
 def test_ctrl_c_ends_train_and_evaluate_with_status_130_and_one_line(tiny, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    proc = start(args(tiny, out))
+    proc = start(args(tiny, out, "--set", "train.epochs=100"))  # far from done when the signal comes, however slow
     wait_for_line(proc, "epoch 1 step 2/7 ")
     proc.send_signal(signal.SIGINT)
     log = proc.communicate(timeout=120)[0]
