@@ -143,7 +143,11 @@ def test_a_lock_of_another_host_is_never_taken_over(tiny, tmp_path, capsys):
 
 def test_ctrl_c_ends_train_and_evaluate_with_status_130_and_one_line(tiny, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    proc = start(args(tiny, out, "--set", "train.epochs=100"))  # far from done when the signal comes, however slow
+    # SIGINT back to its default in the child: a shell that starts the suite in the background (nohup, &) makes
+    # its children ignore SIGINT, and Python then never turns it into KeyboardInterrupt
+    proc = subprocess.Popen([sys.executable, "-m", "har.cli", *args(tiny, out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_line(proc, "epoch 1 step 2/7 ")
     proc.send_signal(signal.SIGINT)
     log = proc.communicate(timeout=120)[0]
