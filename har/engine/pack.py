@@ -77,6 +77,7 @@ from har.engine.run_state import (
     rng_state,
     set_class_weights,
     static_test_top1,
+    take_step,
     write_history,
 )
 from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
@@ -267,16 +268,7 @@ class _Serial:
             if m.error is not None:
                 losses.append(torch.full((), float("nan"), device=labels.device))
                 continue
-            t = m.cfg.train
-            mixing = None if t.mixup == "off" else draw_mixing(t.mixup_alpha, t.seed, epoch, step, len(labels),
-                                                               labels.device)
-            out = step_loss(images, labels, mixing)
-            loss = out.loss_sum / out.normaliser
-            m.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            m.optimizer.step()
-            m.progress.add(out, loss, step, len(labels))
-            losses.append(loss)
+            losses.append(take_step(step_loss, m.optimizer, m.progress, m.cfg, images, labels, epoch, step))
         return losses
 
     def store(self) -> None:

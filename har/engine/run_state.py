@@ -28,8 +28,9 @@ from har.engine.assembly import CHECKPOINT, METRICS, PREVIOUS
 from har.engine.checkpoint import RunError, resume_checkpoint
 from har.engine.distributed import Distributed
 from har.engine.lock import folder_lock
-from har.engine.step import StepOutput
+from har.engine.step import StepLoss, StepOutput
 from har.losses import HARLoss, ReweightSchedule
+from har.methods.mixup import draw_mixing
 from har.models import MultiExitNet
 
 log = logging.getLogger(__name__)
@@ -241,6 +242,24 @@ def records_test(cfg: RunConfig, epoch: int) -> bool:
     if start is None:
         start = None if cfg.data.is_list_dataset else min(cfg.train.lr_milestones, default=None)
     return start is not None and start >= 0 and epoch >= start
+
+
+def take_step(step_loss: StepLoss, optimizer: torch.optim.Optimizer, progress: EpochProgress, cfg: RunConfig,
+              images: Tensor, labels: Tensor, epoch: int, step: int, ctx: Distributed | None = None) -> Tensor:
+    """One training step of a run (its Mixup draw, forward and loss, backward, SGD step, the epoch's sums); the
+    loss, on the device. The single run and the pack's serial executor both take it, so a serial member steps
+    exactly as its single run. Each process's loss is its examples' share of the global batch's loss (the
+    normaliser summed over all processes), so DistributedDataParallel's gradient average is the one-process one."""
+    ctx = ctx or Distributed()
+    t = cfg.train
+    mixing = None if t.mixup == "off" else draw_mixing(t.mixup_alpha, t.seed, epoch, step, len(labels), images.device)
+    out = step_loss(images, labels, mixing)
+    loss = out.loss_sum * ctx.world / ctx.all_reduce(out.normaliser)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    progress.add(out, loss, step, len(labels))
+    return loss
 
 
 @torch.no_grad()

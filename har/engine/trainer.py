@@ -59,12 +59,12 @@ from har.engine.run_state import (
     set_class_weights,
     set_rng_state,
     static_test_top1,
+    take_step,
     write_history,
 )
 from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
 from har.engine.step import StepLoss
 from har.methods import decoupled
-from har.methods.mixup import draw_mixing
 from har.models import MultiExitNet
 
 log = logging.getLogger(__name__)
@@ -239,20 +239,13 @@ def _train_epoch(step_loss: StepLoss, optimizer: torch.optim.Optimizer, batches:
     """
     (mode or step_loss.train)()
     t = cfg.train
-    device = next(step_loss.parameters()).device
     sums = progress.sums
     began = time.perf_counter() - progress.seconds
     bar = tqdm(total=len(batches), initial=progress.step, desc=f"epoch {epoch + 1}/{t.epochs}",
                leave=False, disable=not interactive)
     for step, (images, labels) in enumerate(batches.epoch(generator, progress.order, progress.step),
                                             progress.step):
-        mixing = None if t.mixup == "off" else draw_mixing(t.mixup_alpha, t.seed, epoch, step, len(labels), device)
-        out = step_loss(images, labels, mixing)
-        loss = out.loss_sum * ctx.world / ctx.all_reduce(out.normaliser)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        progress.add(out, loss, step, len(labels))
+        loss = take_step(step_loss, optimizer, progress, cfg, images, labels, epoch, step, ctx)
         bar.update()
         at_log = (step + 1) % t.log_every == 0
         if at_log:
