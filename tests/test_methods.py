@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from test_train import tiny_config
 
-import har.engine.trainer as trainer_module
+import har.engine.run_state as run_state_module
 from har.config import ConfigError, from_dict
 from har.engine.assembly import build_loss, build_model
 from har.engine.checkpoint import RunError, load_checkpoint
@@ -40,7 +40,7 @@ def test_mixup_with_lambda_one_equals_plain_training(tmp_path, tiny_data, monkey
         return Mixing(1.0, torch.randperm(batch), MANIFOLD_LAYERS[step % len(MANIFOLD_LAYERS)])
 
     for kind in ("input", "manifold"):
-        monkeypatch.setattr(trainer_module, "draw_mixing", never_mixes)
+        monkeypatch.setattr(run_state_module, "draw_mixing", never_mixes)
         history = train(plain_config(train={"mixup": kind}), tmp_path / kind, data=tiny_data)
         plain, mixed = weights(tmp_path / "plain"), weights(tmp_path / kind)
         assert all(torch.equal(plain[k], mixed[k]) for k in plain), kind
