@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from pack_kernels import machine, synchronize
-from torch import Tensor, nn
+from torch import Tensor
 
 from har.atomic import atomic_write_json, atomic_write_text
 from har.config import load_config
@@ -53,24 +53,14 @@ from har.evaluation.early_exit import (
     thresholds_for_savings,
 )
 from har.evaluation.flops import dynamic_cost, flops_table
-from har.models import MultiExitNet, create_model
-from har.models.exits import exit_by_threshold
+from har.models import create_model
+from har.models.exits import batch_norm_from, exit_by_threshold
 
 log = logging.getLogger("early_exit")
 
 REPO = Path(__file__).resolve().parents[1]
 UNTRAINED = ("untrained, batch-norm statistics from the first images: the exits taken say nothing about a trained "
              "model; s is chosen on its confidences so that a range of exit patterns is timed")
-
-
-@torch.no_grad()
-def calibrate(model: MultiExitNet, images: Tensor) -> MultiExitNet:
-    """Batch-norm statistics from `images`, so that an untrained model's confidences spread in eval mode."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.momentum = None  # a cumulative average: exactly this batch's statistics
-    model.train()(images)
-    return model.eval()
 
 
 def generated(count: int, side: int, device: torch.device, seed: int) -> Tensor:
@@ -93,10 +83,13 @@ def resnet32_case(args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(cfg, num_classes).to(device)
     if args.run:
-        model.load_state_dict(load_checkpoint(args.run / CHECKPOINT, map_location=device)["model"])
-        weights = f"{args.run} ({CHECKPOINT})"
+        checkpoint = load_checkpoint(args.run / CHECKPOINT, map_location=device)
+        model.load_state_dict(checkpoint["model"])
+        # Named by what they are, not by where they lay: the folder may be a scratch path gone tomorrow.
+        weights = (f"run {args.run.name!r} ({CHECKPOINT}: epoch {checkpoint['epoch']}, config sha256 "
+                   f"{str(checkpoint.get('config_sha256', 'not recorded'))[:12]})")
     else:
-        calibrate(model, images[:args.chunk])
+        batch_norm_from(model, images[:args.chunk])
         weights = UNTRAINED
     return {"name": f"ResNet-32 ({model.layout})", "model": model.eval(), "images": images, "weights": weights,
             "data": about_data, "chunk": args.chunk, "latency_images": args.latency_images}
@@ -106,7 +99,7 @@ def resnet50_case(args: argparse.Namespace, device: torch.device) -> dict:
     """ResNet-50 with an exit before each block group, untrained, on generated images (1000 classes)."""
     images = generated(args.resnet50_images, args.resnet50_side, device, args.seed)
     torch.manual_seed(args.seed)
-    model = calibrate(create_model("resnet50", 1000).to(device), images[:args.resnet50_chunk])
+    model = batch_norm_from(create_model("resnet50", 1000).to(device), images[:args.resnet50_chunk])
     side = args.resnet50_side
     return {"name": f"ResNet-50 ({model.layout})", "model": model, "images": images, "weights": UNTRAINED,
             "data": f"{len(images)} generated images (standard normal), {side} x {side}",

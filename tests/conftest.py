@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from har.data.build import RunData, Split
 from har.data.longtail import shot_groups
@@ -43,16 +42,6 @@ def shared_cifar_root() -> Path | None:
         if candidate and (Path(candidate) / "cifar-10-batches-py").is_dir():
             return Path(candidate)
     return None
-
-
-def calibrated(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
-    """Set batch-norm statistics from one batch so a random model gives varied confidences in eval mode."""
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = None
-    with torch.no_grad():
-        model.train()(x)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

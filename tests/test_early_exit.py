@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import calibrated, thresholds_between
+from conftest import thresholds_between
 
 from har.evaluation.dynamic import NO_EXIT_THRESHOLD, exit_indices, exit_outcomes, softmax
 from har.evaluation.early_exit import (
@@ -17,7 +17,7 @@ from har.evaluation.early_exit import (
 )
 from har.evaluation.flops import dynamic_cost, flops_table
 from har.models import create_model
-from har.models.exits import exit_by_threshold
+from har.models.exits import batch_norm_from, exit_by_threshold
 
 MARGIN = 1e-4  # far above float32 rounding between batch sizes, far below a random model's spread of confidences
 BUCKETS = (2, 4)  # chunks of 4, remainders padded to 2 or 4: 13 images give pieces 4, 4, 4, 1 -> 2
@@ -37,7 +37,7 @@ def case(request, single_thread):
     name, layout, side, count = request.param
     torch.manual_seed(0)
     x = torch.randn(count, 3, side, side)
-    model = calibrated(create_model(name, 4, layout=layout), x)
+    model = batch_norm_from(create_model(name, 4, layout=layout), x)
     with torch.no_grad():
         outputs = model(x)
     return model, x, outputs

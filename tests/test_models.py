@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import calibrated, feature_shapes, thresholds_between
+from conftest import feature_shapes, thresholds_between
 
 from har.evaluation.flops import count_macs, dynamic_cost, flops_table
 from har.models import create_model, list_models, parse_layout
-from har.models.exits import ExitHead, NormedLinear, exit_by_threshold
+from har.models.exits import ExitHead, NormedLinear, batch_norm_from, exit_by_threshold
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -106,7 +106,7 @@ def test_bad_arguments_raise() -> None:
 def test_early_exit_equals_masked_evaluation(classifier: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(48, 3, 8, 8)
-    model = calibrated(create_model("resnet32", 10, classifier=classifier), x)
+    model = batch_norm_from(create_model("resnet32", 10, classifier=classifier), x)
     with torch.no_grad():
         outputs = model(x)
     probs = torch.stack([out.softmax(1) for out in outputs])

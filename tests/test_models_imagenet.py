@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import calibrated, feature_shapes, thresholds_between
+from conftest import feature_shapes, thresholds_between
 
 from har.evaluation.flops import flops_table
 from har.models import MultiExitNet, check_layout, create_model
 from har.models.densenet import DenseNet169
-from har.models.exits import Backbone, ExitHead, NormedLinear, exit_by_threshold
+from har.models.exits import Backbone, ExitHead, NormedLinear, batch_norm_from, exit_by_threshold
 from har.models.resnet import ResNet50, SeparableExitHead
 
 MODELS = {"resnet50": ResNet50, "densenet169": DenseNet169}
@@ -82,7 +82,7 @@ def test_cosine_classifier(name: str) -> None:
 def test_early_exit_equals_masked_evaluation(name: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(16, 3, 32, 32)
-    model = calibrated(create_model(name, 4), x)
+    model = batch_norm_from(create_model(name, 4), x)
     with torch.no_grad():
         outputs = model(x)
     probs = torch.stack([out.softmax(1) for out in outputs])

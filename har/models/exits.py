@@ -192,6 +192,20 @@ def exit_by_threshold(logits: Sequence[Tensor], exit_threshold: float) -> tuple[
     return predictions, exit_index.long()
 
 
+
+@torch.no_grad()
+def batch_norm_from(model: nn.Module, images: Tensor) -> nn.Module:
+    """Set every batch norm's running statistics to exactly those of `images`, and return the model in eval mode.
+
+    An untrained model with its initial statistics gives near-uniform softmaxes, so no exit would ever fire;
+    the early-exit benchmark and the tests time and check exits on such models after this.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # a cumulative average: after one pass, exactly this batch's statistics
+    model.train()(images)
+    return model.eval()
+
 @dataclass(frozen=True)
 class Segment:
     """One piece of a multi-exit network's computation, in execution order (used for cost accounting).
