@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 HAR_DATA ?= $(if $(wildcard ../shared/data/cifar-10-batches-py),$(abspath ../shared/data),$(abspath data))
 export HAR_DATA
 
-.PHONY: install quick test clean
+.PHONY: install quick test test-pipeline clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ quick: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The whole-DAG tests (tiny runs through Snakemake, then edits that must retrain exactly what changed).
+test-pipeline: install
+	$(BIN)/python -m pytest -q -m pipeline
 
 clean:
 	rm -rf results/runs results/tsearch results/splits results/selection results/tables figures/*.png figures/*.pdf logs .pytest_cache

@@ -121,6 +121,7 @@ def work(trained, tmp_path) -> Path:
     return copy
 
 
+@pytest.mark.pipeline
 @needs_cifar
 def test_an_edited_stage_one_retrains_it_and_its_stage_two_and_rebuilds_the_tables(work):
     """CE's weight decay edited: CE and tau-norm (on CE) are trained again, their old folders moved aside, HAR(CE)
@@ -139,6 +140,7 @@ def test_an_edited_stage_one_retrains_it_and_its_stage_two_and_rebuilds_the_tabl
     assert planned(work, cfg) == {}
 
 
+@pytest.mark.pipeline
 @needs_cifar
 def test_an_edited_method_plans_only_its_run_and_a_deleted_folder_is_trained_again(work):
     """HAR(CE)'s threshold edited: exactly its run would be trained again (the previous test runs such a plan).

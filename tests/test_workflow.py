@@ -308,6 +308,7 @@ def test_bad_config_stops_before_any_job(tmp_path, edit, message):
     assert not (work / "results").exists()
 
 
+@pytest.mark.pipeline
 @pytest.mark.skipif(shared_cifar_root() is None, reason="needs the CIFAR-10 copy in ../shared/data or HAR_DATA")
 def test_ci_config_runs_end_to_end_and_reruns_only_what_changed(tmp_path, monkeypatch):
     """The whole DAG on tiny runs (about 3 minutes on 2 cores), then an edit of one method's config."""
