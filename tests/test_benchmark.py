@@ -125,7 +125,7 @@ def test_blocks_split_the_timed_steps_into_rounds(monkeypatch):
 def test_gpu_check_smoke_trains_packs_evaluates_and_prints_the_fidelity_lines(tmp_path, monkeypatch, capsys):
     """The Table II check on the CPU: 2 methods x 2 seeds, 1 epoch on 2% of the data, as 2 packs of 2 in their own
     processes; the report's lines are there (their values judge nothing: a smoke test). The packs take what CUDA
-    would (fused, channels-last), as far as a CPU can follow."""
+    would (fused, channels-last, bf16 autocast), as far as a CPU can follow (eager: no CUDA graphs)."""
     root = shared_cifar_root()
     if root is None:
         pytest.skip("no shared CIFAR-10 copy (set HAR_DATA)")
@@ -133,7 +133,7 @@ def test_gpu_check_smoke_trains_packs_evaluates_and_prints_the_fidelity_lines(tm
     check = load_benchmark(monkeypatch, "gpu_check")
     args = ["--device", "cpu", "--methods", "ce_drw", "har_ce_drw", "--seeds", "0", "1", "--epochs", "1",
             "--set", "data.train_fraction=0.02", "--set", "data.eval_fraction=0.05", "--threads", "1",
-            "--set", "train.pack_executor=fused", "--set", "train.channels_last=true",
+            "--set", "train.pack_executor=fused", "--set", "train.channels_last=true", "--set", "train.amp=true",
             "--out", str(tmp_path)]
     assert check.main(check.get_args_parser().parse_args(args)) == 0
     printed = capsys.readouterr().out
