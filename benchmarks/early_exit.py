@@ -85,8 +85,10 @@ def resnet32_case(args: argparse.Namespace, device: torch.device) -> dict:
     if args.run:
         checkpoint = load_checkpoint(args.run / CHECKPOINT, map_location=device)
         model.load_state_dict(checkpoint["model"])
-        # Named by what they are, not by where they lay: the folder may be a scratch path gone tomorrow.
-        weights = (f"run {args.run.name!r} ({CHECKPOINT}: epoch {checkpoint['epoch']}, config sha256 "
+        # Named by what they are, not by where they lay (a scratch path gone tomorrow): the folder's last three
+        # parts (the pipeline's dataset / method / seed), the epoch and the config hash.
+        name = "/".join(args.run.resolve().parts[-3:])
+        weights = (f"run {name!r} ({CHECKPOINT}: epoch {checkpoint['epoch']}, config sha256 "
                    f"{str(checkpoint.get('config_sha256', 'not recorded'))[:12]})")
     else:
         batch_norm_from(model, images[:args.chunk])
