@@ -21,6 +21,7 @@ import yaml
 from conftest import synthetic_data
 from test_faults import wait_for_line
 from test_train import TINY
+from torch._dynamo.utils import counters
 
 import har.data.augment as augment_module
 import har.data.batches as batches_module
@@ -351,6 +352,26 @@ def test_a_member_of_a_stopped_pack_resumes_alone(tmp_path, tiny_data, float64, 
         assert load(member)["epoch"] == 0 and load(member)["partial"]["step"] == 2
     train(configs[1], members[1], data=tiny_data)
     assert_close_runs(tmp_path / "single1", members[1], exactness(executor))
+
+
+def test_a_compiled_serial_pack_compiles_every_members_step_past_dynamos_recompile_limit(tmp_path, tiny_data,
+                                                                                        monkeypatch):
+    """Members with different losses are different graphs of StepLoss.forward; past dynamo's recompile limit (8 by
+    default, so a pack of 16 can pass it; 2 here, to keep the test short) it would train the other members
+    eagerly. The serial executor raises the limit, so each member's step is compiled (the `eager` backend stands
+    in for inductor)."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: real_compile(module, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    torch._dynamo.reset()
+    counters.clear()
+    configs = [member_config({"train": {"seed": k, "epochs": 1, "lr_milestones": [], "compile": "default"},
+                              "loss": {"name": name, "reweight": "none", "train_threshold": 0.2}}, executor="serial")
+               for k, name in enumerate(("ce", "focal", "ldam"))]
+    train_pack([(cfg, tmp_path / f"m{k}") for k, cfg in enumerate(configs)], data=tiny_data)
+    assert counters["frames"]["ok"] >= 3  # one graph each; 2 at the limit
+    assert all(load(tmp_path / f"m{k}")["epoch"] == 0 for k in range(3))
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

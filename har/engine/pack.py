@@ -253,6 +253,12 @@ class _Serial:
     def __init__(self, members: Sequence[Member], cfg: RunConfig, amp: bool) -> None:
         self.members = list(members)
         self.num_exits = self.members[0].model.num_exits
+        if cfg.train.compile != "off":
+            # Dynamo keeps one graph per distinct loss setting (loss, HAR on or off, Mixup, then once more when
+            # t differs), all under StepLoss.forward; past `recompile_limit` (8) it would train the other members
+            # eagerly, and a pack of 16 can hold more settings than that.
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, 2 * len(self.members))
         self.steps = [build_step_loss(m.model, m.har_loss, self.num_exits, m.cfg, amp) for m in self.members]
 
     def train(self) -> None:
