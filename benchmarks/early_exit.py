@@ -36,7 +36,7 @@ from pack_kernels import machine, synchronize
 from torch import Tensor
 
 from har.atomic import atomic_write_json, atomic_write_text
-from har.config import load_config
+from har.config import DATASET_CLASSES, load_config
 from har.data import normalize
 from har.data.build import build_data
 from har.engine.assembly import CHECKPOINT, build_model, resolve_device
@@ -79,7 +79,8 @@ def resnet32_case(args: argparse.Namespace, device: torch.device) -> dict:
         about_data, num_classes = f"{cfg.data.dataset} test split, first {len(images)} images", data.num_classes
     else:
         images = generated(args.images, 32, device, args.seed)
-        about_data, num_classes = f"{len(images)} generated images (standard normal), 32 x 32", 10
+        about_data = f"{len(images)} generated images (standard normal), 32 x 32"
+        num_classes = DATASET_CLASSES[cfg.data.dataset]  # the run's classifier, or the config's when untrained
     torch.manual_seed(args.seed)
     model = build_model(cfg, num_classes).to(device)
     if args.run:

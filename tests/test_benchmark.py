@@ -91,15 +91,23 @@ def test_pack_kernels_times_every_row_and_the_fused_layer_equals_the_separate_on
     assert pack.check_fused(16, 4, 2, 2, seed=0)["output"] > 1e-3
 
 
-def test_early_exit_benchmark_writes_a_row_per_regime(tmp_path, monkeypatch):
+EARLY_EXIT_TINY = ["--device", "cpu", "--threads", "1", "--data", "generated", "--images", "12", "--latency-images",
+                   "2", "--chunk", "8", "--resnet50-images", "3", "--resnet50-latency-images", "1", "--resnet50-chunk",
+                   "2", "--resnet50-side", "32", "--repeats", "1"]
+
+
+def load_early_exit(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # it imports pack_kernels' machine description
     spec = importlib.util.spec_from_file_location("early_exit", REPO / "benchmarks" / "early_exit.py")
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)
     spec.loader.exec_module(bench)
-    tiny = ["--device", "cpu", "--threads", "1", "--data", "generated", "--images", "12", "--latency-images", "2",
-            "--chunk", "8", "--resnet50-images", "3", "--resnet50-latency-images", "1", "--resnet50-chunk", "2",
-            "--resnet50-side", "32", "--repeats", "1", "--target-savings", "0.2", "5.0", "--out", str(tmp_path / "ee")]
+    return bench
+
+
+def test_early_exit_benchmark_writes_a_row_per_regime(tmp_path, monkeypatch):
+    bench = load_early_exit(monkeypatch)
+    tiny = [*EARLY_EXIT_TINY, "--target-savings", "0.2", "5.0", "--out", str(tmp_path / "ee")]
     bench.main(bench.get_args_parser().parse_args(tiny))
     result = json.loads((tmp_path / "ee.json").read_text())
     assert [m["name"] for m in result["models"]] == ["ResNet-32 (CEBEBEBE)", "ResNet-50 (CEBEBEBEBE)"]
@@ -115,6 +123,26 @@ def test_early_exit_benchmark_writes_a_row_per_regime(tmp_path, monkeypatch):
         table = text.split(f"## {model['name']}")[1].split("\n## ")[0]
         regimes = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and "---" not in line]
         assert regimes == ["| regime", "| static backbone", "| early exit", "| early exit"]
+
+
+def test_early_exit_benchmark_times_a_trained_run_named_by_what_it_is(tmp_path, monkeypatch):
+    """--run: the run's own weights (its classifier has its dataset's classes, 100 here), named in the result by
+    the folder's last three parts, its epoch and config hash, not by the (scratch) path."""
+    from conftest import synthetic_data
+    from test_train import tiny_config
+
+    from har.config import config_hash
+    from har.engine.trainer import train
+
+    cfg = tiny_config(data={"dataset": "cifar100"}, train={"epochs": 1, "lr_milestones": []})
+    run = tmp_path / "scratch" / "cifar100-r100" / "har_ce" / "seed0"
+    train(cfg, run, data=synthetic_data(counts=(3,) * 50 + (2,) * 50, per_class_eval=1))
+    bench = load_early_exit(monkeypatch)
+    bench.main(bench.get_args_parser().parse_args([*EARLY_EXIT_TINY, "--run", str(run), "--target-savings", "0.2",
+                                                   "--out", str(tmp_path / "ee")]))
+    weights = json.loads((tmp_path / "ee.json").read_text())["models"][0]["weights"]
+    assert weights == f"run 'cifar100-r100/har_ce/seed0' (last.pt: epoch 0, config sha256 {config_hash(cfg)[:12]})"
+    assert "scratch" not in (tmp_path / "ee.md").read_text().split("## ResNet-32")[1]
 
 
 def test_blocks_split_the_timed_steps_into_rounds(monkeypatch):
