@@ -362,13 +362,13 @@ def test_a_compiled_serial_pack_compiles_every_members_step_past_dynamos_recompi
     in for inductor)."""
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda module, mode=None: real_compile(module, backend="eager"))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     torch._dynamo.reset()
     counters.clear()
     configs = [member_config({"train": {"seed": k, "epochs": 1, "lr_milestones": [], "compile": "default"},
                               "loss": {"name": name, "reweight": "none", "train_threshold": 0.2}}, executor="serial")
                for k, name in enumerate(("ce", "focal", "ldam"))]
-    train_pack([(cfg, tmp_path / f"m{k}") for k, cfg in enumerate(configs)], data=tiny_data)
+    with torch._dynamo.config.patch(recompile_limit=2):  # restores the limit the pack raises, too
+        train_pack([(cfg, tmp_path / f"m{k}") for k, cfg in enumerate(configs)], data=tiny_data)
     assert counters["frames"]["ok"] >= 3  # one graph each; 2 at the limit
     assert all(load(tmp_path / f"m{k}")["epoch"] == 0 for k in range(3))
     torch._dynamo.reset()
