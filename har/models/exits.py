@@ -192,7 +192,6 @@ def exit_by_threshold(logits: Sequence[Tensor], exit_threshold: float) -> tuple[
     return predictions, exit_index.long()
 
 
-
 @torch.no_grad()
 def batch_norm_from(model: nn.Module, images: Tensor) -> nn.Module:
     """Set every batch norm's running statistics to exactly those of `images`, and return the model in eval mode.
@@ -205,6 +204,7 @@ def batch_norm_from(model: nn.Module, images: Tensor) -> nn.Module:
             module.momentum = None  # a cumulative average: after one pass, exactly this batch's statistics
     model.train()(images)
     return model.eval()
+
 
 @dataclass(frozen=True)
 class Segment:
