@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 HAR_DATA ?= $(if $(wildcard ../shared/data/cifar-10-batches-py),$(abspath ../shared/data),$(abspath data))
 export HAR_DATA
 
-.PHONY: install quick test test-pipeline clean
+.PHONY: install quick test test-pipeline clean reference-start reference-status reference-save
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,20 @@ test: install
 # The whole-DAG tests (tiny runs through Snakemake, then edits that must retrain exactly what changed).
 test-pipeline: install
 	$(BIN)/python -m pytest -q -m pipeline
+
+# The reference runs (config/reference.yaml; docs/reference.md): trained in the background in $(REFERENCE_DIR), a
+# clone pinned at results/reference/TRAINING_COMMIT; saved into results/reference/ (commit it) before a session ends.
+REFERENCE_DIR ?= $(abspath ..)/har-reference
+export REFERENCE_DIR
+
+reference-start: install
+	bash workflow/reference.sh start
+
+reference-status:
+	bash workflow/reference.sh status
+
+reference-save: install
+	$(BIN)/python -m har.pipeline.reference save --from $(REFERENCE_DIR)/code
 
 clean:
 	rm -rf results/runs results/tsearch results/splits results/selection results/tables figures/*.png figures/*.pdf logs .pytest_cache

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import feature_shapes, thresholds_between
 
 from har.evaluation.flops import count_macs, dynamic_cost, flops_table
@@ -170,3 +171,26 @@ def test_flops_table_and_dynamic_cost() -> None:
     assert mixed["mean_macs"] == pytest.approx((cumulative[0] + cumulative[-1]) / 2)
     with pytest.raises(ValueError, match=r"\[0, 3\]"):
         dynamic_cost(np.array([4]), table)
+
+
+@pytest.mark.parametrize(("name", "classifier", "side"), [("resnet32", "linear", 32), ("resnet32", "cosine", 32),
+                                                           ("resnet50", "linear", 64)])
+def test_exit_classifiers_compute_in_float32_under_bf16_autocast(name: str, classifier: str, side: int) -> None:
+    """Under autocast the convolutions run in bf16 but every exit's dense layer, whose outputs feed the loss (and
+    LDAM scales by 30), computes in float32: its logits are the layer applied in float32 to the bf16 features."""
+    torch.manual_seed(0)
+    model = create_model(name, 10, classifier=classifier).eval()
+    images = torch.randn(2, 3, side, side)
+    layers = [head.classifier for head in model.heads] + [model.backbone.classifier]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(images)
+        features = model.heads[0].features(model.backbone.stem(images))
+        got = layers[0](features)
+    assert features.dtype == torch.bfloat16  # the network itself runs in bf16
+    assert len(outputs) == len(layers) and all(out.dtype == torch.float32 for out in outputs)
+    weight = layers[0].weight
+    with torch.no_grad():
+        expected = (F.normalize(features.float(), dim=1) @ F.normalize(weight, dim=0) if classifier == "cosine"
+                    else features.float() @ weight.T + layers[0].bias)
+    torch.testing.assert_close(got, expected)
+    assert not torch.equal(got, expected.bfloat16().float())  # not rounded to bf16's 8-bit mantissa

@@ -72,6 +72,7 @@ from har.engine.run_state import (
     nonfinite_error,
     owned_run_dir,
     read_history,
+    record_machine,
     records_test,
     restore,
     rng_state,
@@ -404,6 +405,7 @@ def _assemble(cfg: RunConfig, out: Path, data: RunData, device: torch.device) ->
     (out / ERROR_FILE).unlink(missing_ok=True)
     member = _fresh(cfg, out, data, device)
     member.start, member.partial, rng = restore(cfg, out, member.model, member.optimizer, member.scheduler, device)
+    record_machine(cfg, out, device, member.start)
     member.rng = member.rng if rng is None else rng
     member.history = read_history(out, member.start)
     return member

@@ -24,9 +24,10 @@ from har.config import ConfigError, RunConfig, config_diff, config_hash, dump_co
 from har.data.batches import eval_batches
 from har.data.build import RunData
 from har.data.errors import DataError
-from har.engine.assembly import CHECKPOINT, METRICS, PREVIOUS
+from har.engine.assembly import CHECKPOINT, METRICS, PREVIOUS, precision
 from har.engine.checkpoint import RunError, resume_checkpoint
 from har.engine.distributed import Distributed
+from har.engine.hardware import MACHINE, machine_record, read_machines
 from har.engine.lock import folder_lock
 from har.engine.step import StepLoss, StepOutput
 from har.losses import HARLoss, ReweightSchedule
@@ -44,7 +45,7 @@ def prepare_run_dir(cfg: RunConfig, out: Path) -> bool:
     can be asked again (and a folder's files keep their dates).
     """
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("config.yaml", "config.sha256", METRICS, CHECKPOINT, PREVIOUS):
+    for name in ("config.yaml", "config.sha256", METRICS, CHECKPOINT, PREVIOUS, MACHINE):
         for stale in out.glob(f".{name}.*.tmp"):  # har.atomic.atomic_write's temporary names
             log.info("removing %s, left by a job killed while writing %s", stale, name)
             try:
@@ -173,6 +174,25 @@ def restore(cfg: RunConfig, out: Path, model: torch.nn.Module, optimizer: torch.
     where = f"at step {partial['step']} of" if partial else "before"
     log.info("resuming %s %s epoch %d (0-based) of %d", out, where, start, cfg.train.epochs)
     return start, partial, ckpt["rng"]
+
+
+def record_machine(cfg: RunConfig, out: Path, device: torch.device, start: int) -> None:
+    """Append this start's machine to the folder's `machine.jsonl`; refuse to go on in another precision or memory
+    format than the run began with (left unset in the config, they may resolve differently on another machine).
+    A finished run trains nothing more, and its folder (perhaps read-only) is left as it is."""
+    if start >= cfg.train.epochs:
+        return
+    amp, channels_last = precision(cfg.train, device)
+    record = machine_record(device, amp, channels_last, cfg.train.compile, start)
+    earlier = read_machines(out)
+    for before in earlier[:1] if start > 0 else []:
+        if (before["precision"], before["channels_last"]) != (record["precision"], record["channels_last"]):
+            raise RunError(f"{out} began training in {before['precision']} (channels-last {before['channels_last']})"
+                           f" on {before['device_name']}, but would go on in {record['precision']} (channels-last "
+                           f"{record['channels_last']}) here; set train.amp and train.channels_last to the run's "
+                           f"values explicitly, or start a new run folder")
+    lines = [json.dumps(r) for r in (earlier if start > 0 else [])] + [json.dumps(record)]
+    atomic_write_text(out / MACHINE, "\n".join(lines) + "\n")
 
 
 def set_class_weights(har_loss: HARLoss, reweight: ReweightSchedule, epoch: int, cfg: RunConfig,

@@ -53,6 +53,7 @@ from har.engine.run_state import (
     nonfinite_error,
     owned_run_dir,
     read_history,
+    record_machine,
     records_test,
     restore,
     rng_state,
@@ -122,6 +123,8 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
 
     ckpt_path, prev_path = out / CHECKPOINT, out / PREVIOUS
     start, partial, rng = restore(cfg, out, model, optimizer, scheduler, device)
+    if ctx.is_main:
+        record_machine(cfg, out, device, start)
     if rng is not None:
         set_rng_state(rng)
     if partial is not None and not ctx.is_main:  # rank 0's checkpoint holds the sums of every process

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from har.models.exits import Backbone, make_classifier
+from har.models.exits import Backbone, Linear, make_classifier
 
 
 class DenseNet169(Backbone):
@@ -39,5 +39,5 @@ class DenseNet169(Backbone):
         self.channels = (64, 128, 256, 640, 1664)
         self.reductions = (4, 8, 16, 32, 32)
         self.classifier = (
-            net.classifier if classifier == "linear" else make_classifier(classifier, 1664, num_classes)
+            Linear.of(net.classifier) if classifier == "linear" else make_classifier(classifier, 1664, num_classes)
         )

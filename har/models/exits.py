@@ -18,10 +18,35 @@ from torch import Tensor, nn
 CLASSIFIERS = ("linear", "cosine")
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """`x` widened to float32 when it is a half type (bf16, fp16); float32 and float64 pass unchanged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+class Linear(nn.Linear):
+    """A dense classifier that computes in float32 (at least) under autocast, with nn.Linear's parameters.
+
+    Exit logits feed the loss and the exit rule directly; in bf16 they would carry only 8 bits of mantissa, so the
+    classifier layers stay in full precision while autocast speeds up the convolutions (docs/method.md).
+    """
+
+    @classmethod
+    def of(cls, layer: nn.Linear) -> Linear:
+        """`layer`'s own parameters in this class (for torchvision's classifiers: no new init, no random draw)."""
+        new = nn.utils.skip_init(cls, layer.in_features, layer.out_features, bias=layer.bias is not None)
+        new.weight, new.bias = layer.weight, layer.bias
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(at_least_float32(x), self.weight, self.bias)
+
+
 class NormedLinear(nn.Module):
     """Bias-free cosine classifier as in LDAM-DRW: outputs cos(feature, class weight) in [-1, 1].
 
-    LDAM scales these values inside the loss, so the module itself returns raw cosines.
+    LDAM scales these values inside the loss, so the module itself returns raw cosines, computed in float32 (at
+    least) under autocast: bf16 would round them to 2^-8, which LDAM's scale of 30 turns into steps of 0.12.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
@@ -31,13 +56,14 @@ class NormedLinear(nn.Module):
         self.weight.data.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(x, dim=1).mm(F.normalize(self.weight, dim=0))
+        with torch.autocast(x.device.type, enabled=False):
+            return F.normalize(at_least_float32(x), dim=1).mm(F.normalize(self.weight, dim=0))
 
 
 def make_classifier(kind: str, in_features: int, num_classes: int) -> nn.Module:
     """Build the dense layer of an exit or of a backbone, so every exit of a model uses the same kind."""
     if kind == "linear":
-        return nn.Linear(in_features, num_classes)
+        return Linear(in_features, num_classes)
     if kind == "cosine":
         return NormedLinear(in_features, num_classes)
     raise ValueError(f"Unknown classifier {kind!r}; choose one of {CLASSIFIERS}.")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from har.models.exits import NormedLinear
+from har.models.exits import Linear, NormedLinear, at_least_float32
 from har.models.resnet_cifar import ZeroPadShortcut
 
 
@@ -76,10 +76,11 @@ class PackedLinear(nn.Module):
             torch.stack([m.bias.detach() for m in linears]).clone(), linears[0].bias.requires_grad)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = torch.einsum("bki,koi->bko", x.view(x.shape[0], self.k, -1), self.weight)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(x.shape[0], -1)
+        with torch.autocast(x.device.type, enabled=False):  # in float32 as `Linear`
+            out = torch.einsum("bki,koi->bko", at_least_float32(x).view(x.shape[0], self.k, -1), self.weight)
+            if self.bias is not None:
+                out = out + self.bias
+            return out.reshape(x.shape[0], -1)
 
 
 class PackedNormedLinear(nn.Module):
@@ -92,9 +93,10 @@ class PackedNormedLinear(nn.Module):
                                    layers[0].weight.requires_grad)
 
     def forward(self, x: Tensor) -> Tensor:
-        features = F.normalize(x.view(x.shape[0], self.k, -1), dim=2)
-        out = torch.einsum("bki,kio->bko", features, F.normalize(self.weight, dim=1))
-        return out.reshape(x.shape[0], -1)
+        with torch.autocast(x.device.type, enabled=False):  # in float32 as `NormedLinear`
+            features = F.normalize(at_least_float32(x).view(x.shape[0], self.k, -1), dim=2)
+            out = torch.einsum("bki,kio->bko", features, F.normalize(self.weight, dim=1))
+            return out.reshape(x.shape[0], -1)
 
 
 class PackedZeroPadShortcut(nn.Module):
@@ -128,7 +130,7 @@ def _shared(values: Sequence[Tensor], what: str) -> Tensor:
 
 
 FUSED: dict[type, Callable[[Sequence], nn.Module]] = {
-    nn.Conv2d: PackedConv2d, nn.BatchNorm2d: PackedBatchNorm2d, nn.Linear: PackedLinear,
+    nn.Conv2d: PackedConv2d, nn.BatchNorm2d: PackedBatchNorm2d, nn.Linear: PackedLinear, Linear: PackedLinear,
     NormedLinear: PackedNormedLinear, ZeroPadShortcut: PackedZeroPadShortcut,
 }
 # Layers without state that compute the same on the K-wide layout as on one member's.

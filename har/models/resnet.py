@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from har.models.exits import Backbone, ExitHead, make_classifier
+from har.models.exits import Backbone, ExitHead, Linear, make_classifier
 
 
 class SeparableExitHead(ExitHead):
@@ -47,7 +47,8 @@ class ResNet50(Backbone):
         self.groups = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
         self.channels = (64, 256, 512, 1024, 2048)
         self.reductions = (4, 4, 8, 16, 32)
-        self.classifier = net.fc if classifier == "linear" else make_classifier(classifier, 2048, num_classes)
+        self.classifier = (Linear.of(net.fc) if classifier == "linear"
+                           else make_classifier(classifier, 2048, num_classes))
 
     def make_exit_head(self, position: int, channels: int, stride: int) -> nn.Module:
         """Depthwise-separable head: a plain 3x3 convolution on these wide maps would rival the backbone."""

@@ -1,0 +1,143 @@
+"""The reference runs as the project ships them: finished runs, and the checkpoints of unfinished ones.
+
+`results/reference/` holds `runs/<split>/<method>/seed<k>/` for every finished run (resolved config and hash,
+`metrics.jsonl`, `machine.jsonl`, `train.json`, `eval/*.json|npz` and `last.pt` reduced to the trained weights) and
+`checkpoints/<split>/<method>/seed<k>/` for every run still training (its whole `last.pt`: weights, optimiser,
+schedule, RNG states, mid-epoch progress; with its config, metrics and machine records). A set outlives the machine it
+started on: `save` copies a working folder's runs here (to be committed), `restore` brings the checkpoints into a new
+working folder, where training resumes exactly where it stopped. Only `runs/` is ever read as a result.
+
+    python -m har.pipeline.reference save --from ../har-reference/code      # what trained there, into results/
+    python -m har.pipeline.reference restore --into ../har-reference/code   # checkpoints the folder lacks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from har.atomic import atomic_write_text
+from har.engine.assembly import CHECKPOINT, METRICS
+from har.engine.checkpoint import RunError, atomic_save
+from har.engine.hardware import MACHINE
+
+log = logging.getLogger(__name__)
+
+REFERENCE = Path("results/reference")
+RUNS, CHECKPOINTS = "runs", "checkpoints"
+RUN_FILES = ("config.yaml", "config.sha256", METRICS, MACHINE)  # beside the checkpoint, in both kinds of folder
+FINISHED_FILES = ("train.json",)  # the pipeline's marker, with eval/ (whole)
+WEIGHTS_KEYS = ("model", "epoch", "config_sha256", "config")  # what a finished run's last.pt keeps
+
+
+@dataclass(frozen=True)
+class RunState:
+    """A run folder's progress: the last finished epoch of its checkpoint (-1: none) out of its epochs."""
+
+    epoch: int
+    epochs: int
+    evaluated: bool
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch + 1 >= self.epochs and self.evaluated
+
+
+def run_state(run_dir: Path) -> RunState:
+    """A run folder's progress, from its checkpoint and resolved config."""
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    epochs = int(cfg["train"]["epochs"])
+    ckpt = run_dir / CHECKPOINT
+    epoch = int(torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"]) if ckpt.exists() else -1
+    evaluated = (run_dir / "eval" / "test.json").exists() and (run_dir / "train.json").exists()
+    return RunState(epoch, epochs, evaluated)
+
+
+def run_folders(root: Path) -> list[Path]:
+    """Run folders (`<split>/<method>/seed<k>`, holding a config.yaml) under `root`, sorted."""
+    return sorted(p.parent for p in root.glob("*/*/seed*/config.yaml")) if root.exists() else []
+
+
+def save(work: Path, reference: Path = REFERENCE) -> list[str]:
+    """Copy the runs of a working folder (`<work>/results/runs`) into `reference`: finished ones to `runs/` with
+    their weights only, the others' whole checkpoints to `checkpoints/`. Returns one line per run saved."""
+    lines = []
+    source_root = work / "results" / "runs"
+    for src in run_folders(source_root):
+        rel = src.relative_to(source_root)
+        state = run_state(src)
+        if state.epoch < 0:
+            continue
+        if state.finished:
+            dest = reference / RUNS / rel
+            _copy_files(src, dest, RUN_FILES + FINISHED_FILES)
+            shutil.copytree(src / "eval", dest / "eval", dirs_exist_ok=True)
+            ckpt = torch.load(src / CHECKPOINT, map_location="cpu", weights_only=False)
+            atomic_save({k: ckpt[k] for k in WEIGHTS_KEYS}, dest / CHECKPOINT)
+            shutil.rmtree(reference / CHECKPOINTS / rel, ignore_errors=True)
+            lines.append(f"{rel}: finished, weights and evaluation in {dest}")
+        else:
+            dest = reference / CHECKPOINTS / rel
+            _copy_files(src, dest, RUN_FILES)
+            shutil.copy2(src / CHECKPOINT, dest / CHECKPOINT)
+            lines.append(f"{rel}: epoch {state.epoch + 1} of {state.epochs}, checkpoint in {dest}")
+    return lines
+
+
+def restore(work: Path, reference: Path = REFERENCE) -> list[str]:
+    """Bring each saved checkpoint into the working folder where that run is missing or behind it, so that training
+    there resumes from the newest point any machine reached. Returns one line per run restored."""
+    lines = []
+    source_root = reference / CHECKPOINTS
+    for src in run_folders(source_root):
+        rel = src.relative_to(source_root)
+        dest = work / "results" / "runs" / rel
+        saved = run_state(src).epoch
+        here = run_state(dest).epoch if (dest / "config.yaml").exists() else -1
+        if here >= saved:
+            continue
+        hashes = [(d / "config.sha256").read_text() for d in (src, dest) if (d / "config.sha256").exists()]
+        if len(set(hashes)) > 1:
+            raise RunError(f"{dest} holds a run of another config than the checkpoint in {src}; move it aside first")
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "prev.pt").unlink(missing_ok=True)  # older than the checkpoint brought in
+        _copy_files(src, dest, RUN_FILES)
+        shutil.copy2(src / CHECKPOINT, dest / CHECKPOINT)
+        lines.append(f"{rel}: restored at epoch {saved + 1} (was {here + 1})")
+    return lines
+
+
+def _copy_files(src: Path, dest: Path, names: tuple[str, ...]) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if (src / name).exists():
+            atomic_write_text(dest / name, (src / name).read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("save", help="copy a working folder's runs into results/reference")
+    p.add_argument("--from", dest="work", type=Path, required=True, help="the working folder (holding results/runs)")
+    p = sub.add_parser("restore", help="bring saved checkpoints into a working folder")
+    p.add_argument("--into", dest="work", type=Path, required=True, help="the working folder")
+    for p in sub.choices.values():
+        p.add_argument("--reference", type=Path, default=REFERENCE, help=f"default: {REFERENCE}")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    lines = (save if args.command == "save" else restore)(args.work, args.reference)
+    print("\n".join(lines) if lines else "nothing to do")
+    print(json.dumps({"command": args.command, "runs": len(lines)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
