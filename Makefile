@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 HAR_DATA ?= $(if $(wildcard ../shared/data/cifar-10-batches-py),$(abspath ../shared/data),$(abspath data))
 export HAR_DATA
 
-.PHONY: install quick test test-pipeline clean reference-start reference-status reference-save
+.PHONY: install quick test test-pipeline clean reference-start reference-status reference-save reference-tables
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ reference-status:
 
 reference-save: install
 	$(BIN)/python -m har.pipeline.reference save --from $(REFERENCE_DIR)/code
+
+# results/reference/tables and figures/reference from the finished runs in results/reference/runs (no training)
+reference-tables: install
+	$(BIN)/python -m har.pipeline.reference rebuild
 
 clean:
 	rm -rf results/runs results/tsearch results/splits results/selection results/tables figures/*.png figures/*.pdf logs .pytest_cache

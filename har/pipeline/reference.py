@@ -9,6 +9,7 @@ working folder, where training resumes exactly where it stopped. Only `runs/` is
 
     python -m har.pipeline.reference save --from ../har-reference/code      # what trained there, into results/
     python -m har.pipeline.reference restore --into ../har-reference/code   # checkpoints the folder lacks
+    python -m har.pipeline.reference rebuild    # results/reference/tables and figures/reference from runs/
 """
 
 from __future__ import annotations
@@ -23,15 +24,25 @@ from pathlib import Path
 
 import torch
 import yaml
+from snakemake.utils import validate
 
 from har.atomic import atomic_write_text
 from har.engine.assembly import CHECKPOINT, METRICS
 from har.engine.checkpoint import RunError, atomic_save
 from har.engine.hardware import MACHINE
+from har.pipeline import grid
+from har.pipeline.jobs import build_split
+from har.reporting.figures import plot_figures
+from har.reporting.published import load_published
+from har.reporting.results import ResultError, load_results
+from har.reporting.tables import build_tables
 
 log = logging.getLogger(__name__)
 
 REFERENCE = Path("results/reference")
+CONFIG = Path("config/reference.yaml")
+FIGURES = Path("figures/reference")
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 RUNS, CHECKPOINTS = "runs", "checkpoints"
 RUN_FILES = ("config.yaml", "config.sha256", METRICS, MACHINE)  # beside the checkpoint, in both kinds of folder
 FINISHED_FILES = ("train.json",)  # the pipeline's marker, with eval/ (whole)
@@ -82,7 +93,7 @@ def save(work: Path, reference: Path = REFERENCE) -> list[str]:
             shutil.copytree(src / "eval", dest / "eval", dirs_exist_ok=True)
             ckpt = torch.load(src / CHECKPOINT, map_location="cpu", weights_only=False)
             atomic_save({k: ckpt[k] for k in WEIGHTS_KEYS}, dest / CHECKPOINT)
-            shutil.rmtree(reference / CHECKPOINTS / rel, ignore_errors=True)
+            _remove(reference / CHECKPOINTS, rel)  # its checkpoint is no longer needed
             lines.append(f"{rel}: finished, weights and evaluation in {dest}")
         else:
             dest = reference / CHECKPOINTS / rel
@@ -115,6 +126,53 @@ def restore(work: Path, reference: Path = REFERENCE) -> list[str]:
     return lines
 
 
+def rebuild(config: Path = CONFIG, reference: Path = REFERENCE, tables: Path = REFERENCE / "tables",
+            figures: Path = FIGURES, splits: Path = Path("results/splits")) -> list[str]:
+    """Tables, fidelity report and figures of the finished runs under `reference/runs`, through the pipeline's own
+    aggregation (`build_tables`, `plot_figures`) on the records `config` gives them; runs not there yet are left
+    out (each table line says its n). A folder there holding an unfinished run is refused by name. Fig. 7 reads the
+    split's test images from its bundle, cut from the data root once (as the pipeline's split job does)."""
+    cfg = yaml.safe_load(Path(config).read_text())
+    validate(cfg, schema=str(SCHEMA))  # fills the schema's defaults, as the Snakefile's validation does
+    grid.check_config(cfg)
+    root = reference / RUNS
+    for folder in run_folders(root):
+        state = run_state(folder)
+        if not state.finished:
+            raise ResultError(f"{folder} holds an unfinished run (epoch {state.epoch + 1} of {state.epochs}, "
+                              f"evaluated: {state.evaluated}); only finished runs belong in {root}: move it to "
+                              f"{reference / CHECKPOINTS} (python -m har.pipeline.reference save does)")
+    records, missing = [], []
+    for spec in grid.final_runs(cfg):
+        folder = root / Path(spec.run_dir).relative_to("results/runs")
+        if (folder / "config.yaml").exists():
+            records.append(dict(grid.describe(cfg, spec), run_dir=str(folder)))
+        else:
+            missing.append(spec.run_dir)
+    if not records:
+        raise ResultError(f"no finished run under {root} matches {config}; train them first (make reference-start)")
+    bundles = {}
+    for dataset, ratio in grid.splits(cfg):
+        split = grid.split_name(dataset, ratio)
+        bundle = splits / split / "data.npz"
+        if not bundle.exists():
+            build_split(cfg, dataset, ratio, bundle, splits / split / "split.json")
+        bundles[split] = str(bundle)
+    build_tables(load_results(records, "."), cfg, {}, load_published(), tables)
+    paths = plot_figures(records, ".", cfg, figures, bundles)
+    return ([f"{len(records)} finished runs; not there yet: {', '.join(missing) or 'none'}",
+             f"tables in {tables}", f"{len(paths)} figure files in {figures}"])
+
+
+def _remove(root: Path, rel: Path) -> None:
+    """Delete the folder `root / rel` and the parents up to `root` that it leaves empty."""
+    shutil.rmtree(root / rel, ignore_errors=True)
+    for parent in (root / rel).parents:
+        if parent == root.parent or not parent.is_dir() or any(parent.iterdir()):
+            break
+        parent.rmdir()
+
+
 def _copy_files(src: Path, dest: Path, names: tuple[str, ...]) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -129,11 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from", dest="work", type=Path, required=True, help="the working folder (holding results/runs)")
     p = sub.add_parser("restore", help="bring saved checkpoints into a working folder")
     p.add_argument("--into", dest="work", type=Path, required=True, help="the working folder")
+    p = sub.add_parser("rebuild", help="tables and figures of the finished runs")
+    p.add_argument("--config", type=Path, default=CONFIG, help=f"default: {CONFIG}")
     for p in sub.choices.values():
         p.add_argument("--reference", type=Path, default=REFERENCE, help=f"default: {REFERENCE}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    lines = (save if args.command == "save" else restore)(args.work, args.reference)
+    if args.command == "rebuild":
+        lines = rebuild(args.config, args.reference, args.reference / "tables")
+    else:
+        lines = (save if args.command == "save" else restore)(args.work, args.reference)
     print("\n".join(lines) if lines else "nothing to do")
     print(json.dumps({"command": args.command, "runs": len(lines)}))
     return 0
