@@ -10,8 +10,8 @@
 # The training code is the commit in results/reference/TRAINING_COMMIT (written by the first start), so that editing
 # this checkout never changes how a run of the set goes on; the set trains with that clone's own .venv.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-HERE="$(pwd)"
+HERE="${HERE:-$(cd "$(dirname "$0")/.." && pwd)}"  # the project checkout (the driver's copy is told it)
+cd "$HERE"
 REFERENCE_DIR="${REFERENCE_DIR:-$(cd .. && pwd)/har-reference}"
 CODE="$REFERENCE_DIR/code"
 PIN="results/reference/TRAINING_COMMIT"
@@ -55,7 +55,9 @@ start() {
     git -C "$CODE" checkout -q --detach "$commit"
     make -C "$CODE" install PYTHON="${PYTHON:-python3}"
     .venv/bin/python -m har.pipeline.reference restore --into "$CODE"
-    nohup bash "$HERE/workflow/reference.sh" drive > "$REFERENCE_DIR/driver.log" 2>&1 &
+    # the driver runs a copy of this script: bash reads a script as it goes, so editing this one would change it
+    cp "$HERE/workflow/reference.sh" "$REFERENCE_DIR/driver.sh"
+    HERE="$HERE" nohup bash "$REFERENCE_DIR/driver.sh" drive > "$REFERENCE_DIR/driver.log" 2>&1 &
     echo $! > "$REFERENCE_DIR/driver.pid"
     echo "started: driver pid $!, log $REFERENCE_DIR/driver.log; '$0 status' shows the runs"
 }
