@@ -125,8 +125,10 @@ class TrainConfig:
     seed: int = 0  # model initialisation, data order and augmentation; in [0, 2**32)
     device: str = "auto"  # auto: CUDA when present, else CPU
     deterministic: bool = True  # deterministic algorithms on the CPU (exact resume); GPUs run their fast kernels
-    amp: bool | None = None  # bf16 autocast; None: on for CUDA, off for the CPU
-    channels_last: bool | None = None  # channels-last memory format; None: on for CUDA, off for the CPU
+    # bf16 autocast (convolutions in bf16; exit classifiers and losses in fp32); None: on for CUDA and for a CPU with
+    # native bf16 (AVX512-BF16 or AMX flags), off for other CPUs; the run records what it resolved to (machine.jsonl)
+    amp: bool | None = None
+    channels_last: bool | None = None  # channels-last memory format; None: on (measured faster on CUDA and CPUs)
     sync_batchnorm: bool = False  # distributed CUDA runs: batch statistics over all processes
     compile: Literal["off", "default", "reduce-overhead"] = "off"  # torch.compile mode; reduce-overhead: CUDA graphs
     log_every: int = 50  # steps between progress updates when stderr is not a terminal

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from har.config import RunConfig, TrainConfig
+from har.engine import hardware
 from har.engine.checkpoint import RunError
 from har.engine.distributed import Distributed
 from har.engine.schedule import lr_factor
@@ -54,9 +55,12 @@ def build_reweight(cfg: RunConfig, class_counts: list[int]) -> ReweightSchedule:
 
 
 def precision(t: TrainConfig, device: torch.device) -> tuple[bool, bool]:
-    """bf16 autocast and channels-last on `device` (unset: on for CUDA, off for the CPU)."""
-    on_cuda = device.type == "cuda"
-    return (on_cuda if t.amp is None else t.amp), (on_cuda if t.channels_last is None else t.channels_last)
+    """bf16 autocast and channels-last on `device`, where the config leaves them unset: autocast on for CUDA and for
+    a CPU that computes bf16 natively (`hardware.native_bf16`; 2.5-3x fp32 there), off for other CPUs (where bf16 is
+    emulated and slower than fp32); channels-last on, which measured faster on CUDA and on both kinds of CPU
+    (docs/benchmarks.md). The run folder's `machine.jsonl` records what they resolved to."""
+    amp = (device.type == "cuda" or hardware.native_bf16()) if t.amp is None else t.amp
+    return amp, (True if t.channels_last is None else t.channels_last)
 
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

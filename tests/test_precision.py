@@ -1,0 +1,60 @@
+"""How a run's precision is chosen where its config leaves it unset, and what its folder records of it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from har.config import TrainConfig, from_dict
+from har.engine import hardware
+from har.engine.assembly import precision
+from har.engine.checkpoint import RunError
+from har.engine.run_state import record_machine
+
+AMD_ZEN4 = {"avx2", "avx512f", "avx512_bf16"}
+XEON_AMX = {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
+OLDER_X86 = {"avx2", "avx512f"}
+
+
+@pytest.mark.parametrize(("flags", "native"), [(AMD_ZEN4, True), (XEON_AMX, True), (OLDER_X86, False), (set(), False)])
+def test_native_bf16_reads_the_cpu_flags(flags, native, monkeypatch):
+    monkeypatch.delenv(hardware.FORCE_ENV, raising=False)
+    assert hardware.native_bf16(flags) is native
+
+
+@pytest.mark.parametrize(("flags", "amp"), [(XEON_AMX, True), (AMD_ZEN4, True), (OLDER_X86, False)])
+def test_unset_autocast_follows_the_cpus_bf16_and_an_explicit_value_wins(flags, amp, monkeypatch):
+    """On a CPU that computes bf16 natively a run left at the default trains in bf16, elsewhere in fp32 (where bf16
+    is emulated and slower); channels-last is on unless the config says otherwise; CUDA takes bf16."""
+    monkeypatch.delenv(hardware.FORCE_ENV, raising=False)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: set(flags))
+    cpu = torch.device("cpu")
+    assert precision(TrainConfig(), cpu) == (amp, True)
+    assert precision(TrainConfig(amp=False, channels_last=False), cpu) == (False, False)
+    assert precision(TrainConfig(amp=True), cpu) == (True, True)
+    assert precision(TrainConfig(), torch.device("cuda")) == (True, True)
+    monkeypatch.setenv(hardware.FORCE_ENV, "1" if not amp else "0")  # the override beats the flags
+    assert precision(TrainConfig(), cpu) == (not amp, True)
+
+
+def test_the_folder_records_each_start_and_refuses_to_go_on_in_another_precision(tmp_path, monkeypatch):
+    """machine.jsonl gets a line per start (device, CPU model and flags, precision); a run begun in bf16 on a bf16
+    machine, resumed with the default on a CPU without bf16, would silently switch to fp32: refused, naming both."""
+    monkeypatch.delenv(hardware.FORCE_ENV, raising=False)
+    cfg = from_dict({"train": {"epochs": 3}})
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: set(AMD_ZEN4))
+    record_machine(cfg, tmp_path, cpu, 0)
+    record_machine(cfg, tmp_path, cpu, 1)
+    lines = [json.loads(line) for line in (tmp_path / hardware.MACHINE).read_text().splitlines()]
+    assert [(r["start_epoch"], r["precision"], r["channels_last"]) for r in lines] == [
+        (0, "bf16 autocast", True), (1, "bf16 autocast", True)]
+    assert lines[0]["cpu_flags"] == ["avx2", "avx512_bf16", "avx512f"]
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: set(OLDER_X86))
+    with pytest.raises(RunError, match=r"began training in bf16 autocast .* would go on in fp32 .* set train.amp"):
+        record_machine(cfg, tmp_path, cpu, 2)
+    record_machine(from_dict({"train": {"epochs": 3, "amp": True}}), tmp_path, cpu, 2)  # explicit: goes on
+    record_machine(cfg, tmp_path, cpu, 0)  # a fresh start (epoch 0) begins a new record
+    assert len((tmp_path / hardware.MACHINE).read_text().splitlines()) == 1
