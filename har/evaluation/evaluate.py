@@ -23,6 +23,7 @@ from har.data.batches import eval_batches
 from har.data.build import ListSplit, RunData, Split, build_data
 from har.engine.assembly import CHECKPOINT, PREVIOUS, build_model, resolve_device
 from har.engine.checkpoint import RunError, resume_checkpoint
+from har.engine.hardware import read_machines
 from har.engine.lock import folder_lock, refuse_if_held
 from har.evaluation import selection
 from har.evaluation.dynamic import default_exit_thresholds, exit_outcomes, softmax, sweep_results
@@ -195,6 +196,7 @@ def _evaluate_locked(run_dir: Path, dev: torch.device, data: RunData | None,
                               "static_top1": [float((static_pred[h] == part.labels[h]).mean()) for h in halves]},
                       flops=table, class_counts=data.class_counts, groups=data.groups)
         report["data_provenance"] = data.provenance  # which files the run read: official or a copy, their hashes
+        report["trained_on"] = read_machines(run_dir)  # each start's device, CPU flags and precision
         atomic_write_json(run_dir / "eval" / f"{split}.json", report)
         reports[split] = report
     return reports

@@ -17,7 +17,7 @@ import pandas as pd
 from har.atomic import atomic_write_text
 from har.pipeline import grid
 from har.reporting.published import PaperValue
-from har.reporting.results import provenance_text, setting_label, target_column
+from har.reporting.results import machine_text, provenance_text, setting_label, target_column
 
 if TYPE_CHECKING:
     from har.reporting.tables import Table
@@ -150,7 +150,8 @@ def write_fidelity(tables: Sequence[Table], df: pd.DataFrame, cfg: dict, publish
                f"n seeds, percent) against the paper's; diff: ours - paper; 'within {SPREAD:g} std' when |diff| <= "
                f"{SPREAD:g} std of our seeds (n < 2: cannot be judged). Claims: HAR minus its baseline per split, "
                f"paired seed by seed. Our savings count the exit heads' cost. Config: {setting_label(cfg)}. Data: "
-               f"{provenance_text(df[df['role'] == 'final'])}.{quick}")
+               f"{provenance_text(df[df['role'] == 'final'])}. Trained on: {machine_text(df[df['role'] == 'final'])}."
+               f"{quick}")
     out_dir = Path(out_dir)
     paths = [out_dir / "fidelity.md", out_dir / "fidelity.csv"]
     atomic_write_text(paths[0], _markdown(caption, frame))

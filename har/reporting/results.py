@@ -20,6 +20,8 @@ import yaml
 
 from har.config import stored_config_hash
 from har.engine.assembly import METRICS
+from har.engine.hardware import read_machines
+from har.engine.hardware import summary as machine_summary
 
 # The numeric columns `load_results` adds to each record (fractions in [0, 1], MACs and s as they are).
 # dyn_*: at the most accurate s; best_epoch_top1: the maximum of
@@ -55,7 +57,8 @@ class ResultError(ValueError):
 def setting_label(cfg: dict) -> str:
     """The config's label for captions and titles, flagged unless it is the paper's setting."""
     label = str(cfg.get("label") or "unlabelled config")
-    if label.strip().lower() in PAPER_LABELS or "not the paper" in label:
+    plain = label.strip().lower()
+    if plain in PAPER_LABELS or plain.startswith("paper setting") or "not the paper" in label:
         return label
     return f"{label} (not the paper's setting)"
 
@@ -79,6 +82,13 @@ def provenance_text(df: pd.DataFrame) -> str:
             named = str(label) if "official" in str(label).lower() else f"official {label}"
             parts.append(named if official else f"{label} (not the official files)")
     return "; ".join(dict.fromkeys(parts))
+
+
+def machine_text(df: pd.DataFrame) -> str:
+    """Where and in which precision the runs trained, for captions: each distinct machine of their machine.jsonl."""
+    if df.empty or "machine" not in df.columns:
+        return "not recorded"
+    return "; ".join(dict.fromkeys(part for text in df["machine"] for part in str(text).split("; ")))
 
 
 def _lookup(report: dict, dotted: str) -> Any:
@@ -205,7 +215,8 @@ def _row(record: dict, root: Path) -> dict:
                 best_epoch_top1=best_epoch_top1(run_dir), har=bool(config["loss"].get("har")),
                 train_threshold=config["loss"].get("train_threshold"),
                 layout=(config.get("model") or {}).get("layout"), num_exits=len(test["flops"]["exits"]),
-                data_label=data_label, data_official=data_official, **_targets(test["dynamic_selected"]))
+                data_label=data_label, data_official=data_official, machine=machine_summary(read_machines(run_dir)),
+                **_targets(test["dynamic_selected"]))
 
 
 def load_results(records: Sequence[dict], root: str | Path) -> pd.DataFrame:

@@ -21,7 +21,7 @@ from har.config import LossConfig
 from har.pipeline import grid
 from har.reporting.fidelity import write_fidelity
 from har.reporting.published import DYNAMIC_TABLES, PaperValue
-from har.reporting.results import provenance_text, setting_label, summarise, target_column
+from har.reporting.results import machine_text, provenance_text, setting_label, summarise, target_column
 
 COPIED = "‡"  # the paper copied the row from another paper
 NOT_EVALUATED = "§"  # the runs were not evaluated at the paper's saving
@@ -346,7 +346,8 @@ def _caption(cfg: dict, df: pd.DataFrame, table_id: str) -> str:
         df[(df["role"] == "final") & df["tables"].map(lambda tables: table_id in tables)]
     savings = f" {SAVINGS}" if table_id != "I" else ""
     return (f"{CAPTIONS[table_id]}{_stand_in(cfg, table_id)}{savings} {PAPER_COLUMNS} Config: {setting_label(cfg)}. "
-            f"Data: {provenance_text(runs)}. Mean ± std over {seeds} seed{'s' * (seeds != 1)}; (n=k) marks a cell "
+            f"Data: {provenance_text(runs)}. Trained on: {machine_text(runs)}. "
+            f"Mean ± std over {seeds} seed{'s' * (seeds != 1)}; (n=k) marks a cell "
             f"with fewer runs.")
 
 
