@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 HAR_DATA ?= $(if $(wildcard ../shared/data/cifar-10-batches-py),$(abspath ../shared/data),$(abspath data))
 export HAR_DATA
 
-.PHONY: install quick test test-pipeline clean reference-start reference-status reference-save reference-tables
+.PHONY: install quick test test-pipeline clean reference-start reference-stop reference-status reference-save reference-tables
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,9 @@ export REFERENCE_DIR
 
 reference-start: install
 	bash workflow/reference.sh start
+
+reference-stop:
+	bash workflow/reference.sh stop
 
 reference-status:
 	bash workflow/reference.sh status

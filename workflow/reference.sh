@@ -4,11 +4,16 @@
 #
 #   workflow/reference.sh start    clone this project at the training commit into $REFERENCE_DIR/code (once), install
 #                                  it, bring in the checkpoints committed under results/reference/ that the folder
-#                                  lacks, and train in the background: seed 0 of every method, then seed 1, then 2
+#                                  lacks, and train in the background
+#   workflow/reference.sh stop     stop the workers; each run saves a checkpoint where it is (resumed by `start`)
 #   workflow/reference.sh status   what is running, and each run's last finished epoch
 #
-# The training code is the commit in results/reference/TRAINING_COMMIT (written by the first start), so that editing
-# this checkout never changes how a run of the set goes on; the set trains with that clone's own .venv.
+# Two workers, one core each, take the runs in this order: seed 0 of every method, the fp32 control (HAR(LDAM)+DRW
+# seed 0 exactly as the paper grid trains it, in fp32: the evidence that bf16 changes nothing seeds don't), seed 1,
+# seed 2. A run is one Snakemake job (the pipeline's own train and evaluate jobs); a run already finished and saved
+# under results/reference/runs is skipped. The training code is the commit in results/reference/TRAINING_COMMIT
+# (written by the first start), so that editing this checkout never changes how a run of the set goes on; the set
+# trains with that clone's own .venv.
 set -euo pipefail
 HERE="${HERE:-$(cd "$(dirname "$0")/.." && pwd)}"  # the project checkout (the driver's copy is told it)
 cd "$HERE"
@@ -18,27 +23,27 @@ PIN="results/reference/TRAINING_COMMIT"
 METHODS=(ce_drw har_ce_drw ldam_drw har_ldam_drw)
 SEEDS=(0 1 2)
 SPLIT=cifar10-r100
+CONTROL="har_ldam_drw_fp32"  # folder name of the fp32 control (method har_ldam_drw of config.yaml, seed 0)
+QUEUE="$REFERENCE_DIR/queue"
+
+alive() { [ -f "$REFERENCE_DIR/driver.pid" ] && kill -0 "$(cat "$REFERENCE_DIR/driver.pid")" 2>/dev/null; }
 
 status() {
-    if [ -f "$REFERENCE_DIR/driver.pid" ] && kill -0 "$(cat "$REFERENCE_DIR/driver.pid")" 2>/dev/null; then
-        echo "running (driver pid $(cat "$REFERENCE_DIR/driver.pid")), log $REFERENCE_DIR/driver.log"
-    else
-        echo "not running"
-    fi
+    if alive; then echo "running (driver pid $(cat "$REFERENCE_DIR/driver.pid")), log $REFERENCE_DIR/driver.log"
+    else echo "not running"; fi
     for seed in "${SEEDS[@]}"; do
-        for method in "${METHODS[@]}"; do
+        for method in "${METHODS[@]}" $([ "$seed" = 0 ] && echo "$CONTROL"); do
             run="$CODE/results/runs/$SPLIT/$method/seed$seed"
             epochs=$( [ -f "$run/metrics.jsonl" ] && wc -l < "$run/metrics.jsonl" || echo 0)
-            done_mark=$( [ -f "$run/eval/test.json" ] && echo "evaluated" || echo "")
-            echo "  $method seed $seed: $epochs epochs $done_mark"
+            mark=$( [ -f "$run/eval/test.json" ] && echo "evaluated" || echo "")
+            saved=$( [ -f "$HERE/results/reference/runs/$SPLIT/$method/seed$seed/train.json" ] && echo "saved" || echo "")
+            echo "  $method seed $seed: $epochs epochs $mark $saved"
         done
     done
 }
 
 start() {
-    if [ -f "$REFERENCE_DIR/driver.pid" ] && kill -0 "$(cat "$REFERENCE_DIR/driver.pid")" 2>/dev/null; then
-        echo "already running: driver pid $(cat "$REFERENCE_DIR/driver.pid")"; exit 0
-    fi
+    if alive; then echo "already running: driver pid $(cat "$REFERENCE_DIR/driver.pid")"; exit 0; fi
     mkdir -p "$REFERENCE_DIR"
     if [ ! -f "$PIN" ]; then
         git diff --quiet HEAD -- har workflow config pyproject.toml || {
@@ -48,33 +53,71 @@ start() {
         echo "pinned the training code at $(cat "$PIN") ($PIN: commit it)"
     fi
     commit="$(cat "$PIN")"
-    if [ ! -d "$CODE/.git" ]; then
-        git clone -q "$HERE" "$CODE"
-    fi
+    [ -d "$CODE/.git" ] || git clone -q "$HERE" "$CODE"
     git -C "$CODE" fetch -q "$HERE" "$commit" 2>/dev/null || git -C "$CODE" fetch -q "$HERE"
     git -C "$CODE" checkout -q --detach "$commit"
     make -C "$CODE" install PYTHON="${PYTHON:-python3}"
     .venv/bin/python -m har.pipeline.reference restore --into "$CODE"
     # the driver runs a copy of this script: bash reads a script as it goes, so editing this one would change it
     cp "$HERE/workflow/reference.sh" "$REFERENCE_DIR/driver.sh"
-    HERE="$HERE" nohup bash "$REFERENCE_DIR/driver.sh" drive > "$REFERENCE_DIR/driver.log" 2>&1 &
+    HERE="$HERE" nohup setsid bash "$REFERENCE_DIR/driver.sh" drive > "$REFERENCE_DIR/driver.log" 2>&1 &
     echo $! > "$REFERENCE_DIR/driver.pid"
     echo "started: driver pid $!, log $REFERENCE_DIR/driver.log; '$0 status' shows the runs"
 }
 
-drive() {  # in the background: one Snakemake invocation per seed, so seed 0 of every method finishes first
+stop() {  # SIGTERM to the driver's process group: Snakemake passes it on, each trainer saves where it is
+    if alive; then kill -TERM -- "-$(cat "$REFERENCE_DIR/driver.pid")"; echo "stopping"; else echo "not running"; fi
+}
+
+snake() { .venv/bin/snakemake --profile profiles/local --configfile config/reference.yaml --nolock "$@"; }
+
+run_task() {  # one queue line: "run METHOD SEED" or "control"
+    set -- $1
+    if [ "$1" = run ]; then
+        [ -f "$HERE/results/reference/runs/$SPLIT/$2/seed$3/train.json" ] && return 0  # finished and saved
+        snake --cores 1 "results/runs/$SPLIT/$2/seed$3/eval/test.json"
+    else
+        local out="results/runs/$SPLIT/$CONTROL/seed0"
+        [ -f "$HERE/results/reference/runs/$SPLIT/$CONTROL/seed0/train.json" ] && return 0
+        [ -f "$out/eval/test.json" ] && [ -f "$out/train.json" ] && return 0
+        mkdir -p "$out" logs
+        # the paper grid's own run config of HAR(LDAM)+DRW seed 0 (fp32, as config.yaml trains it), on this split
+        .venv/bin/python - "$out/control.yaml" <<'EOF'
+import sys
+import yaml
+from snakemake.utils import validate
+from har.config import dump_config
+from har.pipeline import grid, jobs
+cfg = yaml.safe_load(open("config.yaml"))
+validate(cfg, schema="workflow/schemas/config.schema.yaml")
+spec = next(s for s in grid.final_runs(cfg) if (s.split, s.method, s.seed) == ("cifar10-r100", "har_ldam_drw", 0))
+open(sys.argv[1], "w").write(dump_config(jobs.job_run_config(cfg, spec, "results/splits/cifar10-r100/data.npz", None)))
+EOF
+        OMP_NUM_THREADS=1 .venv/bin/har run --config "$out/control.yaml" --out "$out" >> "logs/control.log" 2>&1
+        echo '{"control": "fp32 HAR(LDAM)+DRW seed 0, trained by har run"}' > "$out/train.json"
+    fi
+}
+
+worker() {  # take the queue's first line until it is empty
+    while true; do
+        task=$(flock "$QUEUE.lock" bash -c 'head -n 1 "$0" && sed -i 1d "$0"' "$QUEUE")
+        [ -n "$task" ] || return 0
+        echo "$(date -u +%FT%TZ) worker $1: $task"
+        run_task "$task" || echo "$(date -u +%FT%TZ) worker $1: $task FAILED (status $?)"
+    done
+}
+
+drive() {  # in the background: the split once, then two workers over the queue
     cd "$CODE"
     export HAR_DATA="${HAR_DATA:-$(cd "$HERE/.." && pwd)/shared/data}"
+    snake --cores 1 "results/splits/$SPLIT/data.npz"
+    : > "$QUEUE"
     for seed in "${SEEDS[@]}"; do
-        targets=()
-        for method in "${METHODS[@]}"; do  # a run finished and saved under results/reference/runs is done
-            [ -f "$HERE/results/reference/runs/$SPLIT/$method/seed$seed/train.json" ] ||
-                targets+=("results/runs/$SPLIT/$method/seed$seed/eval/test.json")
-        done
-        [ ${#targets[@]} -eq 0 ] ||
-            .venv/bin/snakemake --profile profiles/local --configfile config/reference.yaml --cores 2 "${targets[@]}"
+        for method in "${METHODS[@]}"; do echo "run $method $seed" >> "$QUEUE"; done
+        [ "$seed" != 0 ] || echo "control" >> "$QUEUE"
     done
-    echo "every reference run trained and evaluated; save them: make reference-save"
+    worker 1 & worker 2 & wait
+    echo "$(date -u +%FT%TZ) every reference run trained and evaluated; save them: make reference-save"
 }
 
 "${1:-status}"
