@@ -80,13 +80,19 @@ class Variant:
     name: str
     overrides: tuple[str, ...]
     fast_data: bool  # the package's path; False: LDAM-DRW's PIL + DataLoader path
-    mixed: bool  # bf16 autocast + channels-last, as the trainer does by default on CUDA (never on the CPU)
+    mixed: bool  # bf16 autocast + channels-last, as the trainer does by default on CUDA (on the CPU: CPU rows only)
     cuda_only: bool = False
     compiled: bool = False  # torch.compile (train.compile); only with --compile: compiling takes minutes
+    cpu: bool = False  # a CPU row (--cpu-rows): its precision and memory format as given, also on the CPU
+    channels_last: bool | None = None  # CPU rows: channels-last without autocast (None: as `mixed`)
+    threads: int = 0  # CPU rows: the row's torch threads (0: --threads)
 
     def mixed_on(self, device: torch.device) -> bool:
-        """Whether this row runs mixed on `device`: never on the CPU."""
-        return self.mixed and device.type == "cuda"
+        """Whether this row runs in bf16 autocast on `device`: on CUDA when mixed, on the CPU for CPU rows only."""
+        return self.mixed and (device.type == "cuda" or self.cpu)
+
+    def channels_last_on(self, device: torch.device) -> bool:
+        return self.mixed_on(device) if self.channels_last is None else self.channels_last
 
 
 HAR_CE = ("loss.name=ce", "loss.har=true", "loss.train_threshold=0.9", "model.layout=CEBEBEBE")
@@ -97,6 +103,21 @@ VARIANTS = (
     Variant("har-reference", HAR_CE, fast_data=False, mixed=False),
     Variant("ce-bare-fast", ("loss.name=ce", "loss.har=false", "model.layout=CBBBE"), fast_data=True, mixed=True),
 )
+# --cpu-rows: the trainer's HAR(CE) step on the package's data path in each precision, memory format, compile mode and
+# thread count a 2-core CPU offers; the first is the baseline the others are set against (x fp32 1 thread), and
+# CPU_SHARED runs a row in 2 processes at once (one core each, as the reference set trains).
+CPU_VARIANTS = (
+    Variant("cpu-fp32-1t", HAR_CE, fast_data=True, mixed=False, cpu=True, channels_last=False, threads=1),
+    Variant("cpu-fp32-2t", HAR_CE, fast_data=True, mixed=False, cpu=True, channels_last=False, threads=2),
+    Variant("cpu-fp32-cl-1t", HAR_CE, fast_data=True, mixed=False, cpu=True, channels_last=True, threads=1),
+    Variant("cpu-fp32-cl-2t", HAR_CE, fast_data=True, mixed=False, cpu=True, channels_last=True, threads=2),
+    Variant("cpu-bf16-1t", HAR_CE, fast_data=True, mixed=True, cpu=True, threads=1),
+    Variant("cpu-bf16-2t", HAR_CE, fast_data=True, mixed=True, cpu=True, threads=2),
+    Variant("cpu-fp32-cl-compiled-2t", HAR_CE, fast_data=True, mixed=False, cpu=True, channels_last=True, threads=2,
+            compiled=True),
+    Variant("cpu-bf16-compiled-2t", HAR_CE, fast_data=True, mixed=True, cpu=True, threads=2, compiled=True),
+)
+CPU_SHARED = ("cpu-fp32-1t", "cpu-bf16-1t")
 # Peak rates of known GPUs (dense, NVIDIA's data sheets), by torch.cuda.get_device_name(): memory bandwidth, and
 # tensor-core TFLOP/s in bf16 (the mixed rows) and TF32 (the fp32 rows: cuDNN convolutions run TF32 by default).
 KNOWN_PEAKS = {"NVIDIA H200": {"gbps": 4800.0, "tflops_mixed": 989.0, "tflops_fp32": 494.0},
@@ -214,7 +235,7 @@ def prepare_training(variant: Variant, cfg: RunConfig, data: RunData, device: to
     mixed = variant.mixed_on(device)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, data.num_classes).to(device)
-    if mixed:
+    if variant.channels_last_on(device):
         model = model.to(memory_format=torch.channels_last)
     har_loss = build_loss(cfg, data.class_counts).to(device)
     t = cfg.train
@@ -264,11 +285,12 @@ def prepare_pack(cfgs: Sequence[RunConfig], data: RunData, device: torch.device)
 
 def describe(variant: Variant, cfg: RunConfig, device: torch.device, args: argparse.Namespace) -> dict:
     """What a training row ran: model, loss, data path and precision."""
-    mixed = variant.mixed_on(device)
+    mixed, channels_last = variant.mixed_on(device), variant.channels_last_on(device)
     return {"variant": variant.name, "layout": cfg.model.layout, "loss": cfg.loss.name, "har": cfg.loss.har,
             "data_path": "uint8 on device" if variant.fast_data else f"PIL + DataLoader ({args.workers} workers)",
-            "precision": ("bf16 autocast, channels-last" if mixed else "fp32")
-            + (", compiled" if variant.compiled else ""), "steps": args.steps, "batch_size": cfg.train.batch_size}
+            "precision": ("bf16 autocast" if mixed else "fp32") + (", channels-last" if channels_last else "")
+            + (", compiled" if variant.compiled else ""), "steps": args.steps, "batch_size": cfg.train.batch_size,
+            "threads": variant.threads or args.threads or torch.get_num_threads()}
 
 
 def describe_pack(cfgs: Sequence[RunConfig], args: argparse.Namespace) -> dict:
@@ -333,6 +355,8 @@ def build_row(info: dict, prepare: Callable[[], Prepared], device: torch.device,
     """Build a row and run its warm-up (compiling, for compiled rows); its memory: what it added to the device's
     allocated memory at its peak (CUDA), or to the process's RSS (CPU), while it was built and warmed up."""
     log.info("training: building and warming up %s", info["variant"])
+    if "threads" in info:
+        torch.set_num_threads(info["threads"])
     reset_peak_memory(device)
     before = memory_in_use_mib(device)
     prepared = prepare()
@@ -356,6 +380,8 @@ def time_interleaved(rows: Sequence[Timed], device: torch.device, args: argparse
     for round_index, block in enumerate(blocks(args.steps, args.rounds)):
         log.info("training: timed round %d (%d steps per row)", round_index + 1, block)
         for row in rows:
+            if "threads" in row.info:  # CPU rows differ in threads; torch's setting is process-wide
+                torch.set_num_threads(row.info["threads"])
             synchronize(device)
             began = time.perf_counter()
             row.prepared.run(block)
@@ -377,8 +403,8 @@ def finish(row: Timed) -> dict:
 def shared_worker(variant: Variant, cfg: RunConfig, args: argparse.Namespace, go: Any, queue: Any) -> None:
     """One of the processes of a shared row: warm up, say so, wait for the common start, train, report."""
     try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        if variant.threads or args.threads:
+            torch.set_num_threads(variant.threads or args.threads)
         device = resolve_device(args.device)
         prepared = prepare_training(variant, cfg, build_data(cfg.data), device, args)
         prepared.run(args.warmup)
@@ -534,7 +560,7 @@ def add_ratios(training: list[dict], peaks: dict[str, float | None]) -> None:
     speed = {r["variant"]: r["images_per_s"] for r in training}
     for r in training:
         for name, base in (("x_fast", "har-fast"), ("x_compiled", "har-fast-compiled"),
-                           ("x_reference", "har-reference")):
+                           ("x_reference", "har-reference"), ("x_fp32_1t", "cpu-fp32-1t")):
             r[name] = r["images_per_s"] / speed[base] if base in speed else None
         cost = r["cost"]
         r["tflops"] = r["images_per_s"] * 6 * cost["train_macs"] / 1e12
@@ -571,17 +597,21 @@ def markdown(result: dict) -> str:
              "",
              f"## Training: batch {result['batch_size']} per run, {result['steps']} timed steps after "
              f"{result['warmup']} warm-up steps, in {result['rounds']} interleaved rounds", "",
-             f"| variant | layout | loss | data path | precision | images/s | x har-fast | x compiled | x reference "
-             f"| TFLOP/s | % peak FLOP/s | % bandwidth bound (min / unfused) | {memory} |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"| variant | layout | loss | data path | precision | threads | images/s | x har-fast | x compiled "
+             f"| x reference | x fp32 1 thread | TFLOP/s | % peak FLOP/s | % bandwidth bound (min / unfused) "
+             f"| {memory} |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["training"]:
         loss = f"{r['loss']} + HAR" if r["har"] else r["loss"]
         mib = "-" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}"
-        lines.append(f"| {r['variant']} | {r['layout']} | {loss} | {r['data_path']} | {r['precision']} | "
+        threads = r.get("threads", "-") if "processes" not in r else f"{r['processes']} x {r.get('threads', '-')}"
+        lines.append(f"| {r['variant']} | {r['layout']} | {loss} | {r['data_path']} | {r['precision']} | {threads} | "
                      f"{r['images_per_s']:.1f} | {_ratio(r['x_fast'])} | {_ratio(r['x_compiled'])} | "
-                     f"{_ratio(r['x_reference'])} | {r['tflops']:.3g} | {_share(r['share_peak_flops'])} | "
+                     f"{_ratio(r['x_reference'])} | {_ratio(r.get('x_fp32_1t'))} | {r['tflops']:.3g} | "
+                     f"{_share(r['share_peak_flops'])} | "
                      f"{_share(r['share_bound_min'])} / {_share(r['share_bound_unfused'])} | {mib} |")
-    lines += ["", f"Speed-up of har-fast over har-reference: {result['speedup_fast_over_reference']:.2f}x", "",
+    speedup = result["speedup_fast_over_reference"]
+    lines += ["", f"Speed-up of har-fast over har-reference: {'-' if speedup is None else f'{speedup:.2f}x'}", "",
               "A pack row (har-packK-EXECUTOR) is K runs of har-fast's model and loss (seeds 0 .. K-1) trained by "
               "`har.engine.pack.PackSteps`, the step of `train_pack`, with that executor (fused: one K-wide network; "
               "serial: each member's own step in turn); its images/s counts all K members' "
@@ -637,12 +667,13 @@ def main(args: argparse.Namespace) -> None:
     def cfg_for(overrides: list[str]) -> RunConfig:
         return load_config(args.config, [*fixed, *overrides])
 
-    configs = {v.name: cfg_for(list(v.overrides)) for v in VARIANTS}
-    data = build_data(configs["har-fast"].data)
+    variants = CPU_VARIANTS if args.cpu_rows else VARIANTS
+    configs = {v.name: cfg_for(list(v.overrides)) for v in variants}
+    data = build_data(next(iter(configs.values())).data)
     if len(data.train) < args.batch_size:
         raise SystemExit(f"{len(data.train)} training images are fewer than one batch of {args.batch_size}")
     rows = []
-    for variant in VARIANTS:
+    for variant in variants:
         if variant.cuda_only and device.type != "cuda" or variant.compiled and not args.compile:
             continue
         cfg = configs[variant.name]
@@ -654,8 +685,10 @@ def main(args: argparse.Namespace) -> None:
                               device, args))
     time_interleaved(rows, device, args)
     training = [finish(row) for row in rows]
-    shared = next(v for v in VARIANTS if v.name == ("har-fast-compiled" if args.compile else "har-fast"))
-    for processes in args.share:
+    shared_rows = ([(name, 2) for name in CPU_SHARED] if args.cpu_rows else
+                   [("har-fast-compiled" if args.compile else "har-fast", processes) for processes in args.share])
+    for name, processes in shared_rows:
+        shared = next(v for v in variants if v.name == name)
         log.info("training: %s in %d processes at once", shared.name, processes)
         row = time_shared(shared, configs[shared.name], device, args, processes)
         training.append({**row, "cost": next(r["cost"] for r in training if r["variant"] == shared.name)})
@@ -663,7 +696,7 @@ def main(args: argparse.Namespace) -> None:
     add_ratios(training, peaks)
     speed = {r["variant"]: r["images_per_s"] for r in training}
     log.info("dynamic inference")
-    cfg = configs["har-fast"]
+    cfg = next(iter(configs.values()))
     model, about = load_model(args, cfg, data)
     result = {"command": shlex.join(["python", *sys.argv]), "machine": host, "device": device.type,
               "config": args.config and str(args.config), "overrides": args.set,
@@ -671,7 +704,8 @@ def main(args: argparse.Namespace) -> None:
               "train_images": len(data.train), "batch_size": args.batch_size, "steps": args.steps,
               "warmup": args.warmup, "rounds": len(blocks(args.steps, args.rounds)), "peaks": peaks,
               "flop_model": FLOP_MODEL, "bound_model": BOUND_MODEL, "training": training,
-              "speedup_fast_over_reference": speed["har-fast"] / speed["har-reference"],
+              "speedup_fast_over_reference": (speed["har-fast"] / speed["har-reference"]
+                                              if {"har-fast", "har-reference"} <= set(speed) else None),
               "model": about, "inference": time_inference(model, cfg, data, device, args)}
     text = markdown(result)
     print(text)
@@ -706,6 +740,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"],
                         help="torch.compile mode of the compiled rows, e.g. reduce-overhead for CUDA graphs (default: "
                              "default)")
+    parser.add_argument("--cpu-rows", action="store_true",
+                        help="time the CPU rows instead (fp32 / bf16 autocast, NCHW / channels-last, 1 / 2 threads, "
+                             "compiled with --compile, and the 1-thread fp32 and bf16 rows in 2 processes at once)")
     parser.add_argument("--packs", type=int, nargs="*", default=[],
                         help="pack sizes K: a row per K of K runs trained as one K-wide network, e.g. --packs 2 4 8 "
                              "16 32 (default: none)")
