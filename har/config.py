@@ -128,7 +128,7 @@ class TrainConfig:
     # bf16 autocast (convolutions in bf16; exit classifiers and losses in fp32); None: on for CUDA and for a CPU with
     # native bf16 (AVX512-BF16 or AMX flags), off for other CPUs; the run records what it resolved to (machine.jsonl)
     amp: bool | None = None
-    channels_last: bool | None = None  # channels-last memory format; None: on (measured faster on CUDA and CPUs)
+    channels_last: bool | None = None  # channels-last memory format; None: as amp (on with bf16 autocast)
     sync_batchnorm: bool = False  # distributed CUDA runs: batch statistics over all processes
     compile: Literal["off", "default", "reduce-overhead"] = "off"  # torch.compile mode; reduce-overhead: CUDA graphs
     log_every: int = 50  # steps between progress updates when stderr is not a terminal

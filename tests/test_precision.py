@@ -27,16 +27,17 @@ def test_native_bf16_reads_the_cpu_flags(flags, native, monkeypatch):
 @pytest.mark.parametrize(("flags", "amp"), [(XEON_AMX, True), (AMD_ZEN4, True), (OLDER_X86, False)])
 def test_unset_autocast_follows_the_cpus_bf16_and_an_explicit_value_wins(flags, amp, monkeypatch):
     """On a CPU that computes bf16 natively a run left at the default trains in bf16, elsewhere in fp32 (where bf16
-    is emulated and slower); channels-last is on unless the config says otherwise; CUDA takes bf16."""
+    is emulated and slower); channels-last goes with autocast unless the config says otherwise; CUDA takes bf16."""
     monkeypatch.delenv(hardware.FORCE_ENV, raising=False)
     monkeypatch.setattr(hardware, "cpu_flags", lambda: set(flags))
     cpu = torch.device("cpu")
-    assert precision(TrainConfig(), cpu) == (amp, True)
-    assert precision(TrainConfig(amp=False, channels_last=False), cpu) == (False, False)
+    assert precision(TrainConfig(), cpu) == (amp, amp)
+    assert precision(TrainConfig(amp=False, channels_last=True), cpu) == (False, True)
     assert precision(TrainConfig(amp=True), cpu) == (True, True)
+    assert precision(TrainConfig(amp=False), cpu) == (False, False)
     assert precision(TrainConfig(), torch.device("cuda")) == (True, True)
     monkeypatch.setenv(hardware.FORCE_ENV, "1" if not amp else "0")  # the override beats the flags
-    assert precision(TrainConfig(), cpu) == (not amp, True)
+    assert precision(TrainConfig(), cpu) == (not amp, not amp)
 
 
 def test_the_folder_records_each_start_and_refuses_to_go_on_in_another_precision(tmp_path, monkeypatch):

@@ -56,11 +56,13 @@ def build_reweight(cfg: RunConfig, class_counts: list[int]) -> ReweightSchedule:
 
 def precision(t: TrainConfig, device: torch.device) -> tuple[bool, bool]:
     """bf16 autocast and channels-last on `device`, where the config leaves them unset: autocast on for CUDA and for
-    a CPU that computes bf16 natively (`hardware.native_bf16`; 2.5-3x fp32 there), off for other CPUs (where bf16 is
-    emulated and slower than fp32); channels-last on, which measured faster on CUDA and on both kinds of CPU
-    (docs/benchmarks.md). The run folder's `machine.jsonl` records what they resolved to."""
+    a CPU that computes bf16 natively (`hardware.native_bf16`; 1.6x fp32 on one core of the AMD EPYC, 3.3x with two
+    processes), off for other CPUs (where bf16 is emulated and slower than fp32); channels-last with autocast (the
+    layout of oneDNN's and cuDNN's bf16 kernels; in fp32 on the AMD EPYC it measured 0.94-1.05x NCHW), so a CPU run
+    in fp32 keeps NCHW (docs/benchmarks.md, "CPU rows"). The run folder's `machine.jsonl` records what they resolved
+    to."""
     amp = (device.type == "cuda" or hardware.native_bf16()) if t.amp is None else t.amp
-    return amp, (True if t.channels_last is None else t.channels_last)
+    return amp, (amp if t.channels_last is None else t.channels_last)
 
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -190,6 +190,33 @@ def fig_loss_per_exit(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str]
     return fig
 
 
+def fig_exits_by_epoch(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str]) -> Figure | None:
+    """Beside Fig. 4: the share of training examples leaving at each exit, epoch by epoch, for every HAR method (mean
+    and range over seeds). HAR reweights only where examples leave early: if nothing leaves before the last exit, HAR
+    trains as plain deep supervision (every exit on every example)."""
+    finals = _finals(df)
+    finals = finals[finals["har"] & finals["split"].isin(splits)]
+    if finals.empty:
+        return None
+    rows = []
+    for _, run in finals.iterrows():
+        for row in read_metrics(root / run["run_dir"]):
+            rows += [{"panel": f"{run['display']}, {run['split']}", "epoch": row["epoch"] + 1, "exit": f"exit {k + 1}",
+                      "share": 100 * fraction, "seed": run["seed"]}
+                     for k, fraction in enumerate(row["exit_fraction"])]
+    long = pd.DataFrame(rows)
+    panels = list(dict.fromkeys(long["panel"]))
+    fig = Figure(figsize=(5.5 * len(panels), 4.5), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, panel in zip(axes, panels, strict=True):
+        sns.lineplot(data=long[long["panel"] == panel], x="epoch", y="share", hue="exit", errorbar=("pi", 100),
+                     ax=ax)
+        ax.set(title=panel, ylabel="training examples leaving here (%)", ylim=(-2, 102))
+        ax.legend(fontsize=7, loc="center right")
+    fig.suptitle(f"Where training examples leave, epoch by epoch (mean and range over seeds)\n{setting_label(cfg)}")
+    return fig
+
+
 def _showcase(df: pd.DataFrame, cfg: dict, splits: list[str]) -> pd.Series | None:
     """The HAR run that Figs. 6 and 7 show: har_ldam_drw if present, on the first split, lowest seed."""
     finals = _finals(df)
@@ -314,7 +341,7 @@ def figure_names(cfg: dict) -> list[str]:
     if finals:
         names.append("fig3_confidence")
     if any(grid.run_config(cfg, spec)["loss"]["har"] for spec in finals):
-        names += ["fig4_loss_per_exit", "fig6_exits", "fig7_exit_examples"]
+        names += ["fig4_loss_per_exit", "fig4_exits_by_epoch", "fig6_exits", "fig7_exit_examples"]
     return names
 
 
@@ -351,6 +378,7 @@ def plot_figures(records: Sequence[dict], root: str | Path, cfg: dict, out_dir: 
              "large-scale") if large else None, "no ImageNet-LT / iNaturalist split in this config")
         emit("fig3_confidence", lambda: fig_confidence(df, root, cfg, splits), "no final runs")
         emit("fig4_loss_per_exit", lambda: fig_loss_per_exit(df, root, cfg, splits), "no HAR run")
+        emit("fig4_exits_by_epoch", lambda: fig_exits_by_epoch(df, root, cfg, splits), "no HAR run")
         emit("fig6_exits", lambda: fig_exits(run, root, cfg) if run is not None else None, "no HAR run")
         emit("fig7_exit_examples", lambda: fig_exit_examples(run, root, cfg,
                                                              None if bundle is None else Path(bundle))
