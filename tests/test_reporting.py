@@ -222,7 +222,8 @@ def test_every_figure_is_written_as_png_and_pdf(results, tmp_path, caplog):
     root, records, bundles = results
     with caplog.at_level(logging.INFO, logger="har.reporting.figures"):
         paths = plot_figures(records, root, PIPELINE, tmp_path, bundles)
-    names = ["fig2_accuracy_flops", "fig3_confidence", "fig4_loss_per_exit", "fig6_exits", "fig7_exit_examples"]
+    names = ["fig2_accuracy_flops", "fig3_confidence", "fig4_loss_per_exit", "fig4_exits_by_epoch", "fig6_exits",
+             "fig7_exit_examples"]
     assert sorted(p.name for p in paths) == sorted(f"{n}.{ext}" for n in names for ext in ("png", "pdf"))
     for path in paths:
         head = path.read_bytes()[:8]

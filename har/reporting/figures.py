@@ -210,7 +210,7 @@ def fig_exits_by_epoch(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, panel in zip(axes, panels, strict=True):
         sns.lineplot(data=long[long["panel"] == panel], x="epoch", y="share", hue="exit", errorbar=("pi", 100),
-                     ax=ax)
+                     marker="o" if long["epoch"].nunique() <= 20 else None, ax=ax)
         ax.set(title=panel, ylabel="training examples leaving here (%)", ylim=(-2, 102))
         ax.legend(fontsize=7, loc="center right")
     fig.suptitle(f"Where training examples leave, epoch by epoch (mean and range over seeds)\n{setting_label(cfg)}")
