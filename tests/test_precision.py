@@ -59,3 +59,18 @@ def test_the_folder_records_each_start_and_refuses_to_go_on_in_another_precision
     record_machine(from_dict({"train": {"epochs": 3, "amp": True}}), tmp_path, cpu, 2)  # explicit: goes on
     record_machine(cfg, tmp_path, cpu, 0)  # a fresh start (epoch 0) begins a new record
     assert len((tmp_path / hardware.MACHINE).read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("device", "amp", "inside"),
+                         [("cuda", False, False), ("cuda", True, True), ("cpu", False, True)])
+def test_fp32_on_cuda_turns_tf32_off_while_the_run_trains_and_restores_it(device, amp, inside):
+    """cuDNN and cuBLAS may compute fp32 convolutions and matmuls in TF32 (on by default for cuDNN); a run in fp32
+    on CUDA turns both off while it trains, and leaves them as they were afterwards."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with hardware.exact_fp32(torch.device(device), amp):
+            assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (inside, inside)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

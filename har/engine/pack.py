@@ -64,6 +64,7 @@ from har.engine.assembly import (
 )
 from har.engine.checkpoint import RunError, atomic_save
 from har.engine.distributed import Distributed
+from har.engine.hardware import exact_fp32
 from har.engine.run_state import (
     EpochProgress,
     checkpoint_state,
@@ -383,6 +384,7 @@ def train_pack(members: Sequence[tuple[RunConfig, str | Path]], data: RunData | 
     with ExitStack() as folders:
         for member_cfg, out in pairs:
             folders.enter_context(owned_run_dir(member_cfg, out, Distributed()))
+        folders.enter_context(exact_fp32(device, precision(cfg.train, device)[0]))  # members share the precision
         return _train_pack(pairs, data, device)
 
 

@@ -45,6 +45,7 @@ from har.engine.assembly import (
 )
 from har.engine.checkpoint import RunError, atomic_save
 from har.engine.distributed import Distributed, from_environment, process_group
+from har.engine.hardware import exact_fp32
 from har.engine.run_state import (
     EpochProgress,
     checkpoint_state,
@@ -86,7 +87,8 @@ def train(cfg: RunConfig, out: str | Path, data: RunData | None = None) -> list[
     """
     ctx = from_environment()
     device = resolve_device(cfg.train.device, ctx)
-    with process_group(ctx, device), owned_run_dir(cfg, Path(out), ctx):
+    with (process_group(ctx, device), owned_run_dir(cfg, Path(out), ctx),
+          exact_fp32(device, precision(cfg.train, device)[0])):
         return _train(cfg, Path(out), data, ctx, device)
 
 
