@@ -8,18 +8,20 @@ import re
 import shutil
 import statistics
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from conftest import synthetic_data
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from har.config import config_hash, from_dict
 from har.data.build import write_bundle
 from har.engine.trainer import train
 from har.evaluation.evaluate import evaluate_run
 from har.pipeline import grid
-from har.reporting import ResultError, build_tables, load_published, load_results, plot_figures, summarise
+from har.reporting import ResultError, build_tables, figures, load_published, load_results, plot_figures, summarise
 from har.reporting.results import target_column
 
 SPLIT = "cifar10-r100"
@@ -252,3 +254,56 @@ def test_each_table_reports_only_the_splits_of_the_datasets_serving_it(results, 
     assert set(tables["III"]["Split"]) == {"imagenet_lt"}  # no CIFAR rows, and no runs there yet
     assert (tables["III"]["all"] == "-").all()
     assert set(tables["V"]["Split"]) == {SPLIT}
+
+
+# The label a run on a re-built CIFAR-10 copy records: one unbroken caption line of it made Fig. 2 2856 px wide.
+LONG_LABEL = ("CIFAR-10 copy at /work/shared/data/cifar-10-batches-py (md5 differs from the official release: "
+              "data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch) (quick run: 0.05 of "
+              "every training class, 0.1 of val and test)")
+
+
+def _relabelled(results, tmp_path, ratios):
+    """The runs copied under a long data label, their final runs recorded once per CIFAR-10 split of `ratios`."""
+    root, records, bundles = results
+    copy_root = tmp_path / "runs"
+    shutil.copytree(root, copy_root)
+    for path in copy_root.rglob("eval/test.json"):
+        report = json.loads(path.read_text())
+        report["data_provenance"]["label"] = LONG_LABEL
+        path.write_text(json.dumps(report))
+    cfg = copy.deepcopy(PIPELINE)
+    cfg["datasets"] = [{"name": "cifar10", "ratios": ratios}]
+    splits = [grid.split_name("cifar10", r) for r in ratios]
+    finals = [r for r in records if r["role"] == "final"]
+    return copy_root, cfg, [dict(r, split=s) for s in splits for r in finals], {s: bundles[SPLIT] for s in splits}
+
+
+@pytest.mark.parametrize("ratios", [[100], [100, 50, 20, 10]])
+def test_figures_keep_captions_legends_and_panels_readable(results, tmp_path, monkeypatch, ratios):
+    root, cfg, records, bundles = _relabelled(results, tmp_path, ratios)
+    drawn, save = {}, figures._save
+
+    def keep(fig, out_dir, name):
+        drawn[name] = fig
+        return save(fig, out_dir, name)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    plot_figures(records, root, cfg, tmp_path / "figures", bundles)
+    assert len(drawn) == 6
+    for name, fig in drawn.items():
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        box, width = fig.get_tightbbox(renderer), fig.get_figwidth()
+        assert -0.05 <= box.x0 and box.x1 <= width + 0.05, name  # no caption, title or legend juts out sideways
+        for legend in fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]:
+            extent = legend.get_window_extent(renderer)
+            assert fig.bbox.x0 <= extent.x0 and extent.x1 <= fig.bbox.x1, name
+        caption = next(t.get_text() for t in fig.texts if t.get_text().startswith("Data: "))
+        assert "cifar-10-batches-py" in caption and "Trained on: " in caption and "\n" in caption
+        if name != "fig7_exit_examples":  # Fig. 7's thumbnails are eight to a row by design
+            assert width <= figures.MAX_COLUMNS * 4.6 + 2.5, name
+            panels = [ax.get_window_extent(renderer).width / fig.dpi for ax in fig.axes]
+            assert min(panels) >= 2.5, name  # inches: at 150 dpi a panel keeps about 400 px or more
+    pad = matplotlib.rcParams["savefig.pad_inches"]
+    for name, fig in drawn.items():  # the saved PNG (150 dpi, cropped tight) is no wider than the figure and its pads
+        png_width = int.from_bytes((tmp_path / "figures" / f"{name}.png").read_bytes()[16:20], "big")
+        assert png_width <= (fig.get_figwidth() + 2 * pad) * 150 + 2, name

@@ -1,20 +1,27 @@
 """The paper's Figures 2-7 from the run folders: accuracy against cost, confidence, loss per exit, exits.
 
 Figures are bare `matplotlib.figure.Figure` objects drawn by the Agg canvas: no pyplot state, no display and
-nothing left open. Every figure is titled with the config label and written as PNG and PDF.
+nothing left open. Every figure is titled with the config label, captioned under its axes with the data its runs saw
+and where they trained, and written as PNG and PDF. Panels sit in rows of at most `MAX_COLUMNS`, legends inside
+the figure and titles and captions wrapped to its width, so a paper grid of eight splits stays readable at 100%.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+import math
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from har.atomic import atomic_write
 from har.config import CIFAR_DATASETS, from_dict
@@ -26,6 +33,7 @@ from har.pipeline import grid
 from har.reporting.results import (
     ResultError,
     load_results,
+    machine_text,
     provenance_text,
     read_eval,
     read_metrics,
@@ -37,6 +45,52 @@ from har.reporting.results import (
 log = logging.getLogger(__name__)
 
 EXAMPLES_PER_EXIT = 8
+MAX_COLUMNS = 3  # panels per row: each split keeps a readable panel (about 700 px at 150 dpi) however many there are
+# DejaVu Sans (Agg's default) averages about 0.5 em per character on captions like ours; 0.6 leaves room for capitals
+CHAR_EM = 0.6
+HEADER_IN = 1.0  # room for a two- or three-line suptitle
+
+
+def _wrap(text: str, width_in: float, size_pt: float) -> str:
+    """`text` broken into lines that fit `width_in` inches at `size_pt` points: a long line would otherwise widen the
+    saved PNG (bbox_inches="tight") far beyond its panels. Explicit newlines are kept."""
+    chars = max(20, math.floor(width_in * 72 / (size_pt * CHAR_EM)))
+    return "\n".join(textwrap.fill(line, chars, break_on_hyphens=False) for line in text.split("\n"))
+
+
+def _title(fig: Figure, text: str) -> None:
+    """The figure's suptitle, wrapped to its width."""
+    title = fig.suptitle(text)
+    title.set_text(_wrap(text, fig.get_figwidth(), title.get_fontsize()))
+
+
+def _caption(fig: Figure, df: pd.DataFrame) -> None:
+    """Provenance under the axes, wrapped to the figure's width: the data the runs saw and where they trained."""
+    text = fig.text(0.5, 0.0, "", ha="center", va="top", fontsize="small")
+    text.set_text(_wrap(f"Data: {provenance_text(df)}. Trained on: {machine_text(df)}.", fig.get_figwidth(),
+                        text.get_fontsize()))
+
+
+def _panels(n: int, panel: tuple[float, float], legend_in: float = 0.0) -> tuple[Figure, list[Axes]]:
+    """A figure of `n` panels of `panel` inches in rows of at most MAX_COLUMNS, with `legend_in` inches on the right
+    for a figure legend; cells past `n` in the last row are removed."""
+    columns = min(n, MAX_COLUMNS)
+    rows = math.ceil(n / columns)
+    fig = Figure(figsize=(columns * panel[0] + legend_in, rows * panel[1] + HEADER_IN), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.remove()
+    return fig, list(axes[:n])
+
+
+def _shared_legend(fig: Figure, axes: Sequence[Axes]) -> None:
+    """One legend for all panels, right of them and inside the figure (each panel's own legend is removed)."""
+    handles = {}
+    for ax in axes:
+        handles.update({label: h for h, label in zip(*ax.get_legend_handles_labels())})
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    fig.legend(handles.values(), handles.keys(), loc="outside right center", fontsize=7)
 
 
 def _save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
@@ -64,6 +118,12 @@ def _method_order(cfg: dict, methods: Sequence[str]) -> list[str]:
     return [m for m in cfg["methods"] if m in set(methods)]
 
 
+def _in_order(runs: pd.DataFrame, cfg: dict, splits: list[str]) -> pd.DataFrame:
+    """Runs split by split in `splits` order, by config method order within a split (records may come in any order)."""
+    rank = {key: i for i, key in enumerate(itertools.product(splits, _method_order(cfg, runs["method"])))}
+    return runs.iloc[np.argsort([rank[key] for key in zip(runs["split"], runs["method"])], kind="stable")]
+
+
 def _sweep(runs: pd.DataFrame, root: Path) -> pd.DataFrame:
     """The test sweep over s averaged over seeds: s, relative MACs, top-1."""
     points = [{"s": p["exit_threshold"], "rel_macs": 1 - p["saving"], "top1": p["top1"]}
@@ -77,8 +137,8 @@ def fig_accuracy_flops(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str
     finals = _finals(df)
     methods = _method_order(cfg, finals["method"])
     colors = dict(zip(methods, sns.color_palette("tab20", len(methods))))
-    fig = Figure(figsize=(5 * len(splits) + 2.5, 4.2), layout="constrained")
-    for ax, split in zip(fig.subplots(1, len(splits), squeeze=False)[0], splits):
+    fig, axes = _panels(len(splits), (4.6, 3.8), legend_in=2.4)
+    for ax, split in zip(axes, splits, strict=True):
         runs = finals[finals["split"] == split]
         for method in _method_order(cfg, runs["method"]):
             group = runs[runs["method"] == method]
@@ -94,9 +154,8 @@ def fig_accuracy_flops(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str
                 ax.scatter(1.0, 100 * group["top1"].mean(), marker="s", s=40, color=color, zorder=3,
                            label=f"{name} static")
         ax.set(title=split, xlabel="MACs relative to the backbone", ylabel="test top-1 (%)")
-    handles = {label: h for ax in fig.axes for h, label in zip(*ax.get_legend_handles_labels())}
-    fig.legend(handles.values(), handles.keys(), loc="outside right center", fontsize=7)
-    fig.suptitle(f"{title} (mean over seeds)\n{setting_label(cfg)}")
+    _shared_legend(fig, axes)
+    _title(fig, f"{title} (mean over seeds)\n{setting_label(cfg)}")
     return fig
 
 
@@ -133,7 +192,7 @@ def fig_confidence(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str]) -
     methods = _pair(df, cfg)
     if not methods:
         return None
-    fig = Figure(figsize=(5 * len(methods), 3.6 * len(splits)), layout="constrained")
+    fig = Figure(figsize=(4.6 * len(methods), 3.4 * len(splits) + HEADER_IN), layout="constrained")
     axes = fig.subplots(len(splits), len(methods), squeeze=False)
     bins = np.linspace(0, 1, 21)
     for row, split in zip(axes, splits):
@@ -158,7 +217,7 @@ def fig_confidence(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str]) -
             ax.set(title=f"{run['display']}, {split}, seed {run['seed']}", xlim=(0, 1),
                    xlabel="true-class probability at the final exit", ylabel="share of test examples")
             ax.legend(fontsize=7, loc="center")
-    fig.suptitle(f"Confidence of minority and majority classes (test)\n{setting_label(cfg)}")
+    _title(fig, f"Confidence of minority and majority classes (test)\n{setting_label(cfg)}")
     return fig
 
 
@@ -176,17 +235,18 @@ def fig_loss_per_exit(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str]
                   "loss": np.nan if loss is None else loss, "fraction": 100 * fraction}
                  for k, (loss, fraction) in enumerate(zip(last["exit_loss"], last["exit_fraction"]))]
     long = pd.DataFrame(rows)
-    fig = Figure(figsize=(5 * len(splits) + 2, 6.5), layout="constrained")
-    axes = fig.subplots(2, len(splits), squeeze=False)
-    for column, split in enumerate(splits):
+    methods = list(dict.fromkeys(long["method"]))
+    fig = Figure(figsize=(2 * 4.6 + 1.8, 3.2 * len(splits) + HEADER_IN), layout="constrained")
+    axes = fig.subplots(len(splits), 2, squeeze=False)  # a row per split: loss beside share
+    for row, split in zip(axes, splits, strict=True):
         part = long[long["split"] == split]
-        for ax, metric, label in ((axes[0, column], "loss", "mean HAR loss"),
-                                  (axes[1, column], "fraction", "training examples exiting here (%)")):
-            sns.barplot(data=part, x="exit", y=metric, hue="method", errorbar="sd", ax=ax)
+        for ax, metric, label in zip(row, ("loss", "fraction"),
+                                     ("mean HAR loss", "training examples exiting here (%)")):
+            sns.barplot(data=part, x="exit", y=metric, hue="method", hue_order=methods, errorbar="sd", ax=ax)
             ax.set(title=split, xlabel="", ylabel=label)
-            ax.legend(fontsize=7)
-    fig.suptitle(f"HAR loss and share of examples per exit\nlast training epoch, mean ± std over seeds\n"
-                 f"{setting_label(cfg)}")
+    _shared_legend(fig, axes.ravel())
+    _title(fig, f"HAR loss and share of examples per exit\nlast training epoch, mean ± std over seeds\n"
+                f"{setting_label(cfg)}")
     return fig
 
 
@@ -199,21 +259,22 @@ def fig_exits_by_epoch(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str
     if finals.empty:
         return None
     rows = []
-    for _, run in finals.iterrows():
+    for _, run in _in_order(finals, cfg, splits).iterrows():  # a panel per (split, method), split by split
         for row in read_metrics(root / run["run_dir"]):
             rows += [{"panel": f"{run['display']}, {run['split']}", "epoch": row["epoch"] + 1, "exit": f"exit {k + 1}",
                       "share": 100 * fraction, "seed": run["seed"]}
                      for k, fraction in enumerate(row["exit_fraction"])]
     long = pd.DataFrame(rows)
-    panels = list(dict.fromkeys(long["panel"]))
-    fig = Figure(figsize=(5.5 * len(panels), 4.5), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    panels, exits = list(dict.fromkeys(long["panel"])), sorted(set(long["exit"]), key=lambda e: int(e.split()[1]))
+    fig, axes = _panels(len(panels), (4.6, 3.6), legend_in=1.0)
     for ax, panel in zip(axes, panels, strict=True):
-        sns.lineplot(data=long[long["panel"] == panel], x="epoch", y="share", hue="exit", errorbar=("pi", 100),
-                     marker="o" if long["epoch"].nunique() <= 20 else None, ax=ax)
-        ax.set(title=panel, ylabel="training examples leaving here (%)", ylim=(-2, 102))
-        ax.legend(fontsize=7, loc="center right")
-    fig.suptitle(f"Where training examples leave, epoch by epoch (mean and range over seeds)\n{setting_label(cfg)}")
+        sns.lineplot(data=long[long["panel"] == panel], x="epoch", y="share", hue="exit", hue_order=exits,
+                     errorbar=("pi", 100), marker="o" if long["epoch"].nunique() <= 20 else None, ax=ax)
+        ax.set(title=panel, ylabel="training examples leaving here (%)", ylim=(-2, 102),
+               xlim=(0.5, long["epoch"].max() + 0.5))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    _shared_legend(fig, axes)
+    _title(fig, f"Where training examples leave, epoch by epoch (mean and range over seeds)\n{setting_label(cfg)}")
     return fig
 
 
@@ -248,8 +309,7 @@ def fig_exits(run: pd.Series, root: Path, cfg: dict) -> Figure:
     if any("confusion" not in e for e in per_exit):
         raise ResultError(f"{root / run['run_dir']}/eval/test.json has no per-exit confusion; evaluate it again")
     num_classes = len(report["class_counts"])
-    fig = Figure(figsize=(3.3 * (len(per_exit) + 1) + 1, 3.9), layout="constrained")
-    axes = fig.subplots(1, len(per_exit) + 1)
+    fig, axes = _panels(len(per_exit) + 1, (3.4, 3.4))
     for k, (ax, entry) in enumerate(zip(axes, per_exit)):
         ticks = num_classes <= 10
         sns.heatmap(np.array(entry["confusion"]), ax=ax, cmap="Blues", cbar=False, square=True,
@@ -257,7 +317,7 @@ def fig_exits(run: pd.Series, root: Path, cfg: dict) -> Figure:
                     rasterized=True)
         accuracy = "-" if entry["accuracy"] is None else f"{entry['accuracy']:.0%}"
         ax.set(title=f"exit {k + 1}: {entry['fraction']:.0%} leave, acc {accuracy}", xlabel="predicted",
-               ylabel="true" if k == 0 else "")
+               ylabel="true" if k % MAX_COLUMNS == 0 else "")
     ax = axes[-1]
     exits = np.arange(1, len(per_exit) + 1)
     bottom = np.zeros(len(per_exit))
@@ -273,7 +333,7 @@ def fig_exits(run: pd.Series, root: Path, cfg: dict) -> Figure:
     twin.grid(False)
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper right")
-    fig.suptitle(f"Exits at inference: {_run_title(run, best)}\n{setting_label(cfg)}")
+    _title(fig, f"Exits at inference: {_run_title(run, best)}\n{setting_label(cfg)}")
     return fig
 
 
@@ -325,7 +385,7 @@ def fig_exit_examples(run: pd.Series, root: Path, cfg: dict, bundle: Path | None
             if not ax.images and ax is not row[0]:
                 ax.set_axis_off()
         row[0].set_ylabel(f"exit {k + 1}\n({len(leaving)} leave)", fontsize=9)
-    fig.suptitle(f"Test images by exit: {_run_title(run, best)}\n{setting_label(cfg)}")
+    _title(fig, f"Test images by exit: {_run_title(run, best)}\n{setting_label(cfg)}")
     return fig
 
 
@@ -362,7 +422,7 @@ def plot_figures(records: Sequence[dict], root: str | Path, cfg: dict, out_dir: 
         if fig is None:
             log.info("%s skipped: %s", name, why)
         else:
-            fig.text(0.5, 0.0, f"Data: {provenance_text(df)}", ha="center", va="top", fontsize="small")
+            _caption(fig, df)
             paths.extend(_save(fig, out_dir, name))
 
     splits = small + large
