@@ -88,7 +88,10 @@ def machine_text(df: pd.DataFrame) -> str:
     """Where and in which precision the runs trained, for captions: each distinct machine of their machine.jsonl."""
     if df.empty or "machine" not in df.columns:
         return "not recorded"
-    return "; ".join(dict.fromkeys(part for text in df["machine"] for part in str(text).split("; ")))
+    parts = list(dict.fromkeys(part for text in df["machine"] for part in str(text).split("; ")))
+    if len(parts) > 1 and "not recorded" in parts:  # tau-norm trains nothing; runs older than machine.jsonl
+        parts = [p for p in parts if p != "not recorded"] + ["not recorded for some runs"]
+    return "; ".join(parts)
 
 
 def _lookup(report: dict, dotted: str) -> Any:
