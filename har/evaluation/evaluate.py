@@ -113,8 +113,9 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", data: RunData | None
                  target_savings: Sequence[float] | None = None) -> dict[str, dict]:
     """Evaluate a completed run on its validation and test splits; return the two reports.
 
-    `target_savings` (None: `eval.target_savings`) are the MACs savings at which s is chosen, each reported as
-    `dynamic_selected["saving>=X"]` beside `"best"`; `har.evaluation.selection` says on which images.
+    `target_savings` (None: `eval.target_savings`) are the MACs savings at which s is chosen, each reported under
+    both readings as `dynamic_selected["saving>=X"]` (heads counted) and `["saving_trunk>=X"]` (heads not counted)
+    beside `"best"`; `har.evaluation.selection` says on which images.
     """
     run_dir = Path(run_dir)
     dev = resolve_device(device)
