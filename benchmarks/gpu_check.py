@@ -8,8 +8,8 @@ they are the runs behind the pipeline's Table II cells. Members of one shape sha
 bare baselines and HAR models differ in layout, CE and LDAM in classifier, so the 12 runs make 4 packs of 3, each
 trained in its own process, all at once on the device; each process then evaluates its runs
 (`evaluate_run`, s chosen at the paper's savings as the pipeline's evaluation jobs choose it). The report is the
-pipeline's: Table II and the fidelity report (ours mean ± std over seeds against the paper, within our seed
-noise or not, and HAR minus its baseline, seed by seed), then the wall times.
+pipeline's: Table II and the fidelity report (ours mean ± std over seeds against the paper under its verdict rule,
+and HAR minus its baseline, seed by seed), then the wall times.
 
     har export-data --config config/runs/cifar10_lt100_har_ldam_drw.yaml --out .carry/cifar10-lt100.npz.xz
     python benchmarks/gpu_check.py --bundle .carry/cifar10-lt100.npz.xz --out OUT --deadline 560

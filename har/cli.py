@@ -44,6 +44,7 @@ def summary_lines(report: dict) -> list[str]:
         s = "/".join(f"{x:.3g}" for x in result.get("exit_thresholds", [result["exit_threshold"]]))
         lines.append(f"  dynamic s={s} ({name}, {result.get('protocol', 'val')})  top-1 {_fmt(result['top1'])}"
                      f"   MACs {result['mean_macs'] / 1e6:.2f} M  saving {100 * result['saving']:+.1f}%"
+                     f" ({100 * result['saving_trunk']:+.1f}% heads not counted)"
                      f"   exit fractions {fractions}")
     return lines
 
@@ -81,7 +82,14 @@ def cmd_train_pack(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    _evaluate(args.run, args.device)
+    if not args.from_cache:
+        _evaluate(args.run, args.device)
+        return
+    from har.evaluation.evaluate import evaluate_from_cache
+
+    for report in evaluate_from_cache(args.run).values():
+        print("\n".join(summary_lines(report)))
+    print(f"rewritten from the cache: {args.run / 'eval'}/{{val,test}}.json")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -161,6 +169,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="static and dynamic evaluation of a trained run")
     ev.add_argument("--run", type=Path, required=True, help="run folder written by har train")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    ev.add_argument("--from-cache", action="store_true",
+                    help="recompute eval/*.json from the cached outputs (eval/*.npz) under the current rules, without "
+                         "data or weights (default: off, a forward pass)")
     ev.set_defaults(func=cmd_evaluate)
 
     ex = sub.add_parser("export-data", help="write a run's splits to one compressed file (for offline GPU machines)")

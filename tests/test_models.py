@@ -167,8 +167,11 @@ def test_flops_table_and_dynamic_cost() -> None:
     at_last = dynamic_cost(np.full(100, 3), table)
     assert at_last["mean_macs"] == cumulative[-1]
     assert at_last["saving"] == pytest.approx(-head_macs / table["backbone_macs"])
+    assert at_last["saving_trunk"] == pytest.approx(0.0, abs=1e-12)  # heads not counted: the bare backbone
     mixed = dynamic_cost(torch.tensor([0, 3]), table)
     assert mixed["mean_macs"] == pytest.approx((cumulative[0] + cumulative[-1]) / 2)
+    stem = table["backbone_segments"][0]["macs"]  # exit 0 after the stem: the stem alone, heads not counted
+    assert mixed["saving_trunk"] == pytest.approx(1 - (stem + table["backbone_macs"]) / 2 / table["backbone_macs"])
     with pytest.raises(ValueError, match=r"\[0, 3\]"):
         dynamic_cost(np.array([4]), table)
 

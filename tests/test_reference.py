@@ -149,7 +149,8 @@ def test_a_checkpoint_saved_restored_into_another_folder_finishes_bit_identical(
 def test_rebuild_reads_finished_runs_only_and_refuses_an_unfinished_one_by_name(tiny_reference, tmp_path,
                                                                                 monkeypatch):
     """Tables, fidelity report and figures come from the finished runs saved under runs/ (a partial set: the
-    tables say n); a folder there whose run has not finished stops the rebuild, naming it."""
+    tables say n), each re-evaluated from its cache under the current rules first; a folder there whose run has not
+    finished stops the rebuild, naming it."""
     cfg, bundle = tiny_reference
     config = tmp_path / "reference.yaml"
     config.write_text(yaml.safe_dump(cfg))
@@ -158,7 +159,12 @@ def test_rebuild_reads_finished_runs_only_and_refuses_an_unfinished_one_by_name(
         train_in(tmp_path / "work", cfg, specs[method], bundle)
     shipped = tmp_path / "shipped"
     reference.save(tmp_path / "work", shipped)
+    older = shipped / "runs" / "cifar10-r100" / "har_ce_drw" / "seed0" / "eval" / "test.json"
+    report = json.loads(older.read_text())  # as an older har wrote it: no saving with the heads not counted
+    report["dynamic_selected"] = {k: v for k, v in report["dynamic_selected"].items() if "trunk" not in k}
+    older.write_text(json.dumps(report))
     lines = reference.rebuild(config, shipped, shipped / "tables", tmp_path / "figures", bundle.parent.parent)
+    assert "saving_trunk>=0.32" in json.loads(older.read_text())["dynamic_selected"]  # re-evaluated from its cache
     assert lines[0] == ("2 finished runs; not there yet: results/runs/cifar10-r100/har_ldam_drw/seed0, "
                         "results/runs/cifar10-r100/ldam_drw/seed0")
     table = (shipped / "tables" / "table_II.md").read_text()

@@ -19,10 +19,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from har.config import config_hash, from_dict
 from har.data.build import write_bundle
 from har.engine.trainer import train
+from har.evaluation.dynamic import READINGS
 from har.evaluation.evaluate import evaluate_run
 from har.pipeline import grid
 from har.reporting import ResultError, build_tables, figures, load_published, load_results, plot_figures, summarise
-from har.reporting.results import target_column
+from har.reporting.results import target_column, target_label
 
 SPLIT = "cifar10-r100"
 PIPELINE = {
@@ -97,6 +98,10 @@ def test_rows_equal_the_eval_json(results):
             (best["exit_threshold"], best["top1"], best["saving"])
         assert (row[target_column("s", 0.2)], row[target_column("top1", 0.2)], row[target_column("saving", 0.2)]) == \
             (target["exit_threshold"], target["top1"], target["saving"])
+        trunk = test["dynamic_selected"]["saving_trunk>=0.2"]
+        at = {m: row[target_column(m, 0.2, "saving_trunk")] for m in ("saving_trunk", "top1", "reached")}
+        assert at == {"saving_trunk": trunk["saving_trunk"], "top1": trunk["top1"],
+                      "reached": float(all(trunk["target"]["reached"]))}
         assert row["har"] == (record["base_method"] == "har_ce_drw")
         assert row["num_exits"] == len(test["flops"]["exits"])
     assert df["many"].isna().all() and df["medium"].notna().all()  # counts (21, 6, 2): no many-shot class
@@ -189,8 +194,9 @@ def test_tables_in_three_formats_with_every_row_and_the_paper_columns(results, t
     mean, std = 100 * har["top1"].mean(), 100 * har["top1"].std()
     assert two.loc[("HAR(CE)+DRW", "static"), "top-1"] == f"{mean:.1f} ± {std:.1f}"
     assert two.loc[("HAR(CE)+DRW", "static"), "top-1 paper"] == "-"  # the paper's HAR value is dynamic
-    at_paper = two.loc[("HAR(CE)+DRW", "dynamic, s for the paper's 32% saving §")]  # evaluated at 0.2 only
-    assert (at_paper["top-1"], at_paper["top-1 paper"], at_paper["MACs saving paper"]) == ("-", "76.8", "32.0")
+    for reading in READINGS:  # evaluated at 0.2 only
+        at_paper = two.loc[("HAR(CE)+DRW", f"{target_label(0.32, reading)} §")]
+        assert (at_paper["top-1"], at_paper["top-1 paper"], at_paper["MACs saving paper"]) == ("-", "76.8", "32.0")
     dyn = 100 * har["dyn_top1"].mean()
     assert two.loc[("HAR(CE)+DRW", "dynamic, most accurate s"), "top-1"].startswith(f"{dyn:.1f}")
     drw = df[(df["method"] == "ce_drw") & (df["role"] == "final")]

@@ -1,5 +1,7 @@
 """tau-norm's tau cross-fitted on the test halves: chosen on one half, reported on the other, every class in both."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from har.data.batches import eval_batches
 from har.engine.assembly import build_model
 from har.engine.checkpoint import RunError, atomic_save, load_checkpoint
 from har.engine.trainer import train
-from har.evaluation.evaluate import crossfit_tau_norm, evaluate_run
+from har.evaluation.evaluate import crossfit_tau_norm, evaluate_from_cache, evaluate_run
 from har.methods import decoupled
 
 # Norms 5, 1, 2. Bias-free logits by hand: tau 0 -> f @ W.T; tau 1 -> [0.6 f1 + 0.8 f2, f1, f2 / 1].
@@ -85,6 +87,23 @@ def test_evaluation_writes_the_cross_fitted_final_logits(tau_run):
         assert tau == selection.best_tau(dict(zip(cfg.decouple.taus, by_hand, strict=True)))
     static = (cached["logits"][-1].argmax(1) == data.test.labels).mean()
     assert test["static"]["top1"] == pytest.approx(static)
+
+
+def test_the_cross_fitted_tau_norm_reports_again_from_its_cache(tau_run, tmp_path):
+    """The cache holds the cross-fitted final logits and the record of tau's choice; an older cache without the
+    record takes it from the existing report."""
+    run, data = tau_run
+    written = evaluate_run(run, device="cpu", data=data)["test"]
+    again = tmp_path / "tau"
+    shutil.copytree(run, again)
+    (again / "last.pt").unlink()
+    test = evaluate_from_cache(again)["test"]
+    assert test["tau_selection"] == written["tau_selection"]
+    assert {k: v for k, v in test.items() if k != "run"} == {k: v for k, v in written.items() if k != "run"}
+    with np.load(again / "eval" / "test.npz") as cached:
+        older = {"logits": cached["logits"], "labels": cached["labels"]}
+    np.savez_compressed(again / "eval" / "test.npz", **older)
+    assert evaluate_from_cache(again)["test"]["tau_selection"] == written["tau_selection"]
 
 
 def test_under_the_val_protocol_the_test_split_keeps_the_val_chosen_tau(tau_run, monkeypatch):

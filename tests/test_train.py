@@ -171,8 +171,9 @@ def test_every_loss_trains_and_evaluates(tmp_path, tiny_data, loss):
     assert last["per_exit"][-1]["fraction"] == 1.0 and last["top1"] == test["static"]["top1"]
     heads = sum(e["head_macs"] for e in test["flops"]["exits"][:-1])
     assert last["saving"] == pytest.approx(-heads / test["flops"]["backbone_macs"])
-    assert set(test["exit_thresholds_chosen"]) == {"best", "saving>=0.2"}
-    assert set(reports["val"]["exit_thresholds_chosen"]) == {"best", "saving>=0.2"}
+    assert last["saving_trunk"] == pytest.approx(0.0, abs=1e-12)  # heads not counted: all at the last exit save 0
+    chosen = {"best", "saving>=0.2", "saving_trunk>=0.2"}
+    assert set(test["exit_thresholds_chosen"]) == set(reports["val"]["exit_thresholds_chosen"]) == chosen
     assert test["selection_protocol"] == "crossfit-test-halves" and sum(test["halves"]["sizes"]) == 18
     cached = np.load(tmp_path / loss / "eval" / "test.npz")
     assert cached["logits"].shape == (4, 18, 3)

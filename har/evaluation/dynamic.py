@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -17,6 +19,41 @@ from har.evaluation.confidence import confidence_ceiling
 from har.evaluation.metrics import classification_summary, confusion_matrix
 
 NO_EXIT_THRESHOLD = 1.01  # above any softmax probability: every example reaches the last exit (static mode)
+
+# The two readings of a FLOPs saving (the paper does not say which it used), as the result fields holding them:
+# 1 - mean MACs / the bare backbone's, counting every exit head evaluated, or only the backbone up to the exit.
+READINGS = {"saving": "heads counted", "saving_trunk": "heads not counted"}
+
+
+@dataclass(frozen=True)
+class ExitCosts:
+    """MACs of an example that leaves at each exit, under both readings of a saving, and the bare backbone's.
+
+    `with_heads[k]`: the backbone up to exit k plus every head evaluated on the way, this one included (all at the
+    last exit costs more than the backbone); `trunk[k]`: the backbone up to exit k alone (all at the last exit is
+    the backbone: saving 0).
+    """
+
+    with_heads: tuple[float, ...]
+    trunk: tuple[float, ...]
+    backbone: float
+
+    @classmethod
+    def from_table(cls, table: Mapping) -> ExitCosts:
+        """From `har.evaluation.flops.flops_table`: the trunk is the cumulative cost less the heads so far."""
+        exits = table["exits"]
+        heads = np.cumsum([e["head_macs"] for e in exits], dtype=np.float64)
+        with_heads = np.array([e["cumulative_macs"] for e in exits], dtype=np.float64)
+        return cls(tuple(with_heads.tolist()), tuple((with_heads - heads).tolist()), float(table["backbone_macs"]))
+
+    def of(self, where: np.ndarray) -> dict[str, float]:
+        """`mean_macs` and the saving under each reading of examples leaving at exits `where`."""
+        if not len(where):
+            return {"mean_macs": 0.0, "saving": 1.0, "saving_trunk": 1.0}
+        mean_macs = float(np.asarray(self.with_heads)[where].mean())
+        mean_trunk = float(np.asarray(self.trunk)[where].mean())
+        return {"mean_macs": mean_macs, "saving": 1.0 - mean_macs / self.backbone,
+                "saving_trunk": 1.0 - mean_trunk / self.backbone}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -39,30 +76,26 @@ def exit_outcomes(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return probs.max(axis=2), probs.argmax(axis=2)
 
 
-def dynamic_result(probs: np.ndarray, labels: np.ndarray, exit_threshold: float, exit_macs: Sequence[float],
-                   backbone_macs: float, groups: Mapping[str, Sequence[int]], *,
-                   with_confusion: bool = False) -> dict:
+def dynamic_result(probs: np.ndarray, labels: np.ndarray, exit_threshold: float, costs: ExitCosts,
+                   groups: Mapping[str, Sequence[int]], *, with_confusion: bool = False) -> dict:
     """Accuracy, cost and per-exit breakdown of dynamic inference at one exit threshold.
 
     Args:
         probs: softmax probabilities [exits, examples, classes].
         labels: true classes [examples].
         exit_threshold: s.
-        exit_macs: MACs spent by an example that leaves at each exit (backbone so far + heads so far).
-        backbone_macs: MACs of the bare backbone (static mode), the reference for the saving.
+        costs: MACs of leaving at each exit and of the bare backbone (static mode), the reference for savings.
         groups: shot groups (many / medium / few class ids).
         with_confusion: add each exit's confusion matrix over the examples that leave there.
     """
     confidence, predictions = exit_outcomes(probs)
     where = exit_indices(confidence, exit_threshold)
-    result = result_at_exits(predictions, labels, where, probs.shape[2], exit_macs, backbone_macs, groups,
-                             with_confusion=with_confusion)
+    result = result_at_exits(predictions, labels, where, probs.shape[2], costs, groups, with_confusion=with_confusion)
     return {**result, "exit_threshold": float(exit_threshold)}
 
 
 def result_at_exits(predictions: np.ndarray, labels: np.ndarray, where: np.ndarray, num_classes: int,
-                    exit_macs: Sequence[float], backbone_macs: float, groups: Mapping[str, Sequence[int]], *,
-                    with_confusion: bool = False) -> dict:
+                    costs: ExitCosts, groups: Mapping[str, Sequence[int]], *, with_confusion: bool = False) -> dict:
     """Metrics of dynamic inference given the exit each example leaves at (`where`, [examples]).
 
     Split from the threshold so that examples of one report may leave by different s (cross-fitting: each
@@ -70,9 +103,8 @@ def result_at_exits(predictions: np.ndarray, labels: np.ndarray, where: np.ndarr
     """
     num_exits, num_examples = predictions.shape
     chosen = predictions[where, np.arange(num_examples)]
-    mean_macs = float(np.asarray(exit_macs, dtype=np.float64)[where].mean()) if num_examples else 0.0
     result = classification_summary(labels, chosen, num_classes, groups)
-    result.update(mean_macs=mean_macs, saving=1.0 - mean_macs / backbone_macs)
+    result.update(costs.of(where))
     per_exit = []
     for k in range(num_exits):
         mask = where == k
@@ -89,11 +121,11 @@ def result_at_exits(predictions: np.ndarray, labels: np.ndarray, where: np.ndarr
 
 
 def sweep_results(confidence: np.ndarray, predictions: np.ndarray, labels: np.ndarray, num_classes: int,
-                  exit_thresholds: Sequence[float], exit_macs: Sequence[float], backbone_macs: float,
+                  exit_thresholds: Sequence[float], costs: ExitCosts,
                   groups: Mapping[str, Sequence[int]]) -> list[dict]:
     """`dynamic_result` for every s of a sweep, from outcomes computed once (`exit_outcomes`)."""
-    return [{**result_at_exits(predictions, labels, exit_indices(confidence, s), num_classes, exit_macs,
-                               backbone_macs, groups), "exit_threshold": float(s)} for s in exit_thresholds]
+    return [{**result_at_exits(predictions, labels, exit_indices(confidence, s), num_classes, costs, groups),
+             "exit_threshold": float(s)} for s in exit_thresholds]
 
 
 # Steps of the default s sweep: 0.05 / C for cosine classifiers (their confidence lives within a few 1/C of 1/C,
@@ -119,19 +151,50 @@ def default_exit_thresholds(num_classes: int, classifier: str) -> list[float]:
     return [s for s in grid if s <= top] + [NO_EXIT_THRESHOLD]
 
 
-def choose_exit_threshold(sweep: Sequence[Mapping], target_saving: float | None = None) -> float:
-    """Pick s from a sweep computed on the validation split.
-
-    Without a target: the most accurate s (ties: the larger saving). With a target saving: the most
-    accurate s among those saving at least that much; if none does, the s with the largest saving.
-    """
+def choose_exit_threshold(sweep: Sequence[Mapping]) -> float:
+    """The most accurate s of a sweep (ties: the larger saving)."""
     if not sweep:
         raise ValueError("cannot choose an exit threshold from an empty sweep")
-    candidates = list(sweep)
-    if target_saving is not None:
-        reaching = [r for r in candidates if r["saving"] >= target_saving]
-        if not reaching:
-            return float(max(candidates, key=lambda r: r["saving"])["exit_threshold"])
-        candidates = reaching
-    best = max(candidates, key=lambda r: (r["top1"], r["saving"]))
-    return float(best["exit_threshold"])
+    return float(max(sweep, key=lambda r: (r["top1"], r["saving"]))["exit_threshold"])
+
+
+class Choice(NamedTuple):
+    """An s chosen for a target saving, and whether it reached the target on the images it was chosen on."""
+
+    exit_threshold: float
+    reached: bool
+
+
+def threshold_for_saving(confidence: np.ndarray, costs: ExitCosts, target: float, reading: str = "saving") -> Choice:
+    """The s whose saving (under `reading`, a key of READINGS) on these examples is the smallest at or above `target`.
+
+    The paper set s "depending on the desired FLOPS saving". A fixed grid of s moves many examples per step where
+    the exits' confidences bunch, so the candidates are the confidences of the intermediate exits themselves: every
+    exit assignment that any s gives is among them. The saving never grows with s (examples only move to later,
+    dearer exits) and two assignments of equal saving are one assignment (each exit costs more than the one before),
+    so the smallest saving reaching the target is found by bisection, and "ties: the more accurate" cannot arise.
+    The s returned is the middle of the band of s giving that assignment, so that no example of the choosing images
+    sits on it; s above every confidence is NO_EXIT_THRESHOLD. No s reaching the target: the largest saving (every
+    example out of the first exit), `reached` False.
+    """
+    candidates = np.concatenate([[0.0], np.unique(confidence[:-1])])  # s = c: examples with confidence > c leave
+
+    def saving(i: int) -> float:
+        return costs.of(exit_indices(confidence, candidates[i]))[reading]
+
+    def first(predicate, lo: int, hi: int) -> int:
+        """The first index in [lo, hi) where `predicate` holds (it holds from some index on), else hi."""
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if predicate(mid) else (mid + 1, hi)
+        return hi
+
+    reached = saving(0) >= target
+    last = len(candidates) - 1
+    chosen = first(lambda i: saving(i) < target, 0, len(candidates)) - 1 if reached else 0
+    value = saving(chosen)
+    band = first(lambda i: saving(i) <= value, 0, chosen + 1)  # the first candidate of the same assignment
+    if chosen == last:
+        return Choice(NO_EXIT_THRESHOLD, reached)
+    middle = (candidates[band] + candidates[chosen + 1]) / 2
+    return Choice(float(middle if candidates[band] <= middle < candidates[chosen + 1] else candidates[band]), reached)

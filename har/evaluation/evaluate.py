@@ -2,13 +2,17 @@
 
 Writes `eval/<split>.npz` (every exit's logits and the labels) and `eval/<split>.json` (static metrics,
 every exit on its own, the dynamic sweep over s, the dynamic results at the chosen s, confidence histograms,
-MACs table). How s, and tau-norm's tau, are chosen without choosing on the reported images:
-`har.evaluation.selection`.
+MACs table), the latter computed from the former alone (`har.evaluation.reports`), so `evaluate_from_cache`
+rewrites the reports of a run under the current rules without its data or weights. How s, and tau-norm's tau, are
+chosen without choosing on the reported images: `har.evaluation.selection`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,9 +30,8 @@ from har.engine.checkpoint import RunError, resume_checkpoint
 from har.engine.hardware import read_machines
 from har.engine.lock import folder_lock, refuse_if_held
 from har.evaluation import selection
-from har.evaluation.dynamic import default_exit_thresholds, exit_outcomes, softmax, sweep_results
 from har.evaluation.flops import flops_table
-from har.evaluation.metrics import classification_summary, confusion_matrix
+from har.evaluation.reports import SPLITS, SplitOutputs, split_reports
 from har.methods import decoupled
 from har.models import MultiExitNet
 
@@ -88,32 +91,6 @@ def collect_logits(model: MultiExitNet, split: Split | ListSplit, cfg: RunConfig
     return torch.cat(chunks, dim=1).numpy()
 
 
-def confidence_histograms(probs: np.ndarray, labels: np.ndarray, bins: int) -> list[list[list[int]]]:
-    """Per exit, per class: histogram of the true-class probability over [0, 1] (the paper's Fig. 3)."""
-    num_exits, _, num_classes = probs.shape
-    true_prob = probs[:, np.arange(len(labels)), labels]
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    return [[np.histogram(true_prob[k, labels == c], bins=edges)[0].tolist() for c in range(num_classes)]
-            for k in range(num_exits)]
-
-
-def split_report(probs: np.ndarray, labels: np.ndarray, data: RunData, table: dict,
-                 exit_thresholds: Sequence[float], bins: int) -> dict:
-    """Static, per-exit and dynamic-sweep metrics of one split from its softmax probabilities."""
-    exit_macs = [e["cumulative_macs"] for e in table["exits"]]
-    num_classes = data.num_classes
-    static_pred = probs[-1].argmax(1)
-    static = classification_summary(labels, static_pred, num_classes, data.groups)
-    static.update(macs=table["backbone_macs"], confusion=confusion_matrix(labels, static_pred, num_classes).tolist())
-    exits = [dict(classification_summary(labels, probs[k].argmax(1), num_classes, data.groups),
-                  macs_to_here=exit_macs[k]) for k in range(len(exit_macs))]
-    confidence, predictions = exit_outcomes(probs)
-    sweep = sweep_results(confidence, predictions, labels, num_classes, exit_thresholds, exit_macs,
-                          table["backbone_macs"], data.groups)
-    return {"num_examples": int(len(labels)), "static": static, "exits": exits, "dynamic_sweep": sweep,
-            "confidence_histograms": confidence_histograms(probs, labels, bins), "histogram_bins": bins}
-
-
 def crossfit_tau_norm(features: torch.Tensor, weight: torch.Tensor, labels: np.ndarray,
                       halves: tuple[np.ndarray, np.ndarray], taus: Sequence[float]) -> tuple[np.ndarray, dict]:
     """tau-norm's final-exit logits [examples, classes] with tau cross-fitted on `halves`, and `tau_selection`.
@@ -136,8 +113,9 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", data: RunData | None
                  target_savings: Sequence[float] | None = None) -> dict[str, dict]:
     """Evaluate a completed run on its validation and test splits; return the two reports.
 
-    `target_savings` (None: `eval.target_savings`) are the MACs savings at which s is chosen, each reported as
-    `dynamic_selected["saving>=X"]` beside `"best"`; `har.evaluation.selection` says on which images.
+    `target_savings` (None: `eval.target_savings`) are the MACs savings at which s is chosen, each reported under
+    both readings as `dynamic_selected["saving>=X"]` (heads counted) and `["saving_trunk>=X"]` (heads not counted)
+    beside `"best"`; `har.evaluation.selection` says on which images.
     """
     run_dir = Path(run_dir)
     dev = resolve_device(device)
@@ -153,50 +131,98 @@ def _evaluate_locked(run_dir: Path, dev: torch.device, data: RunData | None,
     data = data or build_data(cfg.data)
     model = build_model(cfg, data.num_classes).to(dev)
     model.load_state_dict(ckpt["model"])
-    table = flops_table(model, image_size=input_size(cfg))
-    exit_macs = [e["cumulative_macs"] for e in table["exits"]]
-    thresholds = cfg.eval.exit_thresholds or default_exit_thresholds(data.num_classes, cfg.classifier)
-    targets = cfg.eval.target_savings if target_savings is None else tuple(target_savings)
-    test_protocol = selection.protocol(cfg.data.dataset)
     # tau-norm's tau is cross-fitted on the test halves too; refused before anything is written if it cannot be
     tau_weight = (decoupled.stage_one_weight(ckpt, run_dir / CHECKPOINT)
-                  if cfg.decouple.method == "tau_norm" and test_protocol == selection.CROSSFIT else None)
-    reports: dict[str, dict] = {}
-    chosen_on_val: dict[str, float] = {}
-    for split in ("val", "test"):  # val first: under the val protocol it chooses s for the test split
+                  if cfg.decouple.method == "tau_norm" and selection.protocol(cfg.data.dataset) == selection.CROSSFIT
+                  else None)
+    outputs = {}
+    for split in SPLITS:
         part = data.split(split)
         logits = collect_logits(model, part, cfg, dev)
-        halves = selection.stratified_halves(part.labels, cfg.data.seed)
         tau_selection = None
         if split == "test" and tau_weight is not None:
+            halves = selection.stratified_halves(part.labels, cfg.data.seed)
             features = decoupled.pooled_features(model, eval_batches(part, cfg.data, cfg.eval.batch_size, dev))
             logits[-1], tau_selection = crossfit_tau_norm(features, tau_weight, part.labels, halves,
                                                           cfg.decouple.taus)
-        atomic_write(run_dir / "eval" / f"{split}.npz",
-                     lambda f: np.savez_compressed(f, logits=logits, labels=part.labels))
-        probs = softmax(logits)
-        report = split_report(probs, part.labels, data, table, thresholds, cfg.eval.histogram_bins)
-        if tau_selection is not None:
-            report["tau_selection"] = tau_selection
-        if split == "val":
-            chosen_on_val = selection.choose_all(report["dynamic_sweep"], targets)
-        if split == "test" and test_protocol == selection.VAL:
-            selected = selection.chosen_elsewhere_selected(probs, part.labels, chosen_on_val, exit_macs,
-                                                           table["backbone_macs"], data.groups)
-        else:  # the validation report is cross-fitted on its own halves, for comparison
-            name = selection.CROSSFIT if split == "test" else f"crossfit-{split}-halves"
-            selected = selection.crossfit_selected(probs, part.labels, halves, thresholds, targets, exit_macs,
-                                                   table["backbone_macs"], data.groups, name)
-        static_pred = probs[-1].argmax(1)
-        report["dynamic_selected"] = selected
-        report.update(split=split, run=str(run_dir), config_sha256=config_hash(cfg),
-                      selection_protocol=next(iter(selected.values()))["protocol"],
-                      exit_thresholds_chosen={name: r["exit_thresholds"] for name, r in selected.items()},
-                      halves={"seed": cfg.data.seed, "sizes": [len(h) for h in halves],
-                              "static_top1": [float((static_pred[h] == part.labels[h]).mean()) for h in halves]},
-                      flops=table, class_counts=data.class_counts, groups=data.groups)
-        report["data_provenance"] = data.provenance  # which files the run read: official or a copy, their hashes
+        cached = outputs[split] = SplitOutputs(logits, part.labels, tau_selection)
+        atomic_write(run_dir / EVAL_DIR / f"{split}.npz", lambda f, c=cached: np.savez_compressed(f, **c.arrays()))
+    table = flops_table(model, image_size=input_size(cfg))
+    targets = cfg.eval.target_savings if target_savings is None else tuple(target_savings)
+    provenance = {split: data.provenance for split in SPLITS}
+    return _write_reports(run_dir, cfg, outputs, table, data.class_counts, data.groups, targets, provenance)
+
+
+def _write_reports(run_dir: Path, cfg: RunConfig, outputs: dict[str, SplitOutputs], table: dict,
+                   class_counts: Sequence[int], groups: dict, targets: Sequence[float],
+                   provenance: dict[str, object]) -> dict[str, dict]:
+    """`eval/<split>.json` of each split from its cached outputs, with where the run's data and training came from."""
+    reports = split_reports(cfg, outputs, table, class_counts, groups, targets)
+    for split, report in reports.items():
+        report["run"] = str(run_dir)
+        if split in provenance:  # which files the run read: official or a copy, their hashes
+            report["data_provenance"] = provenance[split]
         report["trained_on"] = read_machines(run_dir)  # each start's device, CPU flags and precision
-        atomic_write_json(run_dir / "eval" / f"{split}.json", report)
-        reports[split] = report
+        atomic_write_json(run_dir / EVAL_DIR / f"{split}.json", report)
     return reports
+
+
+def evaluate_from_cache(run_dir: str | Path, target_savings: Sequence[float] | None = None) -> dict[str, dict]:
+    """Rewrite a run's `eval/<split>.json` from its `eval/<split>.npz` under the current rules: no data, no weights.
+
+    The MACs table comes from a model built from the run's config; class counts, shot groups and the data's
+    provenance from the run's existing reports, which must have been computed for its config. `target_savings`
+    (None: `eval.target_savings` and every target the existing test report chose s at).
+    """
+    run_dir = Path(run_dir)
+    with _evaluation_folder(run_dir):
+        cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        old = {split: _previous_report(run_dir, split, config_hash(cfg)) for split in SPLITS}
+        outputs = {split: _cached_outputs(run_dir, split, old[split]) for split in SPLITS}
+        num_classes = outputs["test"].logits.shape[2]
+        table = flops_table(build_model(cfg, num_classes), image_size=input_size(cfg))
+        for split, cached in outputs.items():
+            if cached.logits.shape[0] != len(table["exits"]):
+                raise RunError(f"{run_dir / EVAL_DIR / split}.npz holds {cached.logits.shape[0]} exits, the config's "
+                               f"model {len(table['exits'])}; evaluate {run_dir} again with har evaluate --run")
+        if target_savings is None:
+            recorded = [key[1] for name in old["test"]["dynamic_selected"]
+                        if (key := selection.parse_selection_key(name)) is not None]
+            target_savings = list(dict.fromkeys([*cfg.eval.target_savings, *recorded]))
+        provenance = {split: old[split]["data_provenance"] for split in SPLITS if "data_provenance" in old[split]}
+        return _write_reports(run_dir, cfg, outputs, table, old["test"]["class_counts"], old["test"]["groups"],
+                              target_savings, provenance)
+
+
+def _previous_report(run_dir: Path, split: str, expected_hash: str) -> dict:
+    """The run's existing `eval/<split>.json`, for what the cache does not hold (class counts, shot groups,
+    provenance, the tau-norm record of older caches); refused unless it belongs to the run's config."""
+    path = run_dir / EVAL_DIR / f"{split}.json"
+    fix = f"evaluate {run_dir} with har evaluate --run (it needs the run's weights and data)"
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunError(f"{path} is missing or unreadable ({exc}): re-evaluating from the cache takes the class "
+                       f"counts and shot groups from it; {fix}") from exc
+    if not isinstance(report, dict) or any(k not in report for k in ("class_counts", "groups", "dynamic_selected")):
+        raise RunError(f"{path} is not a complete evaluation report; {fix}")
+    if report.get("config_sha256") != expected_hash:
+        raise RunError(f"{path} was computed for another config than {run_dir / 'config.yaml'}, so its cache may be "
+                       f"too; {fix}")
+    return report
+
+
+def _cached_outputs(run_dir: Path, split: str, previous: dict) -> SplitOutputs:
+    """`eval/<split>.npz`, refused with the fix when missing or damaged."""
+    path = run_dir / EVAL_DIR / f"{split}.npz"
+    try:
+        with np.load(path) as archive:
+            logits, labels = archive["logits"], archive["labels"]
+            tau = json.loads(str(archive["tau_selection"])) if "tau_selection" in archive.files else None
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise RunError(f"{path} is missing, truncated or corrupt ({type(exc).__name__}: {exc}); evaluate {run_dir} "
+                       f"with har evaluate --run (it needs the run's weights and data)") from exc
+    if logits.ndim != 3 or labels.shape != (logits.shape[1],):
+        raise RunError(f"{path} holds logits of shape {logits.shape} and labels of shape {labels.shape}, not "
+                       f"[exits, examples, classes] and [examples]; evaluate {run_dir} with har evaluate --run")
+    return SplitOutputs(logits, labels, tau if tau is not None else previous.get("tau_selection"))

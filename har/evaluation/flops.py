@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
+from har.evaluation.dynamic import ExitCosts
 from har.models import MultiExitNet
 from har.models.exits import Segment, position_name
 
@@ -106,8 +107,8 @@ def dynamic_cost(exit_index: np.ndarray | Tensor, table: dict) -> dict:
     """Mean cost per example of early-exit inference, given each example's exit and :func:`flops_table`.
 
     Returns:
-        ``mean_macs`` and ``saving`` = 1 - mean_macs / backbone_macs (negative when the heads cost more than
-        early exits save).
+        ``mean_macs``, ``saving`` = 1 - mean_macs / backbone_macs (negative when the heads cost more than
+        early exits save) and ``saving_trunk``, the saving with the heads not counted (`ExitCosts`).
     """
     if isinstance(exit_index, Tensor):
         exit_index = exit_index.detach().cpu().numpy()
@@ -121,6 +122,4 @@ def dynamic_cost(exit_index: np.ndarray | Tensor, table: dict) -> dict:
             f"exit_index must hold integers in [0, {num_exits - 1}], got values"
             f" {np.unique(exit_index)[:10].tolist()} of dtype {exit_index.dtype}."
         )
-    cumulative = np.array([row["cumulative_macs"] for row in table["exits"]], dtype=np.float64)
-    mean_macs = float(cumulative[exit_index].mean())
-    return {"mean_macs": mean_macs, "saving": 1.0 - mean_macs / table["backbone_macs"]}
+    return ExitCosts.from_table(table).of(exit_index)

@@ -19,11 +19,15 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from har.evaluation.dynamic import (
+    READINGS,
+    Choice,
+    ExitCosts,
     choose_exit_threshold,
     exit_indices,
     exit_outcomes,
     result_at_exits,
     sweep_results,
+    threshold_for_saving,
 )
 
 CROSSFIT = "crossfit-test-halves"
@@ -59,37 +63,60 @@ def stratified_halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.nda
     return halves[0].astype(np.int64), halves[1].astype(np.int64)
 
 
-def choose_all(sweep: Sequence[Mapping], target_savings: Sequence[float]) -> dict[str, float]:
-    """`best` (the most accurate s) and `saving>=X` for each target X, from one sweep."""
-    chosen = {"best": choose_exit_threshold(sweep)}
-    chosen.update({f"saving>={x:g}": choose_exit_threshold(sweep, x) for x in target_savings})
+def selection_key(reading: str, target: float) -> str:
+    """The name of the choice of s for a target saving under a reading (a key of READINGS): `saving>=0.32`."""
+    return f"{reading}>={target:g}"
+
+
+def parse_selection_key(name: str) -> tuple[str, float] | None:
+    """(reading, target) of a `selection_key`; None for `best`."""
+    reading, sep, target = name.partition(">=")
+    return (reading, float(target)) if sep and reading in READINGS else None
+
+
+def choose_all(confidence: np.ndarray, sweep: Sequence[Mapping], costs: ExitCosts,
+               target_savings: Sequence[float]) -> dict[str, Choice]:
+    """`best` (the most accurate s of the sweep; `reached` True) and, for each target X and reading R,
+    `selection_key(R, X)`: the s whose saving is the smallest at or above X (`threshold_for_saving`)."""
+    chosen = {"best": Choice(choose_exit_threshold(sweep), True)}
+    chosen.update({selection_key(reading, x): threshold_for_saving(confidence, costs, x, reading)
+                   for x in target_savings for reading in READINGS})
     return chosen
 
 
+def _selected_entry(result: dict, name: str, choices: Sequence[Choice], protocol_name: str) -> dict:
+    """A `dynamic_selected` entry: the union's result, the s of each half, the protocol and, for a target, what was
+    asked and whether each choosing half reached it."""
+    thresholds = [c.exit_threshold for c in choices]
+    entry = {**result, "exit_threshold": thresholds[0], "exit_thresholds": thresholds, "protocol": protocol_name}
+    if (key := parse_selection_key(name)) is not None:
+        entry["target"] = {"reading": key[0], "saving": key[1], "reached": [c.reached for c in choices]}
+    return entry
+
+
 def crossfit_selected(probs: np.ndarray, labels: np.ndarray, halves: tuple[np.ndarray, np.ndarray],
-                      exit_thresholds: Sequence[float], target_savings: Sequence[float], exit_macs: Sequence[float],
-                      backbone_macs: float, groups: Mapping[str, Sequence[int]],
-                      protocol_name: str = CROSSFIT) -> dict[str, dict]:
-    """For each choice (`best`, `saving>=X`): s chosen on each half, applied to the other, metrics of the union.
+                      exit_thresholds: Sequence[float], target_savings: Sequence[float], costs: ExitCosts,
+                      groups: Mapping[str, Sequence[int]], protocol_name: str = CROSSFIT) -> dict[str, dict]:
+    """For each choice (`best`, one per target and reading): s chosen on each half, applied to the other, metrics
+    of the union.
 
     Each entry is a `dynamic_result` over all examples plus `exit_thresholds` [s chosen on A (applied to B),
-    s chosen on B (applied to A)], `exit_threshold` (the first of them, kept for readers of one s) and
-    `protocol`.
+    s chosen on B (applied to A)], `exit_threshold` (the first of them, kept for readers of one s), `protocol` and,
+    for a target, `target` {reading, saving, reached [on A, on B]}.
     """
     if not (len(halves[0]) and len(halves[1])):
         raise ValueError(f"cross-fitting needs two non-empty halves, got sizes {len(halves[0])} and {len(halves[1])}")
     confidence, predictions = exit_outcomes(probs)
     num_classes = probs.shape[2]
-    chosen_by_half = [choose_all(sweep_results(confidence[:, h], predictions[:, h], labels[h], num_classes,
-                                               exit_thresholds, exit_macs, backbone_macs, groups), target_savings)
-                      for h in halves]
+    chosen_by_half = [choose_all(confidence[:, h], sweep_results(confidence[:, h], predictions[:, h], labels[h],
+                                                                 num_classes, exit_thresholds, costs, groups),
+                                 costs, target_savings) for h in halves]
     selected = {}
     for name in chosen_by_half[0]:
-        s_a, s_b = chosen_by_half[0][name], chosen_by_half[1][name]
-        where = crossfit_exits(confidence, halves, (s_a, s_b))
-        result = result_at_exits(predictions, labels, where, num_classes, exit_macs, backbone_macs, groups,
-                                 with_confusion=True)
-        selected[name] = {**result, "exit_threshold": s_a, "exit_thresholds": [s_a, s_b], "protocol": protocol_name}
+        choices = [chosen[name] for chosen in chosen_by_half]
+        where = crossfit_exits(confidence, halves, [c.exit_threshold for c in choices])
+        result = result_at_exits(predictions, labels, where, num_classes, costs, groups, with_confusion=True)
+        selected[name] = _selected_entry(result, name, choices, protocol_name)
     return selected
 
 
@@ -103,16 +130,15 @@ def crossfit_exits(confidence: np.ndarray, halves: tuple[np.ndarray, np.ndarray]
     return where
 
 
-def chosen_elsewhere_selected(probs: np.ndarray, labels: np.ndarray, chosen: Mapping[str, float],
-                              exit_macs: Sequence[float], backbone_macs: float,
+def chosen_elsewhere_selected(probs: np.ndarray, labels: np.ndarray, chosen: Mapping[str, Choice], costs: ExitCosts,
                               groups: Mapping[str, Sequence[int]], protocol_name: str = VAL) -> dict[str, dict]:
     """Each choice's s, chosen on another split (ImageNet-LT's validation list), applied to all of these examples."""
     confidence, predictions = exit_outcomes(probs)
     selected = {}
-    for name, s in chosen.items():
-        result = result_at_exits(predictions, labels, exit_indices(confidence, s), probs.shape[2], exit_macs,
-                                 backbone_macs, groups, with_confusion=True)
-        selected[name] = {**result, "exit_threshold": s, "exit_thresholds": [s, s], "protocol": protocol_name}
+    for name, choice in chosen.items():
+        result = result_at_exits(predictions, labels, exit_indices(confidence, choice.exit_threshold), probs.shape[2],
+                                 costs, groups, with_confusion=True)
+        selected[name] = _selected_entry(result, name, [choice, choice], protocol_name)
     return selected
 
 

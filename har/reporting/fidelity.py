@@ -1,5 +1,6 @@
-"""The fidelity report: each published value we trained beside ours, judged against the spread of our seeds, and
-the paper's central claims (HAR minus its baseline, per split) as paired differences over seeds.
+"""The fidelity report: each published value we trained beside ours, judged by a rule whose false-alarm rate under
+a faithful reproduction is stated (`har.reporting.agreement`), and the paper's central claims (HAR minus its
+baseline, per split) as paired differences over seeds.
 
 A single cell can miss the paper by more than the seed noise for reasons shared by every row (data copy, last
 epoch against best epoch); the claims compare what the paper argues, the gain of HAR over its own baseline.
@@ -15,18 +16,19 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from har.atomic import atomic_write_text
+from har.evaluation.dynamic import READINGS
 from har.pipeline import grid
+from har.reporting.agreement import Rule
 from har.reporting.published import PaperValue
-from har.reporting.results import machine_text, provenance_text, setting_label, target_column
+from har.reporting.results import machine_text, provenance_text, setting_label, target_column, target_label
 
 if TYPE_CHECKING:
     from har.reporting.tables import Table
 
 # The paper's central claims: (HAR method, its baseline), compared per split on Tables II and III.
 CLAIMS = (("har_ce_drw", "ce_drw"), ("har_ldam_drw", "ldam_drw"))
-SPREAD = 2.0  # a difference within SPREAD sample std of our seeds is within the noise of our runs
 COLUMNS = ("kind", "table", "split", "method", "mode", "metric", "ours_mean", "ours_std", "n", "paper", "diff",
-           "verdict", "note")
+           "tolerance", "ci_low", "ci_high", "verdict", "seeds_to_resolve", "note")
 
 
 def is_quick(cfg: dict) -> bool:
@@ -34,8 +36,8 @@ def is_quick(cfg: dict) -> bool:
     return "not the paper" in setting_label(cfg)
 
 
-def judge(cfg: dict, paper: float | None, diff: float | None, std: float | None, n: int) -> str:
-    """Whether ours - paper lies within SPREAD std of our seeds, or why that cannot be judged."""
+def _unjudged(cfg: dict, paper: float | None, diff: float | None, std: float | None, n: int) -> str | None:
+    """Why a line cannot be judged, or None when it can."""
     if is_quick(cfg):
         return "cannot be judged (quick config, not the paper's setting)"
     if paper is None:
@@ -44,7 +46,35 @@ def judge(cfg: dict, paper: float | None, diff: float | None, std: float | None,
         return "not measured"
     if n < 2 or std is None:
         return "cannot be judged (n < 2)"
-    return f"within {SPREAD:g} std" if abs(diff) <= SPREAD * std else f"outside {SPREAD:g} std"
+    return None
+
+
+def judge_cell(cfg: dict, paper: float | None, diff: float | None, std: float | None, n: int) -> dict:
+    """A published cell against our n seeds: `verdict`, `tolerance` (the largest |diff| that agrees) and
+    `seeds_to_resolve` (seeds whose t-interval of our mean is within the rule's resolution)."""
+    rule = Rule.from_config(cfg)
+    if (reason := _unjudged(cfg, paper, diff, std, n)) is not None:
+        return {"verdict": reason}
+    tolerance = float(rule.cell_tolerance(std, n))
+    verdict = f"agrees (|diff| <= {tolerance:.2f})" if abs(diff) <= tolerance else \
+        f"differs (|diff| > {tolerance:.2f})"
+    return {"verdict": verdict, "tolerance": tolerance, "seeds_to_resolve": rule.seeds_to_resolve(std)}
+
+
+def judge_claim(cfg: dict, paper: float | None, mean: float | None, std: float | None, n: int) -> dict:
+    """Our paired HAR-minus-baseline differences against the paper's: whether the paper's difference agrees
+    (`tolerance`) and whether our t-interval (`ci_low`, `ci_high`) excludes 0."""
+    rule = Rule.from_config(cfg)
+    diff = None if mean is None or paper is None else mean - paper
+    if (reason := _unjudged(cfg, paper, diff, std, n)) is not None:
+        return {"verdict": reason}
+    tolerance = float(rule.claim_tolerance(std, n))
+    low, high = rule.interval(mean, std, n)
+    agreement = f"agrees (|diff| <= {tolerance:.2f})" if abs(diff) <= tolerance else \
+        f"differs (|diff| > {tolerance:.2f})"
+    sign = "our gain > 0" if low > 0 else "our gain < 0" if high < 0 else "our gain not resolved from 0"
+    return {"verdict": f"{agreement}; {sign}", "tolerance": tolerance, "ci_low": low, "ci_high": high,
+            "seeds_to_resolve": rule.seeds_to_resolve(std)}
 
 
 def fidelity_lines(tables: Sequence[Table], cfg: dict) -> list[dict]:
@@ -58,7 +88,7 @@ def fidelity_lines(tables: Sequence[Table], cfg: dict) -> list[dict]:
             note = f"the paper copied this value from {c.copied_from}" if c.copied_from else ""
             lines.append(dict(kind="cell", table=c.table, split=c.split, method=c.method, mode=c.mode,
                               metric=c.metric, ours_mean=c.mean, ours_std=c.std, n=c.n, paper=c.paper, diff=diff,
-                              verdict=judge(cfg, c.paper, diff, c.std, c.n), note=note))
+                              note=note, **judge_cell(cfg, c.paper, diff, c.std, c.n)))
     return lines
 
 
@@ -95,36 +125,41 @@ def claim_deltas(df: pd.DataFrame, cfg: dict, published: list[PaperValue]) -> li
                     continue
                 savings = [v.value / 100 for v in published if v.metric == "saving" and
                            v.matches(table, dataset, ratio, har)]
-                column, mode = "top1", "static (the paper prints no saving here)"
-                if savings:
-                    target = target_column("top1", savings[0])
-                    if target in runs[har] and runs[har][target].notna().any():
-                        column, mode = target, f"dynamic, s for the paper's {100 * savings[0]:g}% saving"
-                    else:
-                        mode = f"static (not evaluated at the paper's {100 * savings[0]:g}% saving)"
-                mean, std, n = _paired(runs[har], runs[base], column)
                 static, static_std, _ = _paired(runs[har], runs[base], "top1")
                 his, theirs = (_paper(published, table, dataset, ratio, m, "top1") for m in (har, base))
                 paper = None if his is None or theirs is None else his - theirs
-                diff = None if mean is None or paper is None else mean - paper
                 spread = "" if static_std is None else f" ± {static_std:.2f}"
                 note = "" if static is None else f"static HAR minus baseline: {static:+.2f}{spread}"
                 names = [cfg["methods"][m].get("display", m) for m in (har, base)]
-                lines.append(dict(kind="claim", table=table, split=split, method=" - ".join(names), mode=mode,
-                                  metric="top-1", ours_mean=mean, ours_std=std, n=n, paper=paper, diff=diff,
-                                  verdict=judge(cfg, paper, diff, std, n), note=note))
+                for column, mode in _claim_modes(runs[har], savings):
+                    mean, std, n = _paired(runs[har], runs[base], column)
+                    diff = None if mean is None or paper is None else mean - paper
+                    lines.append(dict(kind="claim", table=table, split=split, method=" - ".join(names), mode=mode,
+                                      metric="top-1", ours_mean=mean, ours_std=std, n=n, paper=paper, diff=diff,
+                                      note=note, **judge_claim(cfg, paper, mean, std, n)))
     return lines
 
 
+def _claim_modes(har: pd.DataFrame, savings: list[float]) -> list[tuple[str, str]]:
+    """(column, mode) of HAR's side of a claim as the paper measures it: dynamic at its saving under each reading
+    evaluated, else static (saying why)."""
+    if not savings:
+        return [("top1", "static (the paper prints no saving here)")]
+    modes = [(target_column("top1", savings[0], reading), target_label(savings[0], reading)) for reading in READINGS]
+    evaluated = [(c, m) for c, m in modes if c in har and har[c].notna().any()]
+    return evaluated or [("top1", f"static (not evaluated at the paper's {100 * savings[0]:g}% saving)")]
+
+
 def _num(value: float | None, signed: bool = False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return "-"
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
-def _markdown(caption: str, frame: pd.DataFrame) -> str:
+def _markdown(caption: str, frame: pd.DataFrame, rule: Rule) -> str:
     from har.reporting.tables import markdown_row as line  # the tables module imports this one
-    header = ["Table", "Split", "Method", "Mode", "Metric", "ours", "n", "paper", "diff", "verdict", "note"]
+    header = ["Table", "Split", "Method", "Mode", "Metric", "ours", "n", "paper", "diff", "verdict",
+              f"{100 * (1 - rule.level):g}% CI of ours", f"seeds for ±{rule.resolution:g}", "note"]
     out = [f"**Fidelity report.** {caption}"]
     for kind, title in (("cell", "Published cells we trained"), ("claim", "Central claims: HAR minus its baseline")):
         rows = frame[frame["kind"] == kind]
@@ -132,28 +167,39 @@ def _markdown(caption: str, frame: pd.DataFrame) -> str:
         if rows.empty:
             out.append("(none in this config)")
             continue
-        out += [line(header), line(["---"] * 5 + ["---:"] * 4 + ["---"] * 2)]
+        out += [line(header), line(["---"] * 5 + ["---:"] * 4 + ["---", "---:", "---:", "---"])]
         for r in rows.to_dict("records"):
-            ours = _num(r["ours_mean"]) + ("" if r["ours_std"] is None or pd.isna(r["ours_std"])
-                                          else f" ± {r['ours_std']:.2f}")
+            ours = _num(r["ours_mean"]) + ("" if _missing(r["ours_std"]) else f" ± {r['ours_std']:.2f}")
+            ci = "-" if _missing(r["ci_low"]) else f"{r['ci_low']:+.2f} to {r['ci_high']:+.2f}"
+            seeds = "-" if _missing(r["seeds_to_resolve"]) else str(int(r["seeds_to_resolve"]))
             out.append(line([r["table"], r["split"], r["method"], r["mode"], r["metric"], ours, str(r["n"]),
-                             _num(r["paper"]), _num(r["diff"], signed=True), r["verdict"], r["note"]]))
+                             _num(r["paper"]), _num(r["diff"], signed=True), r["verdict"], ci, seeds, r["note"]]))
     return "\n".join(out) + "\n"
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def write_fidelity(tables: Sequence[Table], df: pd.DataFrame, cfg: dict, published: list[PaperValue],
                    out_dir: str | Path) -> list[Path]:
     """Write `fidelity.md` and `fidelity.csv` (a `# caption` line, then one row per cell or claim); return them."""
+    rule = Rule.from_config(cfg)
     frame = pd.DataFrame(fidelity_lines(tables, cfg) + claim_deltas(df, cfg, published), columns=list(COLUMNS))
     quick = " A quick config: no line can judge the reproduction." if is_quick(cfg) else ""
     caption = (f"Each published value of Tables I-V whose split and method we trained, ours (mean ± sample std over "
-               f"n seeds, percent) against the paper's; diff: ours - paper; 'within {SPREAD:g} std' when |diff| <= "
-               f"{SPREAD:g} std of our seeds (n < 2: cannot be judged). Claims: HAR minus its baseline per split, "
-               f"paired seed by seed. Our savings count the exit heads' cost. Config: {setting_label(cfg)}. Data: "
+               f"n seeds, percent) against the paper's; diff: ours - paper. Verdict: {rule.describe()}; tolerance: "
+               f"that bound (n < 2: cannot be judged). Claims: HAR minus its baseline per split, paired seed by "
+               f"seed; the paper's difference agrees when within t(1 - {rule.level:g}/2, n - 1) * sqrt(s^2/n + "
+               f"2 * {rule.sigma_paper:g}^2) of ours (two single runs), and our gain is resolved from 0 when our "
+               f"{100 * (1 - rule.level):g}% t-interval excludes it. Seeds for ±{rule.resolution:g}: the seeds whose "
+               f"t-interval of our mean (cells) or mean difference (claims) would be {rule.resolution:g} point wide "
+               f"on each side at the observed std. Dynamic lines at the paper's saving under both readings: exit "
+               f"heads' cost counted and not counted (the paper does not say). Config: {setting_label(cfg)}. Data: "
                f"{provenance_text(df[df['role'] == 'final'])}. Trained on: {machine_text(df[df['role'] == 'final'])}."
                f"{quick}")
     out_dir = Path(out_dir)
     paths = [out_dir / "fidelity.md", out_dir / "fidelity.csv"]
-    atomic_write_text(paths[0], _markdown(caption, frame))
+    atomic_write_text(paths[0], _markdown(caption, frame, rule))
     atomic_write_text(paths[1], f"# Fidelity report. {caption}\n" + frame.to_csv(index=False, float_format="%.4f"))
     return paths

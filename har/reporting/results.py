@@ -22,14 +22,17 @@ from har.config import stored_config_hash
 from har.engine.assembly import METRICS
 from har.engine.hardware import read_machines
 from har.engine.hardware import summary as machine_summary
+from har.evaluation.dynamic import READINGS
+from har.evaluation.selection import parse_selection_key, selection_key
 
 # The numeric columns `load_results` adds to each record (fractions in [0, 1], MACs and s as they are).
 # dyn_*: at the most accurate s; best_epoch_top1: the maximum of
 # metrics.jsonl's `test_top1` (LDAM-DRW's best-epoch protocol; NaN when no epoch recorded it).
 RESULT_COLUMNS = ("top1", "many", "medium", "few", "macs", "dyn_s", "dyn_top1", "dyn_saving", "dyn_many",
                   "dyn_medium", "dyn_few", "val_top1", "val_many", "val_medium", "val_few", "best_epoch_top1")
-# Per `saving>=X` choice of the test report, `load_results` adds the columns `target_column(metric, X)`.
-TARGET_METRICS = ("top1", "saving", "s", "many", "medium", "few")
+# Per choice of s for a target saving X under a reading R (`saving>=X`, `saving_trunk>=X`) of the test report,
+# `load_results` adds the columns `target_column(metric, X, R)`; `reached`: 1 when every choosing half reached X.
+TARGET_METRICS = ("top1", "saving", "saving_trunk", "s", "reached", "many", "medium", "few")
 
 # The fields of `grid.describe` records and what `load_results` adds besides the metrics.
 RECORD_FIELDS = ("dataset", "ratio", "split", "method", "base_method", "display", "tables", "seed", "t_point", "role",
@@ -63,9 +66,16 @@ def setting_label(cfg: dict) -> str:
     return f"{label} (not the paper's setting)"
 
 
-def target_column(metric: str, saving: float) -> str:
-    """The results column of one metric at the s chosen for a target saving (`saving>=X` of eval/test.json)."""
-    return f"{metric}[saving>={saving:g}]"
+def target_column(metric: str, saving: float, reading: str = "saving") -> str:
+    """The results column of one metric at the s chosen for a target saving under a reading (heads counted:
+    `saving`; not counted: `saving_trunk`), from `dynamic_selected[selection_key(reading, saving)]` of
+    eval/test.json."""
+    return f"{metric}[{selection_key(reading, saving)}]"
+
+
+def target_label(saving: float, reading: str) -> str:
+    """How tables and the fidelity report name a dynamic line at the s chosen for a target saving and reading."""
+    return f"dynamic, s for the paper's {100 * saving:g}% saving, {READINGS[reading]}"
 
 
 def provenance_text(df: pd.DataFrame) -> str:
@@ -175,16 +185,17 @@ def read_outputs(run_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _targets(selected: dict) -> dict[str, Any]:
-    """Every `saving>=X` choice as `target_column` entries (the s, top-1, saving and shot accuracies reached)."""
+    """Every choice of s for a target saving as `target_column` entries (the s, top-1, both savings and shot
+    accuracies reached, and whether the target was reached; older reports lack the last two)."""
     out: dict[str, Any] = {}
     for name, entry in selected.items():
-        if not name.startswith("saving>="):
+        if (key := parse_selection_key(name)) is None:
             continue
-        saving = float(name.removeprefix("saving>="))
-        shot = entry.get("shot") or {}
-        values = {"top1": entry.get("top1"), "saving": entry.get("saving"), "s": entry.get("exit_threshold"),
+        shot, reached = entry.get("shot") or {}, (entry.get("target") or {}).get("reached")
+        values = {"top1": entry.get("top1"), "saving": entry.get("saving"), "saving_trunk": entry.get("saving_trunk"),
+                  "s": entry.get("exit_threshold"), "reached": None if reached is None else float(all(reached)),
                   **{g: shot.get(g) for g in ("many", "medium", "few")}}
-        out.update({target_column(metric, saving): values[metric] for metric in TARGET_METRICS})
+        out.update({target_column(metric, key[1], key[0]): values[metric] for metric in TARGET_METRICS})
     return out
 
 
@@ -224,13 +235,13 @@ def _row(record: dict, root: Path) -> dict:
 
 def load_results(records: Sequence[dict], root: str | Path) -> pd.DataFrame:
     """One row per run: the record's fields, static and dynamic test metrics, static validation metrics, the
-    best-epoch top-1, the data provenance and, per `saving>=X` choice of s, the `target_column`s.
+    best-epoch top-1, the data provenance and, per choice of s for a target saving, the `target_column`s.
 
     Accuracies and savings stay fractions; `har` and `train_threshold` come from the run's own config.yaml.
     """
     rows = [_row(record, Path(root)) for record in records]
     df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=[*RECORD_FIELDS, *RESULT_COLUMNS, *RUN_FIELDS])
-    targets = [c for c in df.columns if "[saving>=" in c]
+    targets = [c for c in df.columns if c.endswith("]") and ">=" in c]
     for column in (*RESULT_COLUMNS, *targets):
         df[column] = pd.to_numeric(df[column], errors="coerce").astype(float)
     return df
