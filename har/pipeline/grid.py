@@ -412,17 +412,15 @@ def run_config(cfg: dict, spec: RunSpec, train_threshold: float | None = None) -
 
 
 def run_tables(cfg: dict, spec: RunSpec) -> list[str]:
-    """The tables whose lines read a run, in order: a search run Table I's, a layout variant Table V's; a final run
-    the tables its method lists that its dataset serves, Table V on the layout method's datasets (its default
-    layout is the reference line there), and those of the decoupled methods that start from it on its dataset."""
+    """The tables with a line of the run, in order: a search run Table I's, a layout variant Table V's; a final run
+    the tables its method lists that its dataset serves, and Table V on the layout method's datasets (its default
+    layout is the reference line there)."""
     if spec.role == "tsearch":
         return ["I"]
     if spec.layout:
         return ["V"]
     served = set(dataset_tables(cfg, spec.dataset))
-    methods = [spec.base_method] + [m for m in decoupled_methods(cfg)
-                                    if cfg["methods"][m]["stage_one"] == spec.base_method]
-    tables = {t for m in methods for t in cfg["methods"][m].get("tables") or () if t in served}
+    tables = {t for t in cfg["methods"][spec.base_method].get("tables") or () if t in served}
     if spec.base_method == (cfg.get("layouts") or {}).get("method") and layout_variants(cfg) \
             and spec.dataset in layout_datasets(cfg):
         tables.add("V")

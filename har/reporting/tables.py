@@ -11,7 +11,7 @@ data can never pass for the paper's setting.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +19,7 @@ import pandas as pd
 from har.atomic import atomic_write_text
 from har.config import LossConfig
 from har.pipeline import grid
+from har.reporting.coverage import coverage_note
 from har.reporting.fidelity import write_fidelity
 from har.reporting.published import DYNAMIC_TABLES, PaperValue
 from har.reporting.results import machine_text, provenance_text, setting_label, summarise, target_column
@@ -353,12 +354,13 @@ def _caption(cfg: dict, df: pd.DataFrame, table_id: str) -> str:
 
 
 def make_tables(df: pd.DataFrame, cfg: dict, selected: dict, published: list[PaperValue]) -> list[Table]:
-    """Tables I-V in order."""
-    return [table_search(df, cfg, published, selected, _caption(cfg, df, "I")),
-            table_methods(df, cfg, published, "II", _caption(cfg, df, "II")),
-            table_methods(df, cfg, published, "III", _caption(cfg, df, "III")),
-            table_methods(df, cfg, published, "IV", _caption(cfg, df, "IV")),
-            table_layouts(df, cfg, published, _caption(cfg, df, "V"))]
+    """Tables I-V in order, each noting which of its published cells the grid trains (`coverage_note`)."""
+    tables = [table_search(df, cfg, published, selected, _caption(cfg, df, "I")),
+              table_methods(df, cfg, published, "II", _caption(cfg, df, "II")),
+              table_methods(df, cfg, published, "III", _caption(cfg, df, "III")),
+              table_methods(df, cfg, published, "IV", _caption(cfg, df, "IV")),
+              table_layouts(df, cfg, published, _caption(cfg, df, "V"))]
+    return [replace(t, notes=(*t.notes, coverage_note(cfg, published, t.id))) for t in tables]
 
 
 def markdown_row(cells: list[str]) -> str:
