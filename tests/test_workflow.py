@@ -433,6 +433,8 @@ def test_ci_config_runs_end_to_end_and_reruns_only_what_changed(tmp_path, monkey
         assert 0 <= mean <= 100
     assert "CI run (tiny, not the paper's setting)" in (tables / "table_II.md").read_text()
     assert "cannot be judged" in (tables / "fidelity.md").read_text()
+    cost = pd.read_csv(tables / "cost.csv", comment="#").set_index("Table")
+    assert cost.loc["whole grid", "Jobs measured"] == "22 of 22"  # 6 pack jobs, tau-norm's 2 runs, 14 evaluations
     assert list(dict.fromkeys(pd.read_csv(tables / "table_IV.csv", comment="#")["Method"])) == ["CE", "HAR(CE)"]
     assert list(pd.read_csv(tables / "table_III.csv", comment="#")["Method"]) == ["CE", "tau-norm"]
     tau = yaml.safe_load((work / "results/runs/cifar10-r100/tau_norm/seed1/config.yaml").read_text())

@@ -437,6 +437,13 @@ def describe(cfg: dict, spec: RunSpec) -> dict[str, Any]:
             "t_point": spec.t_point, "role": spec.role, "run_dir": spec.run_dir}
 
 
+def benchmark_file(job: str, kind: str) -> str:
+    """Where Snakemake writes the benchmark of a job (its wall time, CPU time, memory): `job` is a run folder, or
+    `packs/<pack name>` for a pack job; `kind` is train or evaluate. The rules' `benchmark:` and the cost report
+    (`har.reporting.cost`) both take it from here."""
+    return f"logs/{job}/{kind}.benchmark.tsv"
+
+
 def pack_size(cfg: dict) -> int:
     """The most runs one pack job trains (`pack.size`; absent: 1, every run its own job as before packs)."""
     return int((cfg.get("pack") or {}).get("size", 1))
