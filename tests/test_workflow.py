@@ -22,7 +22,7 @@ def workdir_copy(tmp_path: Path) -> Path:
     """The workflow, its configs and profiles in a fresh folder: runs write only there."""
     work = tmp_path / "work"
     work.mkdir()
-    for name in ("workflow", "config", "profiles"):
+    for name in ("workflow", "config", "profiles", "slurm"):
         shutil.copytree(REPO / name, work / name)
     shutil.copy(REPO / "config.yaml", work / "config.yaml")
     return work
@@ -96,19 +96,22 @@ def test_full_paper_config_dry_run_has_every_job(tmp_path):
     (work / "single.yaml").write_text(yaml.safe_dump({**cfg, "pack": {"size": 1}}))
     proc = snakemake(work, "--configfile", "single.yaml", "-n", "--quiet", "rules")  # every run its own job
     # config.yaml today: CIFAR-10 and CIFAR-100 at ratios 100 / 50 / 10 (tables I, II, IV) are 6 bundled splits;
-    # ImageNet-LT (III, V) and iNaturalist 2018 (III) 2 verified ones. CIFAR runs the 14 methods of Tables II and
-    # IV (9 + 5): 6 splits x 14 x 3 seeds = 252 final runs. ImageNet-LT runs Table III's 6 methods (CE, LDAM+DRW,
-    # HAR(LDAM)+DRW, cRT, LWS, tau-norm) and the 5 layouts of Table V: 11 x 3 = 33; iNaturalist 6 x 3 = 18; 303
-    # final runs. t search on CIFAR only: 6 splits x 2 searched methods x 5 t x 3 seeds = 180 runs, 6 x 2 = 12
-    # selections. So split_build 6, split_verify 2, run_train = run_evaluate = 483, t_select 12.
+    # ImageNet-LT (I, III, IV, V) and iNaturalist 2018 (III) 2 verified ones. CIFAR runs the 13 methods of Tables II
+    # and IV (8 + 5): 6 splits x 13 x 3 seeds = 234 final runs. ImageNet-LT runs Table III's 9 methods (CE, Focal+DRW,
+    # CE+DRW, HAR(CE)+DRW, LDAM+DRW, HAR(LDAM)+DRW, cRT, LWS, tau-norm), Table IV's 6 others (Focal with gamma 0.5,
+    # 1 and 2, LDAM, HAR(CE), HAR(LDAM)) and the 5 layouts of Table V: 20 x 3 = 60; iNaturalist 9 x 3 = 27; 321
+    # final runs. t search on the 7 splits serving Table I (ImageNet-LT and the CIFAR stand-ins): 7 x 2 searched
+    # methods x 5 t x 3 seeds = 210 runs, 7 x 2 = 14 selections. So split_build 6, split_verify 2, run_train =
+    # run_evaluate = 531, t_select 14.
     expected = expected_jobs(paper_config())
     assert job_counts(proc.stdout) == expected
-    assert (expected["split_build"], expected["split_verify"], expected["run_train"]) == (6, 2, 483)
+    assert (expected["split_build"], expected["split_verify"], expected["run_train"]) == (6, 2, 531)
+    assert expected["t_select"] == 14
     assert "har: not trained" not in proc.stderr  # every method of every table is trained
-    # config.yaml as it is, packs of 16: the 432 CIFAR runs but Manifold Mixup's 18 train in 7 packs per split
-    # (test_pipeline_packs.py::test_the_paper_configs_packs), ImageNet-LT and iNaturalist's 51 runs alone
-    proc = snakemake(work, "-n", "--quiet", "rules")
-    assert job_counts(proc.stdout) == with_packs(expected, 6 * 7, 432 - 18)
+    # config.yaml as it is on a SLURM cluster, packs of 16: the 414 CIFAR runs but Manifold Mixup's 18 train in 7
+    # packs per split (test_pipeline_packs.py::test_the_paper_configs_packs), ImageNet-LT and iNaturalist's 117 alone
+    proc = snakemake(work, "--profile", "slurm", "-n", "--quiet", "rules")
+    assert job_counts(proc.stdout) == with_packs(expected, 6 * 7, 414 - 18)
 
 
 def test_quick_config_dry_run(tmp_path):
@@ -137,16 +140,18 @@ def test_decoupled_runs_train_after_their_shared_stage_one_run(tmp_path):
 
 
 def test_grid_of_the_paper_config():
-    """List datasets: one split named after the dataset, no bundle, no t search; a decoupled run's config names
-    its stage-one run folder and rebuilds that run's model."""
+    """List datasets: one split named after the dataset, no bundle; a decoupled run's config names its stage-one run
+    folder and rebuilds that run's model."""
     cfg = paper_config()
     grid.check_config(cfg)
     runs = grid.final_runs(cfg) + grid.tsearch_runs(cfg)
     listed = [s for s in runs if s.dataset in LIST_DATASETS]
-    assert listed and all(s.run_dir.startswith(f"results/runs/{s.dataset}/") for s in listed)
+    assert listed and all(s.run_dir.startswith(f"results/{'runs' if s.role == 'final' else 'tsearch'}/{s.dataset}/")
+                          for s in listed)
     assert {s.split for s in listed} == {"imagenet_lt", "inat2018"}
     assert "results/runs/imagenet_lt/ce/seed0" in {s.run_dir for s in listed}
-    assert not any(s.role == "tsearch" for s in listed) and not any(grid.needs_selected_t(cfg, s) for s in listed)
+    assert {s.split for s in listed if s.role == "tsearch"} == {"imagenet_lt"}  # Table I: ImageNet-LT, not iNat
+    assert not any(grid.needs_selected_t(cfg, s) for s in listed)  # feed_final is off: the paper's t
     assert {s.split for s in runs if s.dataset == "cifar10"} == {"cifar10-r100", "cifar10-r50", "cifar10-r10"}
     crt = next(s for s in listed if s.split == "imagenet_lt" and s.method == "crt" and s.seed == 1)
     first = grid.stage_one_run(cfg, crt)
@@ -196,8 +201,79 @@ def test_final_runs_take_the_papers_t_and_the_search_feeds_them_only_when_asked(
     assert fed == {"har_ce_drw", "har_ldam_drw"}
     spec = next(s for s in finals if s.split == "cifar100-r100" and s.method == "har_ldam_drw")
     assert grid.run_config(cfg, spec, train_threshold=0.018)["loss"]["train_threshold"] == 0.018
-    imagenet = next(s for s in grid.final_runs(cfg) if s.dataset == "imagenet_lt" and s.method == "har_ldam_drw")
-    assert not grid.needs_selected_t(cfg, imagenet)  # no search there: the unsearched point
+    # the paper's protocol: ImageNet-LT's choice trains every dataset's final runs (feed_from defaults to it)
+    assert {grid.fed_from(cfg, s) for s in grid.final_runs(cfg) if grid.needs_selected_t(cfg, s)} == {"imagenet_lt"}
+    inat = next(s for s in grid.final_runs(cfg) if s.dataset == "inat2018" and s.method == "har_ldam_drw")
+    assert grid.fed_from(cfg, inat) == "imagenet_lt" and grid.fixed_t(cfg, inat) is None
+    cfg["t_search"]["feed_from"] = None  # each split's own search; iNaturalist has none and keeps the paper's t
+    assert grid.fed_from(cfg, spec) == "cifar100-r100" and not grid.needs_selected_t(cfg, inat)
+    assert grid.run_config(cfg, inat)["loss"]["train_threshold"] == pytest.approx(2.0 / 8142)
+
+
+def test_the_paper_grid_trains_every_table_in_the_papers_own_setting():
+    """Table III's CE+DRW, Focal+DRW and HAR(CE)+DRW on both list datasets; Table I's search and Table IV's methods on
+    ImageNet-LT (ResNet-50), beside their CIFAR stand-ins; Focal+DRW, which Table II lacks, not on CIFAR."""
+    cfg = paper_config()
+    finals = grid.final_runs(cfg)
+
+    def planned(split, role="final"):
+        return {(s.method, s.seed) for s in finals + grid.tsearch_runs(cfg) if s.split == split and s.role == role}
+
+    seeds = set(cfg["seeds"])
+    table_iii = {"ce_drw", "focal_drw", "har_ce_drw"}
+    table_iv = {"focal", "focal_g1", "focal_g2", "ce", "har_ce", "ldam", "har_ldam"}
+    for split in ("imagenet_lt", "inat2018"):
+        assert {(m, k) for m in table_iii for k in seeds} <= planned(split)
+        rows = [grid.RunSpec(split, grid.LIST_RATIOS[split], m, 0) for m in table_iii]
+        assert all(grid.describe(cfg, spec)["tables"] == ["III"] for spec in rows)
+    assert {(m, k) for m in table_iv for k in seeds} <= planned("imagenet_lt")
+    assert not {m for m, _ in planned("inat2018")} & (table_iv - {"ce"})  # Table IV is ImageNet-LT's
+    search = [s for s in grid.tsearch_runs(cfg) if s.split == "imagenet_lt"]
+    assert {(s.method, s.t_point, s.seed) for s in search} == {
+        (m, float(t), k) for m, kind in (("har_ce_drw", "ce"), ("har_ldam_drw", "ldam"))
+        for t in cfg["t_search"][kind] for k in cfg["t_search"]["seeds"]}
+    assert all(grid.describe(cfg, s)["tables"] == ["I"] for s in search)
+    har = next(s for s in finals if s.split == "imagenet_lt" and s.method == "har_ce" and s.seed == 0)
+    assert grid.describe(cfg, har)["tables"] == ["IV"]
+    assert (grid.run_config(cfg, har)["model"]["name"], grid.run_config(cfg, har)["train"]["epochs"]) == \
+        ("resnet50", 100)
+    for split in ("cifar10-r100", "cifar100-r10"):  # the stand-ins stay
+        assert {m for m, _ in planned(split)} >= table_iv and planned(split, "tsearch")
+        assert "focal_drw" not in {m for m, _ in planned(split)}
+    ce = next(s for s in finals if s.split == "cifar10-r100" and s.method == "ce" and s.seed == 0)
+    assert grid.describe(cfg, ce)["tables"] == ["II", "IV"]  # CIFAR does not serve Table III
+
+
+def test_a_grid_without_imagenet_lt_keeps_the_cifar_stand_ins():
+    """Without ImageNet-LT, Tables I and IV are planned on CIFAR alone, and with feed_final each CIFAR split's own
+    search feeds its final runs (feed_from names a split the grid does not search)."""
+    cfg = paper_config()
+    cfg["datasets"] = [d for d in cfg["datasets"] if d["name"] != "imagenet_lt"]
+    cfg["layouts"].pop("datasets")
+    runs = grid.final_runs(cfg) + grid.tsearch_runs(cfg)
+    assert {s.split for s in runs if s.role == "tsearch"} == {grid.split_name(d, r) for d, r in grid.splits(cfg, "I")}
+    assert {s.split for s in runs if s.method == "har_ldam"} == {s for s in {r.split for r in runs} if "cifar" in s}
+    cfg["t_search"]["feed_final"] = True
+    fed = {s.split: grid.fed_from(cfg, s) for s in runs if grid.needs_selected_t(cfg, s)}
+    assert fed and all(split == source for split, source in fed.items())
+    assert not any(s.dataset == "inat2018" for s in runs if grid.needs_selected_t(cfg, s))
+
+
+def test_imagenet_lts_choice_of_t_feeds_every_dataset_in_its_own_units(tmp_path, monkeypatch):
+    """With feed_final, a CIFAR-10 HAR(LDAM)+DRW run takes ImageNet-LT's chosen 1.9/C as 1.9/10, as the paper reused
+    2.0/C; HAR(CE)+DRW's t is the point itself."""
+    cfg, trained = paper_config(), []
+    cfg["t_search"]["feed_final"] = True
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("har.engine.trainer.train", lambda run_cfg, out: trained.append(run_cfg) or [])
+    for method, t_point in (("har_ldam_drw", 1.9), ("har_ce_drw", 0.85)):
+        selection = tmp_path / f"{method}.json"
+        selection.write_text(json.dumps({"split": "imagenet_lt", "method": method, "t_point": t_point,
+                                         "train_threshold": grid.t_value(cfg, method, t_point, 1000)}))
+        spec = grid.RunSpec("cifar10", 100.0, method, 0)
+        assert grid.fed_from(cfg, spec) == "imagenet_lt"
+        jobs.train_run(cfg, spec, tmp_path / "data.npz", selection, tmp_path / "train.json")
+    assert [run_cfg.loss.train_threshold for run_cfg in trained] == [pytest.approx(0.19), pytest.approx(0.85)]
 
 
 def test_target_savings_are_the_configs_then_the_papers_for_the_cell(monkeypatch):
@@ -243,6 +319,35 @@ def test_t_is_cross_fitted_on_the_test_halves_of_the_search_runs(tmp_path, monke
     assert result["crossfit_top1"] == pytest.approx((0.61 + 0.60) / 2)
     assert result["t_point"] == 2.0 and result["train_threshold"] == pytest.approx(0.02)  # whole: 0.65 vs 0.63
     assert result["chosen_on"] == "test" and json.loads((tmp_path / "sel.json").read_text()) == result
+
+
+def test_on_imagenet_lt_t_is_chosen_on_the_validation_list(tmp_path, monkeypatch):
+    """Table I as the paper ran it: validation top-1 prefers t 0.8, test top-1 0.9; the selection takes 0.8 and
+    reports the test top-1 there."""
+    monkeypatch.chdir(tmp_path)
+    cfg = paper_config()
+    top1 = {0.8: {"val": 0.50, "test": 0.40}, 0.9: {"val": 0.45, "test": 0.48}}
+    runs = []
+    for t, scores in top1.items():
+        spec = grid.RunSpec("imagenet_lt", grid.LIST_RATIOS["imagenet_lt"], "har_ce_drw", 0, t)
+        (tmp_path / spec.run_dir / "eval").mkdir(parents=True)
+        for part, value in scores.items():
+            report = {"static": {"top1": value}, "halves": {"sizes": [10, 10], "static_top1": [value, value]}}
+            (tmp_path / spec.run_dir / "eval" / f"{part}.json").write_text(json.dumps(report))
+        runs.append(spec)
+    result = jobs.select_t(cfg, "imagenet_lt", "har_ce_drw", runs, tmp_path / "sel.json")
+    assert (result["t_point"], result["chosen_on"], result["protocol"]) == (0.8, "val", "val")
+    assert result["test_top1_at_chosen"] == 0.40 and "crossfit_top1" not in result
+    assert result["val_top1_by_t_point"] == {"0.8": 0.50, "0.9": 0.45}
+
+
+def test_imagenet_lts_selection_job_reads_the_validation_reports(tmp_path):
+    work = workdir_copy(tmp_path)
+    proc = snakemake(work, "-n", "results/selection/imagenet_lt/har_ldam_drw.json")
+    inputs = re.search(r"rule t_select:\n\s+input: (.*)\n\s+output: results/selection/imagenet_lt/", proc.stdout)
+    reports = inputs.group(1).split(", ")
+    assert len(reports) == 2 * 5 * 3  # val and test of 5 t x 3 seeds
+    assert {r.rsplit("/", 1)[1] for r in reports} == {"val.json", "test.json"}
 
 
 def test_list_dataset_jobs_verify_the_lists_and_train_without_a_bundle(tmp_path, monkeypatch):
@@ -328,6 +433,8 @@ def test_ci_config_runs_end_to_end_and_reruns_only_what_changed(tmp_path, monkey
         assert 0 <= mean <= 100
     assert "CI run (tiny, not the paper's setting)" in (tables / "table_II.md").read_text()
     assert "cannot be judged" in (tables / "fidelity.md").read_text()
+    cost = pd.read_csv(tables / "cost.csv", comment="#").set_index("Table")
+    assert cost.loc["whole grid", "Jobs measured"] == "22 of 22"  # 6 pack jobs, tau-norm's 2 runs, 14 evaluations
     assert list(dict.fromkeys(pd.read_csv(tables / "table_IV.csv", comment="#")["Method"])) == ["CE", "HAR(CE)"]
     assert list(pd.read_csv(tables / "table_III.csv", comment="#")["Method"]) == ["CE", "tau-norm"]
     tau = yaml.safe_load((work / "results/runs/cifar10-r100/tau_norm/seed1/config.yaml").read_text())

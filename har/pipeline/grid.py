@@ -4,10 +4,11 @@ The Snakemake workflow asks this module for every run and path, so the grid logi
 can call without Snakemake. A pipeline config (`config.yaml`, validated by `workflow/schemas/config.schema.yaml`)
 lists datasets (CIFAR with their imbalance ratios, or the list datasets ImageNet-LT and iNaturalist 2018, each with
 its own run fields and the tables it serves), methods (each a partial `har` run config, the tables it appears in,
-and its t), the t line search (Table I; on CIFAR a stand-in for the paper's ImageNet-LT search), the exit layouts
-(Table V) and seeds; `run_config` turns one grid point into a complete run config. A method runs on a dataset when
-their tables meet; a decoupled method (cRT, LWS, tau-norm) starts from the run of its `stage_one` method on the
-same split and seed. With `pack.size` > 1, `packs` groups CIFAR runs of one shape into packs, one job each.
+and its t), the t line search (Table I: the paper's on ImageNet-LT, chosen on its validation list; on CIFAR a
+stand-in), the exit layouts (Table V) and seeds; `run_config` turns one grid point into a complete run config. A
+method runs on a dataset when their tables meet; a decoupled method (cRT, LWS, tau-norm) starts from the run of its
+`stage_one` method on the same split and seed. With `pack.size` > 1, `packs` groups CIFAR runs of one shape into
+packs, one job each.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from har.config import DATASET_CLASSES, LIST_DATASETS, ConfigError, ModelConfig, from_dict, to_dict
+from har.evaluation.selection import VAL, protocol
 
 # The paper's tables, in order: I t line search, II CIFAR-LT, III ImageNet-LT / iNaturalist, IV no
 # re-weighting, V exit layouts.
@@ -29,6 +31,10 @@ NUM_CLASSES = DATASET_CLASSES  # classes of each dataset (har.config holds the o
 # n_max / n_min of the published training lists (ImageNet-LT 1280 / 5, iNaturalist 2018 1000 / 2). Fixed by the
 # lists, never a run-config field: it only labels a list dataset's split in records and published numbers.
 LIST_RATIOS = {"imagenet_lt": 256.0, "inat2018": 500.0}
+
+# The split whose line search chooses the t of every dataset's final runs when `t_search.feed_final` is on, unless
+# `t_search.feed_from` says otherwise: the paper searched once, on ImageNet-LT, and reused its t everywhere.
+PAPER_T_SPLIT = "imagenet_lt"
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,12 @@ def is_searched_split(cfg: dict, dataset: str) -> bool:
     return "I" in dataset_tables(cfg, dataset)
 
 
+def t_chosen_on(dataset: str) -> str:
+    """The evaluation split a line search chooses t on: ImageNet-LT's validation list (the paper's Table I), the test
+    split cross-fitted on its halves elsewhere (as s is: `har.evaluation.selection.protocol`)."""
+    return "val" if protocol(dataset) == VAL else "test"
+
+
 def run_resources(cfg: dict, spec: RunSpec, kind: str) -> dict[str, int]:
     """What a run's `kind` job (train, evaluate) asks for: the config's resources, its dataset's on top."""
     own = (_dataset(cfg, spec.dataset).get("resources") or {}).get(kind) or {}
@@ -192,10 +204,33 @@ def feeds_final(cfg: dict) -> bool:
     return bool(cfg["t_search"].get("feed_final", False))
 
 
+def searched_pairs(cfg: dict) -> set[tuple[str, str]]:
+    """(split, method) of every line search: the searched methods that run on a split serving Table I."""
+    searched = set(searched_methods(cfg))
+    return {(split_name(d, r), m) for d, r in splits(cfg) if is_searched_split(cfg, d)
+            for m in split_methods(cfg, d) if m in searched}
+
+
+def fed_from(cfg: dict, spec: RunSpec) -> str | None:
+    """The split whose line search chooses a final run's t when `t_search.feed_final` is on, else None.
+
+    `t_search.feed_from` (default `PAPER_T_SPLIT`, the paper's protocol) names the split whose choice trains the
+    method's final runs on every dataset, when the grid searches the method there; otherwise (or with feed_from
+    null) each split's own search feeds its final runs, and a split without one keeps `t_search.unsearched`.
+    """
+    if not feeds_final(cfg) or spec.role != "final" or spec.base_method not in searched_methods(cfg):
+        return None
+    pairs = searched_pairs(cfg)
+    source = cfg["t_search"].get("feed_from", PAPER_T_SPLIT)
+    for split in (source, spec.split):
+        if split is not None and (split, spec.base_method) in pairs:
+            return split
+    return None
+
+
 def needs_selected_t(cfg: dict, spec: RunSpec) -> bool:
-    """Final runs of searched methods on searched splits wait for the line search's choice of t, when it feeds them."""
-    return (feeds_final(cfg) and spec.role == "final" and spec.base_method in searched_methods(cfg)
-            and is_searched_split(cfg, spec.dataset))
+    """Final runs whose t a line search chooses (`fed_from`) wait for that choice."""
+    return fed_from(cfg, spec) is not None
 
 
 def stage_one_run(cfg: dict, spec: RunSpec) -> RunSpec | None:
@@ -376,19 +411,37 @@ def run_config(cfg: dict, spec: RunSpec, train_threshold: float | None = None) -
     return to_dict(from_dict(values, t_pending=pending))
 
 
+def run_tables(cfg: dict, spec: RunSpec) -> list[str]:
+    """The tables with a line of the run, in order: a search run Table I's, a layout variant Table V's; a final run
+    the tables its method lists that its dataset serves, and Table V on the layout method's datasets (its default
+    layout is the reference line there)."""
+    if spec.role == "tsearch":
+        return ["I"]
+    if spec.layout:
+        return ["V"]
+    served = set(dataset_tables(cfg, spec.dataset))
+    tables = {t for t in cfg["methods"][spec.base_method].get("tables") or () if t in served}
+    if spec.base_method == (cfg.get("layouts") or {}).get("method") and layout_variants(cfg) \
+            and spec.dataset in layout_datasets(cfg):
+        tables.add("V")
+    return [t for t in TABLES if t in tables]
+
+
 def describe(cfg: dict, spec: RunSpec) -> dict[str, Any]:
     """A run's record for aggregation: where it is and what it is, as the tables and figures need."""
-    method = cfg["methods"][spec.base_method]
-    display = method.get("display", spec.base_method)
-    if spec.role == "tsearch":
-        tables = ["I"]
-    elif spec.layout:
-        tables, display = ["V"], f"{display} [{spec.layout}]"
-    else:
-        tables = list(method.get("tables", []))
+    display = cfg["methods"][spec.base_method].get("display", spec.base_method)
+    if spec.layout:
+        display = f"{display} [{spec.layout}]"
     return {"dataset": spec.dataset, "ratio": spec.ratio, "split": spec.split, "method": spec.method,
-            "base_method": spec.base_method, "display": display, "tables": tables, "seed": spec.seed,
+            "base_method": spec.base_method, "display": display, "tables": run_tables(cfg, spec), "seed": spec.seed,
             "t_point": spec.t_point, "role": spec.role, "run_dir": spec.run_dir}
+
+
+def benchmark_file(job: str, kind: str) -> str:
+    """Where Snakemake writes the benchmark of a job (its wall time, CPU time, memory): `job` is a run folder, or
+    `packs/<pack name>` for a pack job; `kind` is train or evaluate. The rules' `benchmark:` and the cost report
+    (`har.reporting.cost`) both take it from here."""
+    return f"logs/{job}/{kind}.benchmark.tsv"
 
 
 def pack_size(cfg: dict) -> int:

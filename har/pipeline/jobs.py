@@ -70,9 +70,11 @@ def build_split(cfg: dict, dataset: str, ratio: float, bundle: str | Path | None
         "val_counts": [int((full.val.labels == c).sum()) for c in range(full.num_classes)]})
 
 
-def selected_threshold(selection: str | Path) -> float:
-    """The training threshold written by `select_t`."""
-    return float(json.loads(Path(selection).read_text())["train_threshold"])
+def fed_threshold(cfg: dict, spec: grid.RunSpec, selection: dict) -> float:
+    """The training threshold of a final run fed by a line search's choice (`select_t`'s record): the chosen t point
+    in the run's own units, so that a choice of 2.0/C on ImageNet-LT trains CIFAR-10 at 2.0/10, as the paper reused
+    its t."""
+    return grid.t_value(cfg, spec.base_method, float(selection["t_point"]), grid.NUM_CLASSES[spec.dataset])
 
 
 def train_run(cfg: dict, spec: grid.RunSpec, bundle: str | Path | None, selection: str | Path | None,
@@ -90,7 +92,8 @@ def train_run(cfg: dict, spec: grid.RunSpec, bundle: str | Path | None, selectio
     """
     from har.engine.trainer import read_history, train
 
-    run_cfg = job_run_config(cfg, spec, bundle, selected_threshold(selection) if selection else None)
+    threshold = fed_threshold(cfg, spec, json.loads(Path(selection).read_text())) if selection else None
+    run_cfg = job_run_config(cfg, spec, bundle, threshold)
     set_aside_stale(run_cfg, Path(spec.run_dir))
     if processes > 1:
         launch = Path(spec.run_dir) / "launch.yaml"
@@ -138,11 +141,12 @@ def train_pack_job(cfg: dict, members: list[grid.RunSpec], bundle: str | Path | 
     selected = load_selections(selections)
     pairs = []
     for spec in members:
-        chosen = selected.get(spec.split, {}).get(spec.base_method)
-        if grid.needs_selected_t(cfg, spec) and chosen is None:
-            raise ValueError(f"{spec.run_dir}: its t comes from results/selection/{spec.split}/{spec.base_method}"
+        source = grid.fed_from(cfg, spec)
+        chosen = selected.get(source, {}).get(spec.base_method)
+        if source is not None and chosen is None:
+            raise ValueError(f"{spec.run_dir}: its t comes from results/selection/{source}/{spec.base_method}"
                              f".json, which is not among the pack job's selections {selections}")
-        threshold = float(chosen["train_threshold"]) if grid.needs_selected_t(cfg, spec) else None
+        threshold = fed_threshold(cfg, spec, chosen) if source is not None else None
         run_cfg = job_run_config(cfg, spec, bundle, threshold)
         set_aside_stale(run_cfg, Path(spec.run_dir))
         pairs.append((run_cfg, Path(spec.run_dir)))
@@ -246,19 +250,21 @@ def evaluate_run(spec: grid.RunSpec, target_savings: list[float] | None = None) 
 
 
 def select_t(cfg: dict, split: str, method: str, runs: list[grid.RunSpec], out: str | Path) -> dict:
-    """Choose t for a method on a split from its line-search runs, each evaluated on the test split (Table I's
-    CIFAR stand-in; the paper searched once, on ImageNet-LT's validation split).
+    """Choose t for a method on a split from its line-search runs by static top-1 (the backbone's own classifier),
+    averaged over the search seeds; ties: the smallest t.
 
-    Scores are static top-1 (the backbone's own classifier), averaged over the search seeds. As for s, the choice
-    is cross-fitted on the test split's two class-stratified halves: t chosen on half A is scored on half B and
-    vice versa (`t_points_by_half`, `crossfit_top1`: what a t found by the search achieves on images it was not
-    chosen on). The t that trains the final runs when `t_search.feed_final` is true is the best on the whole test
-    split (`t_point`; ties: the smallest t); those runs then report on images their t was chosen on.
+    ImageNet-LT (`grid.t_chosen_on`: val), as the paper's Table I: t is chosen on the validation list, and the test
+    split only reports (`test_top1_at_chosen`). Elsewhere (Table I's CIFAR stand-in) on the test split, cross-fitted
+    as s is: t chosen on half A is scored on half B and vice versa (`t_points_by_half`, `crossfit_top1`: what a t
+    found by the search achieves on images it was not chosen on); the t that trains the final runs when
+    `t_search.feed_final` is true is the best on the whole test split (`t_point`), so those runs then report on
+    images their t was chosen on.
     """
+    chosen_on = grid.t_chosen_on(runs[0].dataset)
     reports: dict[float, list[dict]] = {}
     for spec in runs:
-        reports.setdefault(spec.t_point, []).append(
-            json.loads((Path(spec.run_dir) / "eval" / "test.json").read_text()))
+        reports.setdefault(spec.t_point, []).append({part: json.loads((Path(spec.run_dir) / "eval" / f"{part}.json")
+                                                                      .read_text()) for part in {chosen_on, "test"}})
     points = sorted(reports)
 
     def mean(score) -> dict[float, float]:
@@ -267,18 +273,23 @@ def select_t(cfg: dict, split: str, method: str, runs: list[grid.RunSpec], out: 
     def best(scores: dict[float, float]) -> float:
         return max(points, key=lambda t: scores[t])  # the first maximum of the sorted points: the smallest t
 
-    whole = mean(lambda r: r["static"]["top1"])
-    halves = [mean(lambda r, h=h: r["halves"]["static_top1"][h]) for h in (0, 1)]
-    on_a, on_b = best(halves[0]), best(halves[1])
-    size_a, size_b = reports[points[0]][0]["halves"]["sizes"]
-    chosen = best(whole)
+    test = mean(lambda r: r["test"]["static"]["top1"])
+    scores = mean(lambda r: r[chosen_on]["static"]["top1"])
+    chosen = best(scores)
     result = {"split": split, "method": method, "t_point": chosen,
               "train_threshold": grid.t_value(cfg, method, chosen, grid.NUM_CLASSES[runs[0].dataset]),
-              "test_top1_by_t_point": {f"{t:g}": whole[t] for t in points}, "chosen_on": "test",
-              "t_points_by_half": [on_a, on_b],
-              "crossfit_top1": (size_b * halves[1][on_a] + size_a * halves[0][on_b]) / (size_a + size_b),
-              "protocol": "crossfit-test-halves", "seeds": sorted({s.seed for s in runs}),
-              "feeds_final_runs": grid.feeds_final(cfg)}
+              "test_top1_by_t_point": {f"{t:g}": test[t] for t in points}, "chosen_on": chosen_on}
+    if chosen_on == "val":
+        result.update(val_top1_by_t_point={f"{t:g}": scores[t] for t in points}, test_top1_at_chosen=test[chosen],
+                      protocol="val")
+    else:
+        halves = [mean(lambda r, h=h: r["test"]["halves"]["static_top1"][h]) for h in (0, 1)]
+        on_a, on_b = best(halves[0]), best(halves[1])
+        size_a, size_b = reports[points[0]][0]["test"]["halves"]["sizes"]
+        result.update(t_points_by_half=[on_a, on_b],
+                      crossfit_top1=(size_b * halves[1][on_a] + size_a * halves[0][on_b]) / (size_a + size_b),
+                      protocol="crossfit-test-halves")
+    result.update(seeds=sorted({s.seed for s in runs}), feeds_final_runs=grid.feeds_final(cfg))
     atomic_write_json(Path(out), result)
     return result
 

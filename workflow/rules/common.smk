@@ -90,7 +90,9 @@ def summary_of(split):
 
 
 def selection_file(spec):
-    return f"results/selection/{spec.split}/{spec.base_method}.json"
+    """The t selection a final run's t comes from (grid.fed_from: ImageNet-LT's for every dataset, the paper's
+    protocol, when the grid searches there; else the run's own split's)."""
+    return f"results/selection/{grid.fed_from(config, spec)}/{spec.base_method}.json"
 
 
 def get_run_inputs(wildcards):
@@ -116,8 +118,11 @@ def get_pack_inputs(wildcards):
 
 
 def get_search_reports(wildcards):
-    return [f"{s.run_dir}/eval/test.json" for s in TSEARCH_RUNS  # t is cross-fitted on the test halves
-            if s.split == wildcards.split and s.base_method == wildcards.method]
+    """The search runs' reports t is chosen on (grid.t_chosen_on: ImageNet-LT's val, else the test halves) and
+    their test reports."""
+    runs = [s for s in TSEARCH_RUNS if s.split == wildcards.split and s.base_method == wildcards.method]
+    parts = sorted({grid.t_chosen_on(s.dataset) for s in runs} | {"test"})
+    return [f"{s.run_dir}/eval/{part}.json" for s in runs for part in parts]
 
 
 def get_selection_files():

@@ -1,5 +1,8 @@
 # Every published value beside ours, judged against our seeds: written with the tables (har.reporting.fidelity).
 FIDELITY_FILES = ["results/tables/fidelity.md", "results/tables/fidelity.csv"]
+# What each table cost, from the train and evaluate jobs' benchmark files, all written before this job starts
+# (har.reporting.cost).
+COST_FILES = ["results/tables/cost.md", "results/tables/cost.csv"]
 
 
 rule tables_build:
@@ -8,7 +11,7 @@ rule tables_build:
         selections=get_selection_files(),
     output:
         report(
-            get_table_files() + FIDELITY_FILES,
+            get_table_files() + FIDELITY_FILES + COST_FILES,
             caption="../report/tables.rst",
             category="Tables",
         ),

@@ -13,7 +13,7 @@ rule run_train:
     log:
         "logs/{run_dir}/train.log",
     benchmark:
-        "logs/{run_dir}/train.benchmark.tsv"
+        grid.benchmark_file("{run_dir}", "train")
     threads: lambda wildcards: grid.run_resources(config, RUNS[wildcards.run_dir], "train")["cpus"]
     resources:
         **run_resources("train"),
@@ -34,7 +34,7 @@ rule run_evaluate:
     log:
         "logs/{run_dir}/evaluate.log",
     benchmark:
-        "logs/{run_dir}/evaluate.benchmark.tsv"
+        grid.benchmark_file("{run_dir}", "evaluate")
     threads: lambda wildcards: grid.run_resources(config, RUNS[wildcards.run_dir], "evaluate")["cpus"]
     resources:
         **run_resources("evaluate"),
@@ -59,7 +59,7 @@ rule pack_train:
     log:
         "logs/packs/{pack}/train.log",
     benchmark:
-        "logs/packs/{pack}/train.benchmark.tsv"
+        grid.benchmark_file("packs/{pack}", "train")
     threads: lambda wildcards: grid.pack_resources(config, PACKS[wildcards.pack])["cpus"]
     resources:
         **pack_resources(),

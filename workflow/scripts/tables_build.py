@@ -1,5 +1,6 @@
 # ruff: noqa: F821 - `snakemake` is the object Snakemake's script directive injects
 from har.pipeline.jobs import load_selections, setup_job
+from har.reporting.cost import write_cost
 from har.reporting.published import load_published
 from har.reporting.results import load_results
 from har.reporting.tables import build_tables
@@ -8,3 +9,4 @@ setup_job(snakemake.log[0])
 results = load_results(snakemake.params.records, ".")
 build_tables(results, snakemake.config, load_selections(snakemake.input.selections), load_published(),
              "results/tables")
+write_cost(snakemake.config, ".", "results/tables")
