@@ -13,12 +13,14 @@ over the run's long-tailed training images without augmentation, and prints, per
 examples whose first qualifying exit is each exit. No training: a reading under which almost nobody leaves
 before the last exit makes HAR plain deep supervision (docs/method.md, "Which confidence HAR(LDAM) reads").
 
-    cd <project> && python benchmarks/ldam_exit_readings.py --run results/runs/cifar10-r100/har_ldam_drw/seed0
+    python benchmarks/ldam_exit_readings.py --root ../har-reference/code \
+        --run ../har-reference/code/results/runs/cifar10-r100/har_ldam_drw/seed0
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -52,9 +54,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="a HAR(LDAM) run folder (config.yaml, last.pt)")
     parser.add_argument("--checkpoint", default="last.pt", help="checkpoint file in the run folder")
+    parser.add_argument("--root", type=Path, default=Path("."),
+                        help="the project the run trained in: its config's relative paths (data.bundle) start there")
     parser.add_argument("--t", type=float, nargs="+", default=[1.7, 1.8, 1.9, 2.0],
                         help="thresholds in units of 1/C (the paper's Table I(b) grid)")
     args = parser.parse_args()
+    args.run = args.run.resolve()
+    os.chdir(args.root)
     cfg = from_dict(yaml.safe_load((args.run / "config.yaml").read_text()))
     if cfg.loss.name != "ldam":
         raise SystemExit(f"{args.run} trains {cfg.loss.name}, not LDAM: nothing to compare")
