@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import sys
 
 import pytest
@@ -10,6 +11,7 @@ from conftest import REPO, shared_cifar_root
 
 from har.config import from_dict
 from har.evaluation.dynamic import READINGS
+from har.losses.exit_losses import LDAMLoss
 from har.reporting.results import target_label
 
 TINY = ["--steps", "1", "--warmup", "1", "--batch-size", "16", "--workers", "1", "--train-fraction", "0.02",
@@ -193,3 +195,24 @@ def test_table_ii_run_configs_train_what_the_pipeline_trains():
         assert to_dict(ours)["loss"] == to_dict(theirs)["loss"], method
         assert (ours.data.dataset, ours.data.ratio) == (theirs.data.dataset, theirs.data.ratio)
         assert str(build_model(ours, 10)) == str(build_model(theirs, 10)), method  # layout None: the default's
+
+
+def test_ldam_exit_readings_compute_each_confidence_and_the_first_qualifying_exit(monkeypatch):
+    """The three readings of an LDAM exit's confidence on cosines with known softmaxes, and the exit each example
+    takes: the first exit but the last that is correct with confidence above t, else the last."""
+    readings = load_benchmark(monkeypatch, "ldam_exit_readings")
+    ldam = LDAMLoss([100, 10], max_margin=0.5, scale=30.0)
+    cosines = torch.tensor([[[0.9, -0.9], [0.1, 0.0]], [[0.9, 0.0], [0.0, 0.9]]])  # [exits, N, C]
+    labels = torch.tensor([0, 1])
+    got = readings.readings(cosines, labels, ldam)
+    raw = torch.tensor([[1 / (1 + math.exp(-1.8)), 1 / (1 + math.exp(0.1))],
+                        [1 / (1 + math.exp(-0.9)), 1 / (1 + math.exp(-0.9))]])
+    assert torch.allclose(got["raw"], raw)
+    assert torch.allclose(got["scaled"], torch.tensor([[1 / (1 + math.exp(-54)), 1 / (1 + math.exp(3))],
+                                                       [1 / (1 + math.exp(-27)), 1 / (1 + math.exp(-27))]]))
+    margin = ldam.margins  # the rare class (1) has the largest margin, 0.5
+    assert torch.allclose(got["margin"][1, 1], torch.tensor(1 / (1 + math.exp(-30 * (0.9 - margin[1].item())))))
+    correct = cosines.argmax(-1) == labels[None, :]
+    # example 0 is right at exit 1 with raw confidence 0.86; example 1 is wrong there and right at the last exit
+    assert readings.exit_shares(got["raw"], correct, 0.5) == [0.5, 0.5]
+    assert readings.exit_shares(got["raw"], correct, 0.9) == [0.0, 1.0]
