@@ -323,9 +323,12 @@ def fig_exits(run: pd.Series, root: Path, cfg: dict) -> Figure:
     bottom = np.zeros(len(per_exit))
     for group, color in zip(("many", "medium", "few"), sns.color_palette("Set2", 3)):
         counts = np.array([sum(e["class_counts"][c] for c in report["groups"][group]) for e in per_exit])
-        ax.bar(exits, counts, bottom=bottom, color=color, label=group)
+        if counts.any():  # a split without few-shot classes (CIFAR-10-LT) gets no empty legend entry
+            ax.bar(exits, counts, bottom=bottom, color=color, label=group)
         bottom += counts
-    ax.set(xlabel="exit", ylabel="test examples leaving here", xticks=exits, title="composition and accuracy")
+    # headroom above the tallest bar for the legend
+    ax.set(xlabel="exit", ylabel="test examples leaving here", xticks=exits, title="composition and accuracy",
+           ylim=(0, 1.35 * max(bottom.max(), 1)))
     twin = ax.twinx()
     twin.plot(exits, [np.nan if e["accuracy"] is None else 100 * e["accuracy"] for e in per_exit], "ko-",
               label="accuracy")
