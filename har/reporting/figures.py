@@ -97,8 +97,11 @@ def _save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
         path = out_dir / f"{name}.{ext}"
-        # bbox_inches="tight" keeps the data line under the axes
-        atomic_write(path, lambda f, ext=ext: fig.savefig(f, format=ext, dpi=150, bbox_inches="tight"))
+        # bbox_inches="tight" keeps the data line under the axes; no creation date in a PDF, so that a figure
+        # redrawn from the same results is the same file (the reference figures are tracked by git)
+        metadata = {"CreationDate": None} if ext == "pdf" else None
+        atomic_write(path, lambda f, ext=ext, metadata=metadata: fig.savefig(f, format=ext, dpi=150,
+                                                                             bbox_inches="tight", metadata=metadata))
         paths.append(path)
     return paths
 
