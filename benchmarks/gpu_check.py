@@ -49,7 +49,7 @@ STOPPED = 75  # a pack stopped by a signal after saving its checkpoints (har.eng
 def check_config(args: argparse.Namespace) -> dict:
     """`config.yaml` cut to CIFAR-10-LT-100, Table II, the methods and seeds asked for; labelled not the paper's
     setting when the schedule or any field is changed."""
-    from har.config import ConfigError
+    from har.errors import ConfigError
     from har.pipeline import grid
 
     cfg = yaml.safe_load(PIPELINE_CONFIG.read_text())
@@ -94,7 +94,7 @@ class Pack:
 def plan(cfg: dict, args: argparse.Namespace, out: Path, compile_mode: str) -> list[Pack]:
     """Every run of the check, grouped into packs by `pack_shape`, each pack's member file written."""
     from har.config import dump_config, from_dict, set_override
-    from har.engine.pack import pack_shape
+    from har.engine.membership import pack_shape
     from har.pipeline import grid
 
     groups: dict[str, list[tuple[Any, Any]]] = {}
@@ -212,9 +212,11 @@ def compile_estimate(epoch_seconds: list[float]) -> float | None:
 def report(packs: list[Pack], cfg: dict, out: Path, began: float, device_name: str) -> dict:
     """The wall times, Table II and the fidelity report of the finished runs."""
     from har.pipeline import grid
+    from har.reporting.fidelity import write_fidelity
     from har.reporting.published import load_published
+    from har.reporting.render import to_markdown
     from har.reporting.results import load_results
-    from har.reporting.tables import make_tables, to_markdown, write_fidelity
+    from har.reporting.tables import make_tables
 
     timings, finished = [], []
     print("\n| pack | runs | exit | start-up s | compile s (est.) | training s | evaluation s | epoch s (median) |")

@@ -8,10 +8,9 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
-if TYPE_CHECKING:
-    from har.engine.checkpoint import RunError
+from har.errors import RunError
 
 
 def _current_umask() -> int:
@@ -40,8 +39,6 @@ def _os_error(exc: BaseException) -> OSError | None:
 
 def write_failure(path: Path, exc: OSError, doing: str = "write") -> RunError:
     """A one-line RunError for a failed write: the path, the cause and what to do."""
-    from har.engine.checkpoint import RunError  # noqa: F811 - here: har.engine.checkpoint imports this module
-
     code = errno.errorcode.get(exc.errno or 0, "?")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         advice = "free space on that file system (or raise the quota), then run the same command again"

@@ -1,6 +1,7 @@
 """Command line: `har train | train-pack | evaluate | run | export-data | inat-list | imagenet-lt-split | flops`.
 
-The Snakemake scripts call the same functions."""
+The Snakemake scripts call the same functions. Each command imports the modules it runs when it runs (start-up
+cost: `har --help`, `har inat-list` and the others that train nothing start without loading torch)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from har.config import ConfigError, RunConfig, load_config
-from har.data.errors import DataError
-from har.engine.checkpoint import RunError
-from har.engine.lock import EXIT_LOCKED, FolderBusy
+from har.config import RunConfig, load_config
+from har.engine.lock import EXIT_LOCKED
+from har.errors import ConfigError, DataError, FolderBusy, RunError
+from har.facts import IMAGENET_LT_LISTS
 
 if TYPE_CHECKING:
     from har.data.build import RunData
@@ -121,7 +122,7 @@ def cmd_inat_list(args: argparse.Namespace) -> None:
 
 def cmd_imagenet_lt_split(args: argparse.Namespace) -> None:
     from har.data.imagelist import write_split_list
-    from har.data.imagenet_lt import IMAGENET_LT_LISTS, make_imagenet_lt_split
+    from har.data.imagenet_lt import make_imagenet_lt_split
 
     split = make_imagenet_lt_split(args.imagenet, seed=args.seed, max_images=args.max_images,
                                    min_images=args.min_images, val_per_class=args.val_per_class)

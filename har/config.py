@@ -23,28 +23,26 @@ from typing import Any, Literal
 
 import yaml
 
-from har.data.augment import CIFAR_MEAN, CIFAR_STD
-from har.data.imagelist import IMAGENET_MEAN, IMAGENET_STD
-from har.data.imagenet_lt import IMAGENET_LT_LISTS
-from har.data.inat import INAT2018_LISTS
-from har.evaluation.confidence import confidence_ceiling
+from har.errors import ConfigError
+from har.facts import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    DATASET_CLASSES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LIST_DATASETS,
+    check_layout,
+    confidence_ceiling,
+)
 
 log = logging.getLogger(__name__)
 
-CIFAR_DATASETS = ("cifar10", "cifar100")  # arrays from the pickle layout, cut into long-tailed subsets here
-LIST_DATASETS = ("imagenet_lt", "inat2018")  # read from split lists and an image folder
-# Classes of each dataset: what the thresholds are checked against before any data is read.
-DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet_lt": IMAGENET_LT_LISTS["train"].num_classes,
-                   "inat2018": INAT2018_LISTS["train"].num_classes}
 # Seeds: numpy's RandomState takes [0, 2**32); the epoch generators seed torch with seed * 1_000_003 + epoch,
 # which must stay below 2**64, and numpy's default_rng refuses negative seeds.
 SEED_LIMIT = 2**32
 # A float written with an exponent but no dot (1e-3, 5E-4): YAML 1.1 (PyYAML) reads it as a string.
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
-
-class ConfigError(ValueError):
-    """A config value is unknown, of the wrong type or out of range."""
 
 
 @dataclass
@@ -324,8 +322,6 @@ def _check_ranges(cfg: RunConfig, t_pending: bool = False) -> None:
     for key, value, ok, allowed in checks:
         if not ok:
             raise ConfigError(f"{key}: {value!r} is out of range; it must be {allowed}")
-    from har.models import check_layout  # the registry is the one list of model names and their block groups
-
     try:
         check_layout(cfg.model.name, cfg.model.layout)
     except ValueError as exc:

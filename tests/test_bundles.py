@@ -13,7 +13,7 @@ import pytest
 
 from har.config import DataConfig, from_dict
 from har.data.build import RunData, Split, build_data, list_provenance, read_bundle, write_bundle
-from har.data.errors import DataError
+from har.errors import DataError
 
 SOURCE = {"dataset": "cifar10", "official": False, "source": "/data/cifar-10-batches-py",
           "files": {"data_batch_1": "0" * 32}, "differing": ["data_batch_1"],
@@ -136,7 +136,7 @@ def test_a_folder_as_bundle_is_named_as_such(tmp_path):
 
 
 def test_list_provenance_says_whether_the_lists_are_the_published_ones(tmp_path):
-    from har.data.imagenet_lt import IMAGENET_LT_LISTS
+    from har.facts import IMAGENET_LT_LISTS
 
     published = {p.file_name: p.blob_id for p in IMAGENET_LT_LISTS.values()}
     ours = list_provenance("imagenet_lt", tmp_path, tmp_path / "img", published)

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from har import config
-from har.config import ConfigError, config_diff, config_hash, dump_config, from_dict, load_config, to_dict
+from har.config import config_diff, config_hash, dump_config, from_dict, load_config, to_dict
 from har.engine.schedule import lr_factor
+from har.errors import ConfigError
 
 
 def test_defaults_are_the_papers_cifar_settings():
@@ -209,7 +210,7 @@ def test_path_fields_of_the_wrong_kind_are_named(tmp_path):
 
 @pytest.mark.parametrize("dataset, classes", [("cifar10", 10), ("cifar100", 100), ("imagenet_lt", 1000)])
 def test_a_har_threshold_above_the_cosine_ceiling_is_refused(dataset, classes):
-    from har.evaluation.confidence import confidence_ceiling
+    from har.facts import confidence_ceiling
 
     ceiling = confidence_ceiling(classes, "cosine")
     ldam = {"data": {"dataset": dataset}, "loss": {"name": "ldam", "har": True}}
@@ -238,7 +239,7 @@ def test_an_exit_threshold_grid_beyond_the_ceiling_is_refused():
 def test_confidence_ceiling_matches_the_softmax_of_extreme_cosines():
     import numpy as np
 
-    from har.evaluation.confidence import confidence_ceiling
+    from har.facts import confidence_ceiling
 
     for classes in (10, 100, 1000):
         cosines = np.full(classes, -1.0)

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from test_workflow import paper_config, snakemake, workdir_copy
 
+from har.errors import ResultError
 from har.pipeline import grid
 from har.reporting.cost import write_cost
-from har.reporting.results import ResultError
 
 PAPER = paper_config()
 LOSS_CE = {"name": "ce", "har": False}

@@ -23,9 +23,9 @@ import har.data.batches as batches_module
 from har.cli import main
 from har.config import load_config
 from har.data.build import write_bundle
-from har.engine.checkpoint import RunError
 from har.engine.signals import EXIT_TEMPFAIL, TrainingInterrupted, stop_requests
 from har.engine.trainer import train
+from har.errors import RunError
 
 STEPS = 7  # 56 training images in batches of 8
 EPOCHS = 3

@@ -10,8 +10,8 @@ from conftest import synthetic_data
 
 from har.cli import main
 from har.config import from_dict
-from har.engine.checkpoint import RunError
 from har.engine.trainer import train
+from har.errors import RunError
 from har.evaluation.evaluate import evaluate_from_cache, evaluate_run
 
 

@@ -13,10 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from har.data.errors import DataError
 from har.data.imagelist import (
     ImageListDataset,
-    PublishedList,
     SplitList,
     check_images_exist,
     git_blob_id,
@@ -24,8 +22,10 @@ from har.data.imagelist import (
     verify_split_list,
     write_split_list,
 )
-from har.data.imagenet_lt import IMAGENET_LT_LISTS, make_imagenet_lt_split, pareto_class_sizes
-from har.data.inat import INAT2018_LISTS, inat_split_list
+from har.data.imagenet_lt import make_imagenet_lt_split, pareto_class_sizes
+from har.data.inat import inat_split_list
+from har.errors import DataError
+from har.facts import IMAGENET_LT_LISTS, INAT2018_LISTS, PublishedList
 
 SHARED_SPLITS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "splits"
 

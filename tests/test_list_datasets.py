@@ -19,10 +19,10 @@ from test_train import TINY
 from har.config import from_dict
 from har.data.batches import train_batches
 from har.data.build import build_data
-from har.data.errors import DataError
 from har.data.imagelist import ImageListDataset
 from har.data.loader import ImageBatches
 from har.engine.trainer import train
+from har.errors import DataError
 from har.evaluation.evaluate import evaluate_run
 from har.reporting.figures import fig_exit_examples
 

@@ -18,11 +18,13 @@ from conftest import REPO, synthetic_data
 from test_workflow import expected_jobs, job_counts, paper_config, snakemake, workdir_copy
 
 import har.engine.pack as pack_module
-from har.config import LIST_DATASETS, from_dict
+from har.config import from_dict
 from har.data.build import write_bundle
-from har.engine.checkpoint import RunError
-from har.engine.pack import ERROR_FILE, check_pack
+from har.engine.membership import check_pack
+from har.errors import RunError
+from har.facts import LIST_DATASETS
 from har.pipeline import grid, jobs
+from har.run.folder import TRAIN_ERROR as ERROR_FILE
 
 
 def ci_config() -> dict:

@@ -12,8 +12,8 @@ from conftest import shared_cifar_root
 from test_methods import plain_config, stage_two_config
 from test_workflow import SNAKEMAKE, job_counts, workdir_copy
 
-from har.engine.checkpoint import RunError
 from har.engine.trainer import train
+from har.errors import RunError
 from har.evaluation.evaluate import evaluate_run
 from har.methods import decoupled
 
@@ -43,7 +43,8 @@ def test_stage_two_of_a_retrained_stage_one_is_refused(tmp_path, tiny_data):
 def test_a_stale_folder_that_a_live_trainer_holds_is_not_moved_aside(tmp_path, tiny_data):
     """The cluster case: snakemake was killed while its job kept training, the config was edited, and the rerun's
     job finds the folder stale; it must not pull the folder from under the trainer that still writes it."""
-    from har.engine.lock import FolderBusy, folder_lock
+    from har.engine.lock import folder_lock
+    from har.errors import FolderBusy
     from har.pipeline.jobs import set_aside_stale
 
     run = tmp_path / "seed0"

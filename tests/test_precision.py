@@ -10,8 +10,8 @@ import torch
 from har.config import TrainConfig, from_dict
 from har.engine import hardware
 from har.engine.assembly import precision
-from har.engine.checkpoint import RunError
 from har.engine.run_state import record_machine
+from har.errors import RunError
 
 AMD_ZEN4 = {"avx2", "avx512f", "avx512_bf16"}
 XEON_AMX = {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}

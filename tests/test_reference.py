@@ -23,8 +23,8 @@ import har.engine.trainer as trainer_module
 from har.config import from_dict
 from har.data.build import write_bundle
 from har.engine.signals import TrainingInterrupted
+from har.errors import ResultError
 from har.pipeline import grid, jobs, reference
-from har.reporting.results import ResultError
 
 REFERENCE_METHODS = {"ce_drw", "har_ce_drw", "ldam_drw", "har_ldam_drw"}
 

@@ -19,10 +19,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from har.config import config_hash, from_dict
 from har.data.build import write_bundle
 from har.engine.trainer import train
+from har.errors import ResultError
 from har.evaluation.dynamic import READINGS
 from har.evaluation.evaluate import evaluate_run
 from har.pipeline import grid
-from har.reporting import ResultError, build_tables, figures, load_published, load_results, plot_figures, summarise
+from har.reporting import figures, load_published, load_results, summarise
+from har.reporting.figures import plot_figures
+from har.reporting.report import build_tables
 from har.reporting.results import target_column, target_label
 
 SPLIT = "cifar10-r100"

@@ -25,10 +25,11 @@ import har.engine.lock as lock_module
 from har.cli import main
 from har.config import load_config
 from har.data.build import write_bundle
-from har.engine.checkpoint import RunError
-from har.engine.lock import EXIT_LOCKED, LOCK_NAME
+from har.engine.lock import EXIT_LOCKED
 from har.engine.trainer import train
+from har.errors import RunError
 from har.evaluation.evaluate import evaluate_run
+from har.run.folder import LOCK as LOCK_NAME
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 

@@ -13,8 +13,9 @@ import har.evaluation.selection as selection
 from har.config import from_dict
 from har.data.batches import eval_batches
 from har.engine.assembly import build_model
-from har.engine.checkpoint import RunError, atomic_save, load_checkpoint
+from har.engine.checkpoint import atomic_save, load_checkpoint
 from har.engine.trainer import train
+from har.errors import RunError
 from har.evaluation.evaluate import crossfit_tau_norm, evaluate_from_cache, evaluate_run
 from har.methods import decoupled
 

@@ -8,8 +8,8 @@ import torch
 
 import har.engine.trainer as trainer_module
 from har.config import from_dict
-from har.engine.checkpoint import RunError
 from har.engine.trainer import train
+from har.errors import RunError
 from har.evaluation.evaluate import evaluate_run
 
 TINY = {"data": {"dataset": "cifar10"}, "train": {"epochs": 3, "batch_size": 16, "warmup_epochs": 1,
@@ -192,7 +192,7 @@ def test_evaluating_an_unfinished_run_is_refused(tmp_path, tiny_data, monkeypatc
 
 def test_a_bundle_round_trips_the_splits_and_refuses_another_config(tmp_path, tiny_data):
     from har.data.build import build_data, write_bundle
-    from har.data.errors import DataError
+    from har.errors import DataError
 
     cfg = tiny_config(data={"bundle": str(tmp_path / "tiny.npz.xz"), "ratio": 10.0})
     write_bundle(tiny_data, cfg.data, cfg.data.bundle)

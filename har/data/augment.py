@@ -12,9 +12,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
-
 
 @functools.lru_cache(maxsize=16)
 def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:

@@ -21,11 +21,10 @@ import numpy as np
 from har.atomic import atomic_write
 from har.config import DataConfig
 from har.data.cifar import load_cifar, resolve_data_root
-from har.data.errors import DataError
-from har.data.imagelist import PublishedList, SplitList, check_images_exist, read_split_list, verify_split_list
-from har.data.imagenet_lt import IMAGENET_LT_LISTS
-from har.data.inat import INAT2018_LISTS
+from har.data.imagelist import SplitList, check_images_exist, read_split_list, verify_split_list
 from har.data.longtail import make_longtail_split, shot_groups, subsample_per_class
+from har.errors import DataError
+from har.facts import PUBLISHED_LISTS
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +133,7 @@ def full_splits(cfg: DataConfig) -> RunData:
     )
 
 
-PUBLISHED_LISTS: dict[str, dict[str, PublishedList]] = {"imagenet_lt": IMAGENET_LT_LISTS, "inat2018": INAT2018_LISTS}
 _LIST_TITLES = {"imagenet_lt": "ImageNet-LT", "inat2018": "iNaturalist 2018"}
-
 
 
 def list_splits(cfg: DataConfig) -> RunData:

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from har.data.errors import DataError
 from har.digest import file_hexdigest
+from har.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -18,22 +18,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from har.atomic import atomic_write_text
-from har.data.errors import DataError
+from har.errors import DataError
+from har.facts import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class PublishedList:
-    """A published split list: file name, git blob id, number of lines and number of classes."""
-
-    file_name: str
-    blob_id: str
-    lines: int
-    num_classes: int
 
 
 @dataclass(frozen=True, eq=False)

@@ -15,14 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from har.data.errors import DataError
-from har.data.imagelist import PublishedList, SplitList
+from har.data.imagelist import SplitList
+from har.errors import DataError
 
-IMAGENET_LT_LISTS = {
-    "train": PublishedList("ImageNet_LT_train.txt", "a063f095fcd475db4cf8b0658c4b73955535bbf9", 115_846, 1000),
-    "val": PublishedList("ImageNet_LT_val.txt", "3ed3188b2f44829ce2dec1cc27040d8d40984088", 20_000, 1000),
-    "test": PublishedList("ImageNet_LT_test.txt", "76a2fb9749d6cd29e765cc4f8c270f2504131e2f", 50_000, 1000),
-}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 

@@ -8,13 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from har.data.errors import DataError
-from har.data.imagelist import PublishedList, SplitList
+from har.data.imagelist import SplitList
+from har.errors import DataError
 
-INAT2018_LISTS = {
-    "train": PublishedList("iNaturalist18_train.txt", "4accdb7584d2f0a5106c40a33ed6afa392189bcc", 437_513, 8142),
-    "val": PublishedList("iNaturalist18_val.txt", "4c23900857fd0f5adcd4cc0dffef345039eeb05f", 24_426, 8142),
-}
 
 
 def inat_split_list(annotation_json: str | Path) -> SplitList:

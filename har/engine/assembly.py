@@ -9,17 +9,13 @@ import torch
 
 from har.config import RunConfig, TrainConfig
 from har.engine import hardware
-from har.engine.checkpoint import RunError
 from har.engine.distributed import Distributed
 from har.engine.schedule import lr_factor
 from har.engine.step import StepLoss
+from har.errors import RunError
 from har.losses import HARLoss, ReweightSchedule, build_exit_loss
 from har.methods import decoupled
 from har.models import MultiExitNet, create_model
-
-CHECKPOINT = "last.pt"
-PREVIOUS = "prev.pt"
-METRICS = "metrics.jsonl"
 
 
 def resolve_device(name: str, ctx: Distributed | None = None) -> torch.device:

@@ -15,12 +15,10 @@ from typing import Any
 import torch
 
 from har.atomic import atomic_write, write_failure
+from har.errors import RunError
 
 log = logging.getLogger(__name__)
 
-
-class RunError(RuntimeError):
-    """A run folder cannot be used as asked (another config, incomplete training, unreadable checkpoint)."""
 
 
 def atomic_save(obj: Any, path: Path, keep_previous: Path | None = None) -> None:

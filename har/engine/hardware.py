@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-MACHINE = "machine.jsonl"
+from har.run.folder import MACHINE
+
 # CPU flags (as /proc/cpuinfo spells them) that decide the CPU's precision, and that the record keeps
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 FORCE_ENV = "HAR_NATIVE_BF16"

@@ -2,7 +2,7 @@
 
 Two trainers on one folder (the cluster case: Snakemake is killed, its job trains on, the user runs
 `snakemake --unlock` and starts the workflow again) would overwrite each other's checkpoints. The lock is a file,
-`LOCK_NAME`, created with O_CREAT | O_EXCL (atomic on local disks and on NFS v3+, Lustre and GPFS) and holding
+`LOCK`, created with O_CREAT | O_EXCL (atomic on local disks and on NFS v3+, Lustre and GPFS) and holding
 its holder's host, pid, boot id, command and start time as JSON, so that a refused process can say who holds
 it. The holder also takes a POSIX record lock (`fcntl.lockf`) on it where the file system supports them: the
 kernel (or the NFS / Lustre / GPFS lock manager) drops that lock when its process dies, which tells a stale
@@ -25,20 +25,17 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
-from har.engine.checkpoint import RunError
+from har.errors import FolderBusy, RunError
+from har.run.folder import LOCK
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = ".har.lock"
 EXIT_LOCKED = 73  # sysexits.h EX_CANTCREAT: distinct from errors (2), crashes (1) and "retry" (75)
 READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
 _NO_RECORD_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)  # e.g. NFS without lockd
 
 _held: dict[Path, int] = {}  # lock file -> descriptor, for the locks this process holds
 
-
-class FolderBusy(RunError):
-    """Another process holds the folder's lock: stop at once (exit status :data:`EXIT_LOCKED` from the CLI)."""
 
 
 @dataclass(frozen=True)
@@ -168,7 +165,7 @@ def acquire(folder: Path, command: str, what: str, read_only_ok: bool = False) -
     """
     folder = Path(folder)
     make_folder(folder, what)
-    lock = folder / LOCK_NAME
+    lock = folder / LOCK
     if lock in _held:
         raise FolderBusy(f"{folder} is already locked by this process (pid {os.getpid()})")
     for _ in range(10):  # a holder may end (or a stale lock be taken over) between the steps below
@@ -221,7 +218,7 @@ def _inode(path: Path) -> int | None:
 
 def release(lock: FolderLock) -> None:
     """Remove the lock file, then drop the record lock (in this order, so that nobody locks a removed file)."""
-    path = lock.folder / LOCK_NAME
+    path = lock.folder / LOCK
     fd = _held.pop(path, None) if lock.held else None
     if fd is None:
         return
@@ -238,7 +235,7 @@ def refuse_if_held(folder: Path, doing: str) -> None:
 
     Probing never writes, so it also works in a read-only folder.
     """
-    lock = Path(folder) / LOCK_NAME
+    lock = Path(folder) / LOCK
     if lock in _held:
         raise FolderBusy(f"{folder} is locked by this process (pid {os.getpid()}); {doing} after it is released")
     try:

@@ -46,13 +46,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from har.atomic import atomic_write_text
-from har.config import ConfigError, RunConfig, config_diff, to_dict
+from har.config import RunConfig
 from har.data.batches import eval_batches, train_batches
 from har.data.build import RunData, build_data
 from har.data.loader import TensorBatches
 from har.engine.assembly import (
-    CHECKPOINT,
-    PREVIOUS,
     build_loss,
     build_model,
     build_optimizer,
@@ -62,9 +60,10 @@ from har.engine.assembly import (
     precision,
     resolve_device,
 )
-from har.engine.checkpoint import RunError, atomic_save
+from har.engine.checkpoint import atomic_save
 from har.engine.distributed import Distributed
 from har.engine.hardware import exact_fp32
+from har.engine.membership import check_pack
 from har.engine.run_state import (
     EpochProgress,
     checkpoint_state,
@@ -84,20 +83,14 @@ from har.engine.run_state import (
 )
 from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
 from har.engine.step import StepOutput, step_statistics
+from har.errors import ConfigError, PackError, RunError
 from har.losses import HARLoss, ReweightSchedule
 from har.methods.mixup import Mixing, draw_mixing
 from har.models import MultiExitNet
-from har.models.packed import PackedNet, PackError
+from har.models.packed import PackedNet
+from har.run.folder import CHECKPOINT, PREVIOUS, TRAIN_ERROR
 
 log = logging.getLogger(__name__)
-
-ERROR_FILE = "train.error"  # a member stopped inside a pack: its error, for whoever reads the folder
-# Fields in which the members of one pack may differ (a whole section when None); all others make the shape.
-MEMBER_FIELDS: dict[str, tuple[str, ...] | None] = {
-    "loss": None, "train": ("seed", "mixup", "mixup_alpha"),
-    "eval": ("exit_thresholds", "target_savings", "histogram_bins"),
-}
-
 
 class MembersStopped(RunError):
     """Some members of a pack stopped (a non-finite loss); the others finished.
@@ -110,54 +103,6 @@ class MembersStopped(RunError):
     def __init__(self, message: str, errors: dict[Path, str], histories: list[list[dict]]) -> None:
         super().__init__(message)
         self.errors, self.histories = errors, histories
-
-
-def pack_shape(cfg: RunConfig) -> dict[str, Any]:
-    """What the members of a pack must share: the config without `MEMBER_FIELDS`, with the resolved classifier
-    kind (the exits' layers) and `train.compile` (one way of computing all)."""
-    values = to_dict(cfg)
-    for section, names in MEMBER_FIELDS.items():
-        if names is None:
-            values.pop(section)
-        else:
-            for name in names:
-                values[section].pop(name)
-    values["model"]["classifier"] = cfg.classifier
-    return values
-
-
-def pack_refusal(cfg: RunConfig) -> str | None:
-    """Why a run cannot be a pack member (None when it can): it must train a CIFAR split from scratch with no
-    Manifold Mixup (whose mixing layer is drawn per member and step)."""
-    if cfg.decouple.method != "none":
-        return f"decouple.method {cfg.decouple.method!r}: a decoupled stage two trains alone from its stage one"
-    if cfg.data.is_list_dataset:
-        return f"data.dataset {cfg.data.dataset!r}: list datasets train alone (one run fills a GPU, or several)"
-    if cfg.train.mixup == "manifold":
-        return "train.mixup 'manifold': each member would mix at its own layer"
-    return None
-
-
-def check_pack(members: Sequence[tuple[RunConfig, Path]]) -> None:
-    """Refuse, naming the member and the field, runs that cannot be trained as one pack."""
-    if not members:
-        raise ConfigError("a pack needs at least one member")
-    outs = [Path(out).resolve() for _, out in members]
-    if len(set(outs)) != len(outs):
-        raise ConfigError(f"two pack members share a run folder: {sorted({str(o) for o in outs if outs.count(o) > 1})}")
-    first = pack_shape(members[0][0])
-    for cfg, out in members:
-        reason = pack_refusal(cfg)
-        if reason is not None:
-            raise ConfigError(f"{out} cannot train in a pack: {reason}; train it alone with har train")
-        diff = config_diff(first, pack_shape(cfg))
-        if diff:
-            raise ConfigError(f"{out} has another shape than {members[0][1]} and cannot share its pack (members may "
-                              f"differ only in {_member_fields()}):\n  " + "\n  ".join(diff))
-
-
-def _member_fields() -> str:
-    return ", ".join(s if n is None else ", ".join(f"{s}.{f}" for f in n) for s, n in MEMBER_FIELDS.items())
 
 
 @dataclass
@@ -404,7 +349,7 @@ def _fresh(cfg: RunConfig, out: Path, data: RunData, device: torch.device) -> Me
 
 def _assemble(cfg: RunConfig, out: Path, data: RunData, device: torch.device) -> Member:
     """A member as `har train` would start or resume it."""
-    (out / ERROR_FILE).unlink(missing_ok=True)
+    (out / TRAIN_ERROR).unlink(missing_ok=True)
     member = _fresh(cfg, out, data, device)
     member.start, member.partial, rng = restore(cfg, out, member.model, member.optimizer, member.scheduler, device)
     record_machine(cfg, out, device, member.start)
@@ -549,7 +494,7 @@ def _check_finite(members: Sequence[Member], epoch: int, steps: int) -> None:
         if step >= 0 and m.error is None:
             m.error = str(nonfinite_error(epoch, step, steps))
             log.error("%s: %s", m.out, m.error)
-            atomic_write_text(m.out / ERROR_FILE, m.error + "\n")
+            atomic_write_text(m.out / TRAIN_ERROR, m.error + "\n")
 
 
 def _stopped(stop: StopRequest, members: Sequence[Member], where: str) -> NoReturn:

@@ -20,19 +20,20 @@ import yaml
 from torch import Tensor
 
 from har.atomic import atomic_write_text
-from har.config import ConfigError, RunConfig, config_diff, config_hash, dump_config, stored_config_hash, to_dict
+from har.config import RunConfig, config_diff, config_hash, dump_config, stored_config_hash, to_dict
 from har.data.batches import eval_batches
 from har.data.build import RunData
-from har.data.errors import DataError
-from har.engine.assembly import CHECKPOINT, METRICS, PREVIOUS, precision
-from har.engine.checkpoint import RunError, resume_checkpoint
+from har.engine.assembly import precision
+from har.engine.checkpoint import resume_checkpoint
 from har.engine.distributed import Distributed
-from har.engine.hardware import MACHINE, machine_record, read_machines
+from har.engine.hardware import machine_record, read_machines
 from har.engine.lock import folder_lock
 from har.engine.step import StepLoss, StepOutput
+from har.errors import ConfigError, DataError, RunError
 from har.losses import HARLoss, ReweightSchedule
 from har.methods.mixup import draw_mixing
 from har.models import MultiExitNet
+from har.run.folder import CHECKPOINT, MACHINE, METRICS, PREVIOUS
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from har.config import ConfigError
+from har.errors import ConfigError
 from har.losses import HARLoss, exit_statistics
 from har.methods.mixup import Mixing
 

@@ -31,9 +31,6 @@ from har.data.batches import eval_batches, train_batches
 from har.data.build import RunData, build_data
 from har.data.loader import ImageBatches, TensorBatches
 from har.engine.assembly import (
-    CHECKPOINT,
-    METRICS,
-    PREVIOUS,
     build_loss,
     build_model,
     build_optimizer,
@@ -43,7 +40,7 @@ from har.engine.assembly import (
     precision,
     resolve_device,
 )
-from har.engine.checkpoint import RunError, atomic_save
+from har.engine.checkpoint import atomic_save
 from har.engine.distributed import Distributed, from_environment, process_group
 from har.engine.hardware import exact_fp32
 from har.engine.run_state import (
@@ -66,8 +63,10 @@ from har.engine.run_state import (
 )
 from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
 from har.engine.step import StepLoss
+from har.errors import RunError
 from har.methods import decoupled
 from har.models import MultiExitNet
+from har.run.folder import CHECKPOINT, METRICS, PREVIOUS
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from har.evaluation.confidence import confidence_ceiling
 from har.evaluation.metrics import classification_summary, confusion_matrix
+from har.facts import confidence_ceiling
 
 NO_EXIT_THRESHOLD = 1.01  # above any softmax probability: every example reaches the last exit (static mode)
 

@@ -25,19 +25,20 @@ from har.atomic import atomic_write, atomic_write_json
 from har.config import RunConfig, config_hash, from_dict, stored_config_hash
 from har.data.batches import eval_batches
 from har.data.build import ListSplit, RunData, Split, build_data
-from har.engine.assembly import CHECKPOINT, PREVIOUS, build_model, resolve_device
-from har.engine.checkpoint import RunError, resume_checkpoint
+from har.engine.assembly import build_model, resolve_device
+from har.engine.checkpoint import resume_checkpoint
 from har.engine.hardware import read_machines
 from har.engine.lock import folder_lock, refuse_if_held
+from har.errors import RunError
 from har.evaluation import selection
 from har.evaluation.flops import flops_table
 from har.evaluation.reports import SPLITS, SplitOutputs, split_reports
 from har.methods import decoupled
 from har.models import MultiExitNet
+from har.run.folder import CHECKPOINT, EVAL_DIR, PREVIOUS
 
 log = logging.getLogger(__name__)
 
-EVAL_DIR = "eval"
 
 
 def input_size(cfg: RunConfig) -> tuple[int, int, int]:

@@ -28,10 +28,12 @@ from torch import Tensor, nn
 from har.atomic import atomic_write_json
 from har.config import RunConfig, from_dict, stored_config_hash
 from har.digest import file_hexdigest
-from har.engine.checkpoint import RunError, load_checkpoint
+from har.engine.checkpoint import load_checkpoint
+from har.errors import RunError
 from har.evaluation.selection import best_tau
 from har.models import MultiExitNet
 from har.models.exits import make_classifier
+from har.run.folder import CHECKPOINT, PREVIOUS, STAGE_ONE_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +43,6 @@ EXAMPLES_PER_CLASS_VISIT = 4
 # Stage-one fields that must match the stage-two config: same model, same training data.
 MATCHING = {"model": ("name", "layout", "exit_channels", "exit_stride"),
             "data": ("dataset", "ratio", "seed", "val_per_class", "train_fraction")}
-
-# In a stage-two folder: which stage one it started from (its config hash and the sha256 of its final last.pt).
-STAGE_ONE_RECORD = "stage_one.json"
 
 # In a tau-norm checkpoint: stage one's untouched final classifier weight (the saved layer holds W / ||W||^tau).
 STAGE_ONE_WEIGHT = "stage_one_classifier_weight"
@@ -129,8 +128,6 @@ def recorded_stage_one(out: str | Path) -> dict | None:
 
 def has_started(out: str | Path) -> bool:
     """Whether the stage-two folder ``out`` holds a checkpoint, i.e. has trained on some stage one."""
-    from har.engine.assembly import CHECKPOINT, PREVIOUS  # the assembly imports this module
-
     return any((Path(out) / name).exists() for name in (CHECKPOINT, PREVIOUS))
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from har.facts import parse_layout
+
 CLASSIFIERS = ("linear", "cosine")
 
 
@@ -113,49 +115,6 @@ class Backbone(nn.Module):
     def make_exit_head(self, position: int, channels: int, stride: int) -> nn.Module:
         """Exit head reading the feature map at ``position`` (0: after the stem, i: after group i)."""
         return ExitHead(self.channels[position], self.num_classes, channels, stride, self.classifier_kind)
-
-
-def parse_layout(layout: str, num_groups: int) -> tuple[int, ...]:
-    """Positions of the intermediate exits of a layout string, as the number of block groups before each.
-
-    Args:
-        layout: e.g. 'CEBEBEBE': 'C' stem, 'B' block group, 'E' exit; must end with the backbone's own 'E'.
-        num_groups: number of block groups of the backbone.
-
-    Returns:
-        Increasing positions in [0, num_groups), e.g. (0, 1, 2) for 'CEBEBEBE' and () for 'CBBBE'.
-
-    Raises:
-        ValueError: if the string is not a valid layout for a backbone with ``num_groups`` groups.
-    """
-    hint = (
-        f"(examples for {num_groups} block groups: {'C' + 'EB' * num_groups + 'E'!r} with an exit before"
-        f" every group, {'C' + 'B' * num_groups + 'E'!r} without intermediate exits)"
-    )
-    if not isinstance(layout, str) or not layout:
-        raise ValueError(f"Layout must be a non-empty string, got {layout!r} {hint}.")
-    bad = sorted(set(layout) - set("CBE"))
-    if bad:
-        raise ValueError(f"Layout {layout!r} has characters {bad}; allowed are 'C', 'B', 'E' {hint}.")
-    if not layout.startswith("C") or layout.count("C") != 1:
-        raise ValueError(f"Layout {layout!r} must start with the single stem 'C' {hint}.")
-    if not layout.endswith("E"):
-        raise ValueError(f"Layout {layout!r} must end with 'E', the backbone's classifier {hint}.")
-    if layout.count("B") != num_groups:
-        raise ValueError(
-            f"Layout {layout!r} has {layout.count('B')} 'B's but the backbone has {num_groups} block groups"
-            f" {hint}."
-        )
-    if "EE" in layout:
-        raise ValueError(f"Layout {layout!r} has two adjacent exits 'EE' {hint}.")
-    positions = []
-    groups_done = 0
-    for char in layout[1:-1]:
-        if char == "B":
-            groups_done += 1
-        else:
-            positions.append(groups_done)
-    return tuple(positions)
 
 
 def check_head_args(channels: int, stride: int) -> None:

@@ -23,12 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from har.errors import PackError
 from har.models.exits import Linear, NormedLinear, at_least_float32
 from har.models.resnet_cifar import ZeroPadShortcut
 
-
-class PackError(ValueError):
-    """Members that cannot be computed as one K-wide network (different structure, an unsupported layer)."""
 
 
 def _cat(members: Sequence[Tensor]) -> Tensor:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from har import facts
 from har.models.densenet import DenseNet169
-from har.models.exits import Backbone, MultiExitNet, parse_layout
+from har.models.exits import Backbone, MultiExitNet
 from har.models.resnet import ResNet50
 from har.models.resnet_cifar import resnet32_cifar
 
@@ -22,17 +23,22 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_model(default_layout: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
+def register_model(default_layout: str | None = None) -> Callable[[BackboneBuilder], BackboneBuilder]:
     """Register a builder ``fn(num_classes, classifier) -> Backbone`` under its function name.
 
     Args:
-        default_layout: layout used when :func:`create_model` gets ``layout=None``.
+        default_layout: layout used when :func:`create_model` gets ``layout=None``; None: the one
+            ``har.facts.BACKBONE_LAYOUTS`` lists (the built-in backbones). A new backbone's is added there, so that
+            config validation, which reads the facts and not this registry, knows it.
     """
 
     def decorator(builder: BackboneBuilder) -> BackboneBuilder:
-        if builder.__name__ in _REGISTRY:
-            raise ValueError(f"Model {builder.__name__!r} is already registered.")
-        _REGISTRY[builder.__name__] = _Entry(builder, default_layout)
+        name = builder.__name__
+        if name in _REGISTRY:
+            raise ValueError(f"Model {name!r} is already registered.")
+        layout = facts.default_layout(name) if default_layout is None else default_layout
+        facts.BACKBONE_LAYOUTS[name] = layout
+        _REGISTRY[name] = _Entry(builder, layout)
         return builder
 
     return decorator
@@ -47,22 +53,6 @@ def _entry(name: str) -> _Entry:
     if name not in _REGISTRY:
         raise ValueError(f"Unknown model {name!r}; choose one of {list_models()}.")
     return _REGISTRY[name]
-
-
-def _num_groups(name: str) -> int:
-    return _entry(name).default_layout.count("B")
-
-
-def bare_layout(name: str) -> str:
-    """The layout of a registered model without intermediate exits: stem, one B per block group, final exit."""
-    return "C" + "B" * _num_groups(name) + "E"
-
-
-def check_layout(name: str, layout: str | None) -> None:
-    """Validate a model name and exit layout without building the model (config validation uses this)."""
-    groups = _num_groups(name)
-    if layout is not None:
-        parse_layout(layout, groups)
 
 
 def create_model(
@@ -93,19 +83,19 @@ def create_model(
     return MultiExitNet(backbone, layout, exit_channels, exit_stride)
 
 
-@register_model(default_layout="CEBEBEBE")
+@register_model()
 def resnet32(num_classes: int, classifier: str) -> Backbone:
     """LDAM-DRW's CIFAR ResNet-32; by default an exit before each block group (Appendix B of the paper)."""
     return resnet32_cifar(num_classes, classifier)
 
 
-@register_model(default_layout="CEBEBEBEBE")
+@register_model()
 def resnet50(num_classes: int, classifier: str) -> Backbone:
     """torchvision's ImageNet ResNet-50 with depthwise-separable exit heads; an exit before each block group."""
     return ResNet50(num_classes, classifier)
 
 
-@register_model(default_layout="CEBEBEBEBE")
+@register_model()
 def densenet169(num_classes: int, classifier: str) -> Backbone:
     """torchvision's ImageNet DenseNet-169 with two-convolution exit heads; an exit before each block group."""
     return DenseNet169(num_classes, classifier)

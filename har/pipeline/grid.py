@@ -19,14 +19,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from har.config import DATASET_CLASSES, LIST_DATASETS, ConfigError, ModelConfig, from_dict, to_dict
+from har.config import ModelConfig, from_dict, to_dict
+from har.engine.membership import pack_refusal, pack_shape
+from har.errors import ConfigError
 from har.evaluation.selection import VAL, protocol
+from har.facts import DATASET_CLASSES, LIST_DATASETS, bare_layout
+from har.reporting import published
+from har.reporting.published import TABLES
 
-# The paper's tables, in order: I t line search, II CIFAR-LT, III ImageNet-LT / iNaturalist, IV no
-# re-weighting, V exit layouts.
-TABLES = ("I", "II", "III", "IV", "V")
-
-NUM_CLASSES = DATASET_CLASSES  # classes of each dataset (har.config holds the one table)
+NUM_CLASSES = DATASET_CLASSES  # classes of each dataset (har.facts holds the one table)
 
 # n_max / n_min of the published training lists (ImageNet-LT 1280 / 5, iNaturalist 2018 1000 / 2). Fixed by the
 # lists, never a run-config field: it only labels a list dataset's split in records and published numbers.
@@ -267,13 +268,11 @@ def fixed_t(cfg: dict, spec: RunSpec) -> float | None:
 def target_savings(cfg: dict, spec: RunSpec) -> list[float]:
     """The MACs savings at which a run's evaluation chooses s: the run's `eval.target_savings`, then the paper's
     savings for its cell (Tables II, III), fractions, each once."""
-    from har.reporting.published import target_savings_for
-
     own = [float(x) for x in run_config(cfg, spec)["eval"]["target_savings"]]  # validated there
     paper = []
     if spec.role == "final":
         ratio = None if is_list_dataset(spec.dataset) else spec.ratio
-        paper = [float(x) for x in target_savings_for(spec.dataset, ratio, spec.base_method)]
+        paper = [float(x) for x in published.target_savings_for(spec.dataset, ratio, spec.base_method)]
     out: list[float] = []
     for x in own + paper:
         if not any(abs(x - y) < 1e-9 for y in out):
@@ -290,8 +289,6 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def _bare_layout(model: str) -> str:
     """The model's layout without intermediate exits (an unknown model name is a config error)."""
-    from har.models import bare_layout
-
     try:
         return bare_layout(model)
     except ValueError as exc:
@@ -459,11 +456,9 @@ def _pack_key(cfg: dict, spec: RunSpec) -> str | None:
     """What a run must share with the other members of its pack, as text (None: it trains alone).
 
     Runs share a pack when they have the same split and role (t search, final), wait on the same selection of t
-    (or none) and have the same `har.engine.pack.pack_shape`. Runs `pack_refusal` refuses (decoupled stage two,
+    (or none) and have the same `har.engine.membership.pack_shape`. Runs `pack_refusal` refuses (decoupled stage two,
     list datasets, Manifold Mixup) and runs whose train job asks for several GPUs (torchrun) train alone.
     """
-    from har.engine.pack import pack_refusal, pack_shape
-
     pending = needs_selected_t(cfg, spec)
     run_cfg = from_dict(run_config(cfg, spec), t_pending=pending)
     if pack_refusal(run_cfg) is not None or run_resources(cfg, spec, "train")["gpu"] > 1:

@@ -18,6 +18,11 @@ import yaml
 from har.atomic import atomic_write_json, atomic_write_text
 from har.config import RunConfig, config_hash, dump_config, from_dict, stored_config_hash
 from har.data.build import build_data, full_splits, write_bundle
+from har.engine import pack, trainer
+from har.engine.lock import refuse_if_held
+from har.errors import ConfigError, DataError, ResultError, RunError
+from har.evaluation import evaluate
+from har.methods import decoupled
 from har.pipeline import grid
 
 
@@ -38,11 +43,6 @@ def setup_job(log_file: str | Path | None, threads: int | None = None) -> None:
 def named_error_hook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
     """A job that stops on a user error (bad config, damaged data or results, a busy folder) ends its log with
     the error's name and message, which say the fix, instead of a traceback; anything else keeps its traceback."""
-    from har.config import ConfigError
-    from har.data.errors import DataError
-    from har.engine.checkpoint import RunError
-    from har.reporting.results import ResultError
-
     if issubclass(kind, (ConfigError, DataError, RunError, ResultError)):
         print(f"har: {kind.__name__}: {exc}", file=sys.stderr)
     else:
@@ -90,8 +90,6 @@ def train_run(cfg: dict, spec: grid.RunSpec, bundle: str | Path | None, selectio
     (`set_aside_stale`): Snakemake reruns the job because the config or the stage one changed, and the job then
     trains the run again instead of refusing the folder or resuming a stale checkpoint.
     """
-    from har.engine.trainer import read_history, train
-
     threshold = fed_threshold(cfg, spec, json.loads(Path(selection).read_text())) if selection else None
     run_cfg = job_run_config(cfg, spec, bundle, threshold)
     set_aside_stale(run_cfg, Path(spec.run_dir))
@@ -105,9 +103,9 @@ def train_run(cfg: dict, spec: grid.RunSpec, bundle: str | Path | None, selectio
         status = _torchrun(command)
         if status:
             raise SystemExit(status)  # the job fails; its retry resumes from the last checkpoint
-        history = read_history(Path(spec.run_dir))
+        history = trainer.read_history(Path(spec.run_dir))
     else:
-        history = train(run_cfg, spec.run_dir)
+        history = trainer.train(run_cfg, spec.run_dir)
     atomic_write_json(Path(marker), train_marker(cfg, spec, history))
 
 
@@ -136,8 +134,6 @@ def train_pack_job(cfg: dict, members: list[grid.RunSpec], bundle: str | Path | 
     evaluations go on, and the failed member's marker job fails naming it. Anything else that stops the pack
     (bad input, a stop signal: exit 75, the retry resumes every member) fails the job without a marker.
     """
-    from har.engine.pack import MembersStopped, train_pack
-
     selected = load_selections(selections)
     pairs = []
     for spec in members:
@@ -151,9 +147,9 @@ def train_pack_job(cfg: dict, members: list[grid.RunSpec], bundle: str | Path | 
         set_aside_stale(run_cfg, Path(spec.run_dir))
         pairs.append((run_cfg, Path(spec.run_dir)))
     try:
-        histories: list[list[dict] | None] = list(train_pack(pairs))
+        histories: list[list[dict] | None] = list(pack.train_pack(pairs))
         errors: list[str | None] = [None] * len(pairs)
-    except MembersStopped as stopped:  # anything else that stops the pack is the job's own failure
+    except pack.MembersStopped as stopped:  # anything else that stops the pack is the job's own failure
         errors = [stopped.errors.get(out) for _, out in pairs]
         histories = [None if error else history for error, history in zip(errors, stopped.histories, strict=True)]
         logging.getLogger(__name__).error("%d of %d pack members stopped; the others finished",
@@ -168,8 +164,6 @@ def train_pack_job(cfg: dict, members: list[grid.RunSpec], bundle: str | Path | 
 def write_member_marker(pack_marker: str | Path, run_dir: str, marker: str | Path) -> None:
     """Write a pack member's `train.json` from its pack's marker (the content `train_run` writes for a single
     run); a member that stopped in its pack is a RunError naming its error and how to train it again."""
-    from har.engine.checkpoint import RunError
-
     entry = next((m for m in json.loads(Path(pack_marker).read_text())["members"] if m["run_dir"] == run_dir), None)
     if entry is None:
         raise RunError(f"{pack_marker} has no member {run_dir}; delete {pack_marker} to train its pack again")
@@ -186,8 +180,6 @@ def stale_reason(run_cfg: RunConfig, run_dir: Path) -> str | None:
     """Why the folder `run_dir` cannot be resumed as a run of `run_cfg` ("config", "stage-one"); None when it can
     (or does not exist). A stage two that has trained but records no stage one (an older har) counts as stale: the
     job only runs again when Snakemake saw its stage one or config change."""
-    from har.methods import decoupled
-
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         return None
@@ -212,7 +204,6 @@ def set_aside_stale(run_cfg: RunConfig, run_dir: Path) -> Path | None:
     reason = stale_reason(run_cfg, run_dir)
     if reason is None:
         return None
-    from har.engine.lock import refuse_if_held
 
     refuse_if_held(run_dir, "moving the stale folder aside")  # a trainer still running there keeps its folder
     aside = run_dir.with_name(f"{run_dir.name}.stale-{reason}-{datetime.now(UTC):%Y%m%dT%H%M%S.%fZ}")
@@ -244,9 +235,7 @@ def _torchrun(command: list[str]) -> int:
 def evaluate_run(spec: grid.RunSpec, target_savings: list[float] | None = None) -> None:
     """Static and dynamic evaluation of a trained grid run (writes eval/val.json and eval/test.json), with s also
     chosen at each of `target_savings` (None: the run's `eval.target_savings`)."""
-    from har.evaluation.evaluate import evaluate_run as evaluate
-
-    evaluate(spec.run_dir, target_savings=target_savings)
+    evaluate.evaluate_run(spec.run_dir, target_savings=target_savings)
 
 
 def select_t(cfg: dict, split: str, method: str, runs: list[grid.RunSpec], out: str | Path) -> dict:

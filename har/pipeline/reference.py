@@ -27,16 +27,16 @@ import yaml
 from snakemake.utils import validate
 
 from har.atomic import atomic_write_text
-from har.engine.assembly import CHECKPOINT, METRICS
-from har.engine.checkpoint import RunError, atomic_save
-from har.engine.hardware import MACHINE
+from har.engine.checkpoint import atomic_save
+from har.errors import ResultError, RunError
 from har.evaluation.evaluate import evaluate_from_cache
 from har.pipeline import grid
 from har.pipeline.jobs import build_split
 from har.reporting.figures import plot_figures
 from har.reporting.published import load_published
-from har.reporting.results import ResultError, load_results
-from har.reporting.tables import build_tables
+from har.reporting.report import build_tables
+from har.reporting.results import load_results
+from har.run.folder import CHECKPOINT, MACHINE, METRICS
 
 log = logging.getLogger(__name__)
 

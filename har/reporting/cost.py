@@ -19,9 +19,10 @@ from pathlib import Path
 
 from har.atomic import atomic_write_text
 from har.engine.hardware import read_machines
+from har.errors import ResultError
 from har.pipeline import grid
-from har.reporting.results import ResultError, setting_label
-from har.reporting.tables import markdown_row
+from har.reporting.render import markdown_row
+from har.reporting.results import setting_label
 
 COLUMNS = ("Table", "Jobs measured", "Wall hours", "GPU-hours", "CPU core-hours", "Trained on")
 WHOLE_GRID = "whole grid"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -20,10 +19,9 @@ from har.evaluation.dynamic import READINGS
 from har.pipeline import grid
 from har.reporting.agreement import Rule
 from har.reporting.published import PaperValue
+from har.reporting.render import markdown_row
 from har.reporting.results import machine_text, provenance_text, setting_label, target_column, target_label
-
-if TYPE_CHECKING:
-    from har.reporting.tables import Table
+from har.reporting.tables import Table
 
 # The paper's central claims: (HAR method, its baseline), compared per split on Tables II and III.
 CLAIMS = (("har_ce_drw", "ce_drw"), ("har_ldam_drw", "ldam_drw"))
@@ -157,7 +155,6 @@ def _num(value: float | None, signed: bool = False) -> str:
 
 
 def _markdown(caption: str, frame: pd.DataFrame, rule: Rule) -> str:
-    from har.reporting.tables import markdown_row as line  # the tables module imports this one
     header = ["Table", "Split", "Method", "Mode", "Metric", "ours", "n", "paper", "diff", "verdict",
               f"{100 * (1 - rule.level):g}% CI of ours", f"seeds for ±{rule.resolution:g}", "note"]
     out = [f"**Fidelity report.** {caption}"]
@@ -167,12 +164,12 @@ def _markdown(caption: str, frame: pd.DataFrame, rule: Rule) -> str:
         if rows.empty:
             out.append("(none in this config)")
             continue
-        out += [line(header), line(["---"] * 5 + ["---:"] * 4 + ["---", "---:", "---:", "---"])]
+        out += [markdown_row(header), markdown_row(["---"] * 5 + ["---:"] * 4 + ["---", "---:", "---:", "---"])]
         for r in rows.to_dict("records"):
             ours = _num(r["ours_mean"]) + ("" if _missing(r["ours_std"]) else f" ± {r['ours_std']:.2f}")
             ci = "-" if _missing(r["ci_low"]) else f"{r['ci_low']:+.2f} to {r['ci_high']:+.2f}"
             seeds = "-" if _missing(r["seeds_to_resolve"]) else str(int(r["seeds_to_resolve"]))
-            out.append(line([r["table"], r["split"], r["method"], r["mode"], r["metric"], ours, str(r["n"]),
+            out.append(markdown_row([r["table"], r["split"], r["method"], r["mode"], r["metric"], ours, str(r["n"]),
                              _num(r["paper"]), _num(r["diff"], signed=True), r["verdict"], ci, seeds, r["note"]]))
     return "\n".join(out) + "\n"
 

@@ -24,14 +24,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from har.atomic import atomic_write
-from har.config import CIFAR_DATASETS, from_dict
+from har.config import from_dict
 from har.data.build import ListSplit, build_data
 from har.data.imagelist import ImageListDataset
+from har.errors import ResultError
 from har.evaluation import selection
 from har.evaluation.dynamic import softmax
+from har.facts import CIFAR_DATASETS
 from har.pipeline import grid
 from har.reporting.results import (
-    ResultError,
     load_results,
     machine_text,
     provenance_text,

@@ -19,11 +19,11 @@ import pandas as pd
 import yaml
 
 from har.config import stored_config_hash
-from har.engine.assembly import METRICS
-from har.engine.hardware import read_machines
-from har.engine.hardware import summary as machine_summary
+from har.engine.hardware import read_machines, summary as machine_summary
+from har.errors import ResultError
 from har.evaluation.dynamic import READINGS
 from har.evaluation.selection import parse_selection_key, selection_key
+from har.run.folder import METRICS
 
 # The numeric columns `load_results` adds to each record (fractions in [0, 1], MACs and s as they are).
 # dyn_*: at the most accurate s; best_epoch_top1: the maximum of
@@ -52,9 +52,6 @@ _REQUIRED = {
 # Config labels of the paper's own setting (config.yaml says "paper setting"); any other label is flagged.
 PAPER_LABELS = ("paper", "paper setting")
 
-
-class ResultError(ValueError):
-    """A run's results are missing, unreadable, incomplete or belong to another config."""
 
 
 def setting_label(cfg: dict) -> str:

@@ -12,25 +12,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import pandas as pd
 
-from har.atomic import atomic_write_text
 from har.config import LossConfig
 from har.evaluation.dynamic import READINGS
 from har.pipeline import grid
 from har.reporting.coverage import coverage_note
-from har.reporting.fidelity import write_fidelity
 from har.reporting.published import DYNAMIC_TABLES, PaperValue
-from har.reporting.results import (
-    machine_text,
-    provenance_text,
-    setting_label,
-    summarise,
-    target_column,
-    target_label,
-)
+from har.reporting.results import machine_text, provenance_text, setting_label, summarise, target_column, target_label
 
 COPIED = "‡"  # the paper copied the row from another paper
 NOT_EVALUATED = "§"  # the runs were not evaluated at the paper's saving
@@ -404,58 +394,3 @@ def make_tables(df: pd.DataFrame, cfg: dict, selected: dict, published: list[Pap
               table_methods(df, cfg, published, "IV", _caption(cfg, df, "IV")),
               table_layouts(df, cfg, published, _caption(cfg, df, "V"))]
     return [replace(t, notes=(*t.notes, coverage_note(cfg, published, t.id))) for t in tables]
-
-
-def markdown_row(cells: list[str]) -> str:
-    """One row of a Markdown table (pipes inside a cell escaped)."""
-    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-
-def to_markdown(table: Table) -> str:
-    align = ["---" if i < table.labels else "---:" for i in range(len(table.columns))]
-    lines = [f"**Table {table.id}.** {table.caption}", "", markdown_row(table.columns), markdown_row(align)]
-    notes = ["", *table.notes] if table.notes else []
-    return "\n".join(lines + [markdown_row(r) for r in table.rows] + notes) + "\n"
-
-
-_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-          "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$",
-          "<": "$<$", ">": "$>$"}
-
-
-def _tex(text: str) -> str:
-    return "".join(_LATEX.get(ch, ch) for ch in text)
-
-
-def to_latex(table: Table) -> str:
-    """A booktabs tabular in a table float (needs \\usepackage{booktabs})."""
-    spec = "l" * table.labels + "r" * (len(table.columns) - table.labels)
-    body = [" & ".join(_tex(c) for c in row) + r" \\" for row in table.rows]
-    return "\n".join([r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{_tex(table.caption)}}}",
-                      rf"\label{{tab:har-{table.id}}}", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
-                      " & ".join(_tex(c) for c in table.columns) + r" \\", r"\midrule", *body, r"\bottomrule",
-                      r"\end{tabular}", *[rf"\par\footnotesize {_tex(note)}" for note in table.notes],
-                      r"\end{table}"]) + "\n"
-
-
-def to_csv(table: Table) -> str:
-    """The cells as CSV between a `# caption` line and `# note` lines (read back with
-    `pandas.read_csv(path, comment="#")`)."""
-    cells = pd.DataFrame(table.rows, columns=table.columns)
-    notes = "".join(f"# {note}\n" for note in table.notes)
-    return f"# Table {table.id}. {table.caption}\n" + cells.to_csv(index=False) + notes
-
-
-def build_tables(df: pd.DataFrame, cfg: dict, selected: dict, published: list[PaperValue],
-                 out_dir: str | Path) -> list[Path]:
-    """Write `table_<id>.csv`, `.md` and `.tex` for each of Tables I-V and `fidelity.md` / `.csv`; return the
-    paths."""
-    out_dir = Path(out_dir)
-    tables = make_tables(df, cfg, selected, published)
-    paths = []
-    for table in tables:
-        for suffix, render in ((".csv", to_csv), (".md", to_markdown), (".tex", to_latex)):
-            path = out_dir / f"table_{table.id}{suffix}"
-            atomic_write_text(path, render(table))
-            paths.append(path)
-    return paths + write_fidelity(tables, df, cfg, published, out_dir)

@@ -4,7 +4,7 @@ import sys
 
 from snakemake.utils import validate
 
-from har.config import ConfigError
+from har.errors import ConfigError
 from har.pipeline import grid
 from har.reporting.figures import figure_names
 

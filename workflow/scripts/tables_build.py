@@ -2,8 +2,8 @@
 from har.pipeline.jobs import load_selections, setup_job
 from har.reporting.cost import write_cost
 from har.reporting.published import load_published
+from har.reporting.report import build_tables
 from har.reporting.results import load_results
-from har.reporting.tables import build_tables
 
 setup_job(snakemake.log[0])
 results = load_results(snakemake.params.records, ".")
