@@ -39,8 +39,6 @@ from har.atomic import atomic_write_json, atomic_write_text
 from har.config import load_config
 from har.data import normalize
 from har.data.build import build_data
-from har.engine.assembly import build_model, resolve_device
-from har.engine.checkpoint import load_checkpoint
 from har.evaluation.dynamic import NO_EXIT_THRESHOLD
 from har.evaluation.early_exit import (
     BUCKET_LEVELS,
@@ -56,6 +54,8 @@ from har.evaluation.flops import dynamic_cost, flops_table
 from har.facts import DATASET_CLASSES
 from har.models import create_model
 from har.models.exits import batch_norm_from, exit_by_threshold
+from har.run.assembly import build_model, resolve_device
+from har.run.checkpoint import load_checkpoint
 from har.run.folder import CHECKPOINT
 
 log = logging.getLogger("early_exit")

@@ -176,9 +176,9 @@ def worker(pack_file: Path, eager: bool) -> int:
     from har.config import load_config
     from har.data.build import build_data
     from har.engine.pack import train_pack
-    from har.engine.run_state import read_history
     from har.engine.signals import TrainingInterrupted
     from har.evaluation.evaluate import evaluate_run
+    from har.run.folder import read_history
 
     spec = json.loads(pack_file.read_text())
     if spec["threads"]:

@@ -49,8 +49,6 @@ from har.atomic import atomic_write_json, atomic_write_text
 from har.config import RunConfig, load_config
 from har.data import BatchAugment, TensorBatches, normalize
 from har.data.build import RunData, Split, build_data
-from har.engine.assembly import build_loss, build_model, build_optimizer, build_step_loss, resolve_device
-from har.engine.checkpoint import load_checkpoint
 from har.engine.pack import EXECUTORS, PackSteps
 from har.engine.signals import StopRequest
 from har.engine.trainer import EpochProgress, _train_epoch
@@ -60,6 +58,8 @@ from har.evaluation.evaluate import collect_logits
 from har.evaluation.flops import dynamic_cost, flops_table
 from har.models import MultiExitNet
 from har.models.exits import exit_by_threshold
+from har.run.assembly import build_loss, build_model, build_optimizer, build_step_loss, resolve_device
+from har.run.checkpoint import load_checkpoint
 from har.run.folder import CHECKPOINT
 
 log = logging.getLogger("benchmark")

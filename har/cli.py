@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from har.config import RunConfig, load_config
-from har.engine.lock import EXIT_LOCKED
 from har.errors import ConfigError, DataError, FolderBusy, RunError
 from har.facts import IMAGENET_LT_LISTS
+from har.run.lock import EXIT_LOCKED
 
 if TYPE_CHECKING:
     from har.data.build import RunData

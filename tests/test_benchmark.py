@@ -185,8 +185,8 @@ def test_table_ii_run_configs_train_what_the_pipeline_trains():
     import yaml
 
     from har.config import load_config, to_dict
-    from har.engine.assembly import build_model
     from har.pipeline import grid
+    from har.run.assembly import build_model
 
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     for method in ("ce_drw", "har_ce_drw", "ldam_drw", "har_ldam_drw"):

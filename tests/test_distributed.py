@@ -16,9 +16,9 @@ from conftest import synthetic_data
 from ddp_worker import STOP_AT_CALL  # registers the batch-norm-free test model
 
 from har.config import from_dict
-from har.engine.checkpoint import load_checkpoint
 from har.engine.signals import EXIT_TEMPFAIL
 from har.engine.trainer import train
+from har.run.checkpoint import load_checkpoint
 
 TESTS = Path(__file__).resolve().parent
 # 56 examples in global batches of 8: 7 steps per epoch, every process gets 4 examples per step

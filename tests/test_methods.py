@@ -10,8 +10,6 @@ from test_train import tiny_config
 
 import har.engine.run_state as run_state_module
 from har.config import from_dict
-from har.engine.assembly import build_loss, build_model
-from har.engine.checkpoint import load_checkpoint
 from har.engine.step import StepLoss
 from har.engine.trainer import train
 from har.errors import ConfigError, RunError
@@ -19,6 +17,8 @@ from har.evaluation.evaluate import evaluate_run
 from har.methods import decoupled
 from har.methods.mixup import MANIFOLD_LAYERS, Mixing, draw_mixing
 from har.models import create_model
+from har.run.assembly import build_loss, build_model
+from har.run.checkpoint import load_checkpoint
 
 PLAIN = {"model": {"layout": "CBBBE"}, "loss": {"har": False, "reweight": "none"}}
 

@@ -29,7 +29,6 @@ import har.data.loader as loader_module
 import har.engine.pack as pack_module
 from har.config import config_hash, from_dict, load_config, to_dict
 from har.data.build import write_bundle
-from har.engine.assembly import build_loss, build_model
 from har.engine.membership import check_pack, pack_shape
 from har.engine.pack import PackStep, train_pack
 from har.engine.signals import TrainingInterrupted
@@ -37,6 +36,7 @@ from har.engine.trainer import train
 from har.errors import ConfigError, RunError
 from har.methods.mixup import draw_mixing
 from har.models.packed import PackedNet
+from har.run.assembly import build_loss, build_model
 from har.run.folder import TRAIN_ERROR as ERROR_FILE
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # small workloads slow down badly with contending threads

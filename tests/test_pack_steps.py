@@ -4,8 +4,8 @@ import pytest
 import torch
 from test_train import tiny_config
 
-from har.engine.assembly import build_loss, build_model, build_optimizer, build_scheduler, build_step_loss
 from har.engine.pack import PackSteps
+from har.run.assembly import build_loss, build_model, build_optimizer, build_scheduler, build_step_loss
 
 
 @pytest.mark.parametrize("executor", ["fused", "serial"])

@@ -43,9 +43,9 @@ def test_stage_two_of_a_retrained_stage_one_is_refused(tmp_path, tiny_data):
 def test_a_stale_folder_that_a_live_trainer_holds_is_not_moved_aside(tmp_path, tiny_data):
     """The cluster case: snakemake was killed while its job kept training, the config was edited, and the rerun's
     job finds the folder stale; it must not pull the folder from under the trainer that still writes it."""
-    from har.engine.lock import folder_lock
     from har.errors import FolderBusy
     from har.pipeline.jobs import set_aside_stale
+    from har.run.lock import folder_lock
 
     run = tmp_path / "seed0"
     train(plain_config(), run, data=tiny_data)

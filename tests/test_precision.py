@@ -9,9 +9,8 @@ import torch
 
 from har.config import TrainConfig, from_dict
 from har.engine import hardware
-from har.engine.assembly import precision
-from har.engine.run_state import record_machine
 from har.errors import RunError
+from har.run.assembly import precision, record_machine
 
 AMD_ZEN4 = {"avx2", "avx512f", "avx512_bf16"}
 XEON_AMX = {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}

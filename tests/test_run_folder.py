@@ -20,16 +20,16 @@ from test_faults import wait_for_line
 from test_train import TINY
 
 import har.atomic as atomic_module
-import har.engine.checkpoint as checkpoint_module
-import har.engine.lock as lock_module
+import har.run.checkpoint as checkpoint_module
+import har.run.lock as lock_module
 from har.cli import main
 from har.config import load_config
 from har.data.build import write_bundle
-from har.engine.lock import EXIT_LOCKED
 from har.engine.trainer import train
 from har.errors import RunError
 from har.evaluation.evaluate import evaluate_run
 from har.run.folder import LOCK as LOCK_NAME
+from har.run.lock import EXIT_LOCKED
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
@@ -107,7 +107,7 @@ def test_a_second_trainer_and_an_evaluation_are_refused_and_a_dead_holders_lock_
     assert not (out / LOCK_NAME).exists()
 
 
-HOLD = ("import sys, time; from pathlib import Path; from har.engine.lock import acquire; "
+HOLD = ("import sys, time; from pathlib import Path; from har.run.lock import acquire; "
         "acquire(Path(sys.argv[1]), 'evaluate', 'evaluation folder'); print('held', flush=True); time.sleep(300)")
 
 

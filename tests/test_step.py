@@ -10,10 +10,11 @@ import torch
 from test_train import tiny_config
 from torch._dynamo.utils import counters
 
-from har.engine import assembly, trainer
+from har.engine import trainer
 from har.engine.step import StepLoss
 from har.losses import build_exit_loss
 from har.methods.mixup import draw_mixing
+from har.run import assembly
 
 
 @pytest.mark.parametrize("mixup", ["off", "input"])

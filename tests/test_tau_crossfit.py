@@ -12,12 +12,12 @@ from test_methods import plain_config, stage_two_config
 import har.evaluation.selection as selection
 from har.config import from_dict
 from har.data.batches import eval_batches
-from har.engine.assembly import build_model
-from har.engine.checkpoint import atomic_save, load_checkpoint
 from har.engine.trainer import train
 from har.errors import RunError
 from har.evaluation.evaluate import crossfit_tau_norm, evaluate_from_cache, evaluate_run
 from har.methods import decoupled
+from har.run.assembly import build_model
+from har.run.checkpoint import atomic_save, load_checkpoint
 
 # Norms 5, 1, 2. Bias-free logits by hand: tau 0 -> f @ W.T; tau 1 -> [0.6 f1 + 0.8 f2, f1, f2 / 1].
 WEIGHT = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]])

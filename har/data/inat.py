@@ -12,7 +12,6 @@ from har.data.imagelist import SplitList
 from har.errors import DataError
 
 
-
 def inat_split_list(annotation_json: str | Path) -> SplitList:
     """Lines ``file_name category_id`` from an official COCO-style annotation file, in its ``images`` order.
 

@@ -50,7 +50,28 @@ from har.config import RunConfig
 from har.data.batches import eval_batches, train_batches
 from har.data.build import RunData, build_data
 from har.data.loader import TensorBatches
-from har.engine.assembly import (
+from har.engine.distributed import Distributed
+from har.engine.hardware import exact_fp32
+from har.engine.membership import check_pack
+from har.engine.run_state import (
+    EpochProgress,
+    epoch_generator,
+    epoch_row,
+    nonfinite_error,
+    records_test,
+    rng_state,
+    set_class_weights,
+    static_test_top1,
+    take_step,
+)
+from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
+from har.engine.step import StepOutput, step_statistics
+from har.errors import PackError, RunError
+from har.losses import HARLoss, ReweightSchedule
+from har.methods.mixup import Mixing, draw_mixing
+from har.models import MultiExitNet
+from har.models.packed import PackedNet
+from har.run.assembly import (
     build_loss,
     build_model,
     build_optimizer,
@@ -58,37 +79,12 @@ from har.engine.assembly import (
     build_scheduler,
     build_step_loss,
     precision,
+    record_machine,
     resolve_device,
 )
-from har.engine.checkpoint import atomic_save
-from har.engine.distributed import Distributed
-from har.engine.hardware import exact_fp32
-from har.engine.membership import check_pack
-from har.engine.run_state import (
-    EpochProgress,
-    checkpoint_state,
-    epoch_generator,
-    epoch_row,
-    nonfinite_error,
-    owned_run_dir,
-    read_history,
-    record_machine,
-    records_test,
-    restore,
-    rng_state,
-    set_class_weights,
-    static_test_top1,
-    take_step,
-    write_history,
-)
-from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
-from har.engine.step import StepOutput, step_statistics
-from har.errors import ConfigError, PackError, RunError
-from har.losses import HARLoss, ReweightSchedule
-from har.methods.mixup import Mixing, draw_mixing
-from har.models import MultiExitNet
-from har.models.packed import PackedNet
-from har.run.folder import CHECKPOINT, PREVIOUS, TRAIN_ERROR
+from har.run.checkpoint import atomic_save, checkpoint_state, restore
+from har.run.folder import CHECKPOINT, PREVIOUS, TRAIN_ERROR, read_history, write_history
+from har.run.prepare import owned_run_dir
 
 log = logging.getLogger(__name__)
 

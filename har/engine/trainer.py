@@ -30,7 +30,26 @@ from har.config import RunConfig, config_hash, to_dict
 from har.data.batches import eval_batches, train_batches
 from har.data.build import RunData, build_data
 from har.data.loader import ImageBatches, TensorBatches
-from har.engine.assembly import (
+from har.engine.distributed import Distributed, from_environment, process_group
+from har.engine.hardware import exact_fp32
+from har.engine.run_state import (
+    EpochProgress,
+    epoch_generator,
+    epoch_row,
+    nonfinite_error,
+    records_test,
+    rng_state,
+    set_class_weights,
+    set_rng_state,
+    static_test_top1,
+    take_step,
+)
+from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
+from har.engine.step import StepLoss
+from har.errors import RunError
+from har.methods import decoupled
+from har.models import MultiExitNet
+from har.run.assembly import (
     build_loss,
     build_model,
     build_optimizer,
@@ -38,35 +57,12 @@ from har.engine.assembly import (
     build_scheduler,
     build_step_loss,
     precision,
+    record_machine,
     resolve_device,
 )
-from har.engine.checkpoint import atomic_save
-from har.engine.distributed import Distributed, from_environment, process_group
-from har.engine.hardware import exact_fp32
-from har.engine.run_state import (
-    EpochProgress,
-    checkpoint_state,
-    epoch_generator,
-    epoch_row,
-    nonfinite_error,
-    owned_run_dir,
-    read_history,
-    record_machine,
-    records_test,
-    restore,
-    rng_state,
-    set_class_weights,
-    set_rng_state,
-    static_test_top1,
-    take_step,
-    write_history,
-)
-from har.engine.signals import EXIT_TEMPFAIL, StopRequest, TrainingInterrupted, stop_requests
-from har.engine.step import StepLoss
-from har.errors import RunError
-from har.methods import decoupled
-from har.models import MultiExitNet
-from har.run.folder import CHECKPOINT, METRICS, PREVIOUS
+from har.run.checkpoint import atomic_save, checkpoint_state, restore
+from har.run.folder import CHECKPOINT, METRICS, PREVIOUS, read_history, write_history
+from har.run.prepare import owned_run_dir
 
 log = logging.getLogger(__name__)
 

@@ -25,17 +25,18 @@ from har.atomic import atomic_write, atomic_write_json
 from har.config import RunConfig, config_hash, from_dict, stored_config_hash
 from har.data.batches import eval_batches
 from har.data.build import ListSplit, RunData, Split, build_data
-from har.engine.assembly import build_model, resolve_device
-from har.engine.checkpoint import resume_checkpoint
 from har.engine.hardware import read_machines
-from har.engine.lock import folder_lock, refuse_if_held
 from har.errors import RunError
 from har.evaluation import selection
 from har.evaluation.flops import flops_table
 from har.evaluation.reports import SPLITS, SplitOutputs, split_reports
 from har.methods import decoupled
 from har.models import MultiExitNet
-from har.run.folder import CHECKPOINT, EVAL_DIR, PREVIOUS
+from har.run import stage_one
+from har.run.assembly import build_model, resolve_device
+from har.run.checkpoint import resume_checkpoint
+from har.run.folder import CHECKPOINT, CONFIG, EVAL_DIR, PREVIOUS
+from har.run.lock import folder_lock, refuse_if_held
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def load_run(run_dir: Path, device: torch.device) -> tuple[RunConfig, dict]:
     A folder whose `last.pt` is missing or unreadable but whose `prev.pt` holds the checkpoint (a job killed
     during its final save) gets `prev.pt` back as `last.pt`, as `har train` does.
     """
-    cfg_path = run_dir / "config.yaml"
+    cfg_path = run_dir / CONFIG
     if not cfg_path.exists():
         raise RunError(f"{run_dir} is not a run folder (no config.yaml); train it first with har train")
     cfg = from_dict(yaml.safe_load(cfg_path.read_text()))
@@ -73,7 +74,7 @@ def load_run(run_dir: Path, device: torch.device) -> tuple[RunConfig, dict]:
 def _evaluation_folder(run_dir: Path) -> Iterator[Path]:
     """Lock `eval/` so that two evaluations of a run do not interleave, after checking that no trainer holds
     the run folder; remove the temporaries of an evaluation killed while writing."""
-    if not (run_dir / "config.yaml").exists():
+    if not (run_dir / CONFIG).exists():
         raise RunError(f"{run_dir} is not a run folder (no config.yaml); train it first with har train")
     refuse_if_held(run_dir, "har evaluate")
     with folder_lock(run_dir / EVAL_DIR, "evaluate", "evaluation folder") as lock:
@@ -128,7 +129,7 @@ def _evaluate_locked(run_dir: Path, dev: torch.device, data: RunData | None,
                      target_savings: Sequence[float] | None) -> dict[str, dict]:
     cfg, ckpt = load_run(run_dir, dev)
     if cfg.decouple.method != "none":  # a stage two of an earlier training of its stage one is refused
-        decoupled.check_stage_one(cfg, run_dir)
+        stage_one.check_stage_one(cfg, run_dir)
     data = data or build_data(cfg.data)
     model = build_model(cfg, data.num_classes).to(dev)
     model.load_state_dict(ckpt["model"])
@@ -177,7 +178,7 @@ def evaluate_from_cache(run_dir: str | Path, target_savings: Sequence[float] | N
     """
     run_dir = Path(run_dir)
     with _evaluation_folder(run_dir):
-        cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        cfg = from_dict(yaml.safe_load((run_dir / CONFIG).read_text()))
         old = {split: _previous_report(run_dir, split, config_hash(cfg)) for split in SPLITS}
         outputs = {split: _cached_outputs(run_dir, split, old[split]) for split in SPLITS}
         num_classes = outputs["test"].logits.shape[2]

@@ -28,7 +28,6 @@ from har.models.exits import Linear, NormedLinear, at_least_float32
 from har.models.resnet_cifar import ZeroPadShortcut
 
 
-
 def _cat(members: Sequence[Tensor]) -> Tensor:
     return torch.cat([m.detach() for m in members], dim=0).clone()
 

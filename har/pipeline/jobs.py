@@ -19,11 +19,12 @@ from har.atomic import atomic_write_json, atomic_write_text
 from har.config import RunConfig, config_hash, dump_config, from_dict, stored_config_hash
 from har.data.build import build_data, full_splits, write_bundle
 from har.engine import pack, trainer
-from har.engine.lock import refuse_if_held
 from har.errors import ConfigError, DataError, ResultError, RunError
 from har.evaluation import evaluate
-from har.methods import decoupled
 from har.pipeline import grid
+from har.run import stage_one
+from har.run.folder import CONFIG, EVAL_DIR
+from har.run.lock import refuse_if_held
 
 
 def setup_job(log_file: str | Path | None, threads: int | None = None) -> None:
@@ -180,7 +181,7 @@ def stale_reason(run_cfg: RunConfig, run_dir: Path) -> str | None:
     """Why the folder `run_dir` cannot be resumed as a run of `run_cfg` ("config", "stage-one"); None when it can
     (or does not exist). A stage two that has trained but records no stage one (an older har) counts as stale: the
     job only runs again when Snakemake saw its stage one or config change."""
-    cfg_path = run_dir / "config.yaml"
+    cfg_path = run_dir / CONFIG
     if not cfg_path.is_file():
         return None
     try:
@@ -189,8 +190,8 @@ def stale_reason(run_cfg: RunConfig, run_dir: Path) -> str | None:
         return "config"  # unreadable: not a run of this config either
     if stored_config_hash(stored) != config_hash(run_cfg):
         return "config"
-    if run_cfg.decouple.method != "none" and decoupled.has_started(run_dir):
-        if decoupled.recorded_stage_one(run_dir) is None or decoupled.stage_one_change(run_cfg, run_dir):
+    if run_cfg.decouple.method != "none" and stage_one.has_started(run_dir):
+        if stage_one.recorded_stage_one(run_dir) is None or stage_one.stage_one_change(run_cfg, run_dir):
             return "stage-one"
     return None
 
@@ -252,7 +253,7 @@ def select_t(cfg: dict, split: str, method: str, runs: list[grid.RunSpec], out: 
     chosen_on = grid.t_chosen_on(runs[0].dataset)
     reports: dict[float, list[dict]] = {}
     for spec in runs:
-        reports.setdefault(spec.t_point, []).append({part: json.loads((Path(spec.run_dir) / "eval" / f"{part}.json")
+        reports.setdefault(spec.t_point, []).append({part: json.loads((Path(spec.run_dir) / EVAL_DIR / f"{part}.json")
                                                                       .read_text()) for part in {chosen_on, "test"}})
     points = sorted(reports)
 

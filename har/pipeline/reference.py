@@ -27,7 +27,6 @@ import yaml
 from snakemake.utils import validate
 
 from har.atomic import atomic_write_text
-from har.engine.checkpoint import atomic_save
 from har.errors import ResultError, RunError
 from har.evaluation.evaluate import evaluate_from_cache
 from har.pipeline import grid
@@ -36,7 +35,9 @@ from har.reporting.figures import plot_figures
 from har.reporting.published import load_published
 from har.reporting.report import build_tables
 from har.reporting.results import load_results
-from har.run.folder import CHECKPOINT, MACHINE, METRICS
+from har.run.checkpoint import atomic_save
+from har.run.folder import CHECKPOINT, CONFIG_HASH, EVAL_DIR, MACHINE, METRICS, PREVIOUS, TRAIN_RECORD
+from har.run.folder import CONFIG as RUN_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ CONFIG = Path("config/reference.yaml")
 FIGURES = Path("figures/reference")
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 RUNS, CHECKPOINTS = "runs", "checkpoints"
-RUN_FILES = ("config.yaml", "config.sha256", METRICS, MACHINE)  # beside the checkpoint, in both kinds of folder
-FINISHED_FILES = ("train.json",)  # the pipeline's marker, with eval/ (whole)
+RUN_FILES = (RUN_CONFIG, CONFIG_HASH, METRICS, MACHINE)  # beside the checkpoint, in both kinds of folder
+FINISHED_FILES = (TRAIN_RECORD,)  # the pipeline's marker, with eval/ (whole)
 WEIGHTS_KEYS = ("model", "epoch", "config_sha256", "config")  # what a finished run's last.pt keeps
 
 
@@ -65,17 +66,17 @@ class RunState:
 
 def run_state(run_dir: Path) -> RunState:
     """A run folder's progress, from its checkpoint and resolved config."""
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = yaml.safe_load((run_dir / RUN_CONFIG).read_text())
     epochs = int(cfg["train"]["epochs"])
     ckpt = run_dir / CHECKPOINT
     epoch = int(torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"]) if ckpt.exists() else -1
-    evaluated = (run_dir / "eval" / "test.json").exists() and (run_dir / "train.json").exists()
+    evaluated = (run_dir / EVAL_DIR / "test.json").exists() and (run_dir / TRAIN_RECORD).exists()
     return RunState(epoch, epochs, evaluated)
 
 
 def run_folders(root: Path) -> list[Path]:
     """Run folders (`<split>/<method>/seed<k>`, holding a config.yaml) under `root`, sorted."""
-    return sorted(p.parent for p in root.glob("*/*/seed*/config.yaml")) if root.exists() else []
+    return sorted(p.parent for p in root.glob(f"*/*/seed*/{RUN_CONFIG}")) if root.exists() else []
 
 
 def save(work: Path, reference: Path = REFERENCE) -> list[str]:
@@ -91,7 +92,7 @@ def save(work: Path, reference: Path = REFERENCE) -> list[str]:
         if state.finished:
             dest = reference / RUNS / rel
             _copy_files(src, dest, RUN_FILES + FINISHED_FILES)
-            shutil.copytree(src / "eval", dest / "eval", dirs_exist_ok=True)
+            shutil.copytree(src / EVAL_DIR, dest / EVAL_DIR, dirs_exist_ok=True)
             ckpt = torch.load(src / CHECKPOINT, map_location="cpu", weights_only=False)
             atomic_save({k: ckpt[k] for k in WEIGHTS_KEYS}, dest / CHECKPOINT)
             _remove(reference / CHECKPOINTS, rel)  # its checkpoint is no longer needed
@@ -113,14 +114,14 @@ def restore(work: Path, reference: Path = REFERENCE) -> list[str]:
         rel = src.relative_to(source_root)
         dest = work / "results" / "runs" / rel
         saved = run_state(src).epoch
-        here = run_state(dest).epoch if (dest / "config.yaml").exists() else -1
+        here = run_state(dest).epoch if (dest / RUN_CONFIG).exists() else -1
         if here >= saved:
             continue
-        hashes = [(d / "config.sha256").read_text() for d in (src, dest) if (d / "config.sha256").exists()]
+        hashes = [(d / CONFIG_HASH).read_text() for d in (src, dest) if (d / CONFIG_HASH).exists()]
         if len(set(hashes)) > 1:
             raise RunError(f"{dest} holds a run of another config than the checkpoint in {src}; move it aside first")
         dest.mkdir(parents=True, exist_ok=True)
-        (dest / "prev.pt").unlink(missing_ok=True)  # older than the checkpoint brought in
+        (dest / PREVIOUS).unlink(missing_ok=True)  # older than the checkpoint brought in
         _copy_files(src, dest, RUN_FILES)
         shutil.copy2(src / CHECKPOINT, dest / CHECKPOINT)
         lines.append(f"{rel}: restored at epoch {saved + 1} (was {here + 1})")
@@ -148,7 +149,7 @@ def rebuild(config: Path = CONFIG, reference: Path = REFERENCE, tables: Path = R
     records, missing = [], []
     for spec in grid.final_runs(cfg):
         folder = root / Path(spec.run_dir).relative_to("results/runs")
-        if (folder / "config.yaml").exists():
+        if (folder / RUN_CONFIG).exists():
             evaluate_from_cache(folder, grid.target_savings(cfg, spec))
             records.append(dict(grid.describe(cfg, spec), run_dir=str(folder)))
         else:

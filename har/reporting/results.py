@@ -19,11 +19,12 @@ import pandas as pd
 import yaml
 
 from har.config import stored_config_hash
-from har.engine.hardware import read_machines, summary as machine_summary
+from har.engine.hardware import read_machines
+from har.engine.hardware import summary as machine_summary
 from har.errors import ResultError
 from har.evaluation.dynamic import READINGS
 from har.evaluation.selection import parse_selection_key, selection_key
-from har.run.folder import METRICS
+from har.run.folder import CONFIG, EVAL_DIR, METRICS
 
 # The numeric columns `load_results` adds to each record (fractions in [0, 1], MACs and s as they are).
 # dyn_*: at the most accurate s; best_epoch_top1: the maximum of
@@ -120,8 +121,8 @@ def _has(report: dict, dotted: str) -> bool:
 
 def read_eval(run_dir: Path, split: str) -> dict:
     """`eval/<split>.json` of a run, refused unless complete and computed for the run folder's config."""
-    path = run_dir / "eval" / f"{split}.json"
-    if not (run_dir / "config.yaml").is_file():
+    path = run_dir / EVAL_DIR / f"{split}.json"
+    if not (run_dir / CONFIG).is_file():
         raise ResultError(f"{run_dir} has no config.yaml: not a trained run folder; train it with har train")
     if not path.is_file():
         raise ResultError(f"{run_dir} has no eval/{split}.json; evaluate it with har evaluate")
@@ -143,7 +144,7 @@ def read_eval(run_dir: Path, split: str) -> dict:
 
 def read_run_config(run_dir: Path) -> dict:
     """The resolved run config (`config.yaml`) as plain values."""
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG
     try:
         values = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -172,7 +173,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def read_outputs(run_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Cached logits [exits, N, C] and labels [N] of `eval/<split>.npz`."""
-    path = run_dir / "eval" / f"{split}.npz"
+    path = run_dir / EVAL_DIR / f"{split}.npz"
     try:
         with np.load(path) as archive:
             return archive["logits"], archive["labels"]

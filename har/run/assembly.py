@@ -1,21 +1,27 @@
-"""One assembly of a run from its config: the files of its folder, its device, model, loss, optimiser, schedule
-and step. The trainer and the evaluation both build from here, so neither imports the other (../DESIGN.md: "many
+"""One assembly of a run from its config: its device, model, loss, optimiser, schedule and step, and the record of
+the machine it resolved them on (`machine.jsonl`). The trainer and the evaluation both build from here, so neither imports the other (../DESIGN.md: "many
 runs, one assembly").
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
+from har.atomic import atomic_write_text
 from har.config import RunConfig, TrainConfig
 from har.engine import hardware
 from har.engine.distributed import Distributed
+from har.engine.hardware import machine_record, read_machines
 from har.engine.schedule import lr_factor
 from har.engine.step import StepLoss
 from har.errors import RunError
 from har.losses import HARLoss, ReweightSchedule, build_exit_loss
 from har.methods import decoupled
 from har.models import MultiExitNet, create_model
+from har.run.folder import MACHINE
 
 
 def resolve_device(name: str, ctx: Distributed | None = None) -> torch.device:
@@ -87,3 +93,22 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.o
     t = cfg.train
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: lr_factor(e, t.warmup_epochs, t.lr_milestones, t.lr_decay, t.schedule, t.epochs))
+
+
+def record_machine(cfg: RunConfig, out: Path, device: torch.device, start: int) -> None:
+    """Append this start's machine to the folder's `machine.jsonl`; refuse to go on in another precision or memory
+    format than the run began with (left unset in the config, they may resolve differently on another machine).
+    A finished run trains nothing more, and its folder (perhaps read-only) is left as it is."""
+    if start >= cfg.train.epochs:
+        return
+    amp, channels_last = precision(cfg.train, device)
+    record = machine_record(device, amp, channels_last, cfg.train.compile, start)
+    earlier = read_machines(out)
+    for before in earlier[:1] if start > 0 else []:
+        if (before["precision"], before["channels_last"]) != (record["precision"], record["channels_last"]):
+            raise RunError(f"{out} began training in {before['precision']} (channels-last {before['channels_last']})"
+                           f" on {before['device_name']}, but would go on in {record['precision']} (channels-last "
+                           f"{record['channels_last']}) here; set train.amp and train.channels_last to the run's "
+                           f"values explicitly, or start a new run folder")
+    lines = [json.dumps(r) for r in (earlier if start > 0 else [])] + [json.dumps(record)]
+    atomic_write_text(out / MACHINE, "\n".join(lines) + "\n")

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from har.atomic import atomic_write, write_failure
+from har.config import RunConfig, config_hash, stored_config_hash, to_dict
 from har.errors import RunError
+from har.run.folder import CHECKPOINT, PREVIOUS
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +82,32 @@ def resume_checkpoint(path: Path, previous: Path, map_location: str | torch.devi
     _move(previous, path)
     log.warning("%s; resuming from %s (moved to %s)", newest, previous, path.name)
     return ckpt
+
+
+def checkpoint_state(cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, epoch_done: int, progress: dict | None,
+                     rng: dict[str, Any]) -> dict[str, Any]:
+    """What `last.pt` holds: model, optimiser, schedule, the last finished epoch, a mid-epoch progress (or None),
+    the RNG states and the config with its hash."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch_done, "partial": progress, "rng": rng, "config_sha256": config_hash(cfg),
+            "config": to_dict(cfg)}
+
+
+def restore(cfg: RunConfig, out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler,
+            device: torch.device) -> tuple[int, dict | None, dict[str, Any] | None]:
+    """Load the folder's newest readable checkpoint into the run's modules: (the next epoch, the mid-epoch progress,
+    the saved RNG states), or (0, None, None) for a fresh run. A checkpoint of another config is refused."""
+    ckpt = resume_checkpoint(out / CHECKPOINT, out / PREVIOUS, map_location=device)
+    if ckpt is None:
+        return 0, None, None
+    if stored_config_hash(ckpt.get("config")) != config_hash(cfg):
+        raise RunError(f"{out / CHECKPOINT} was written by another config; delete it or choose another --out")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    start, partial = ckpt["epoch"] + 1, ckpt.get("partial")
+    where = f"at step {partial['step']} of" if partial else "before"
+    log.info("resuming %s %s epoch %d (0-based) of %d", out, where, start, cfg.train.epochs)
+    return start, partial, ckpt["rng"]
