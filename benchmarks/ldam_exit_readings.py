@@ -29,9 +29,9 @@ import yaml
 from har.config import from_dict
 from har.data.batches import eval_batches
 from har.data.build import build_data
-from har.engine.assembly import build_model
-from har.engine.checkpoint import load_checkpoint
 from har.losses.exit_losses import LDAMLoss
+from har.run.assembly import build_model
+from har.run.checkpoint import load_checkpoint
 
 
 def readings(cosines: torch.Tensor, labels: torch.Tensor, ldam: LDAMLoss) -> dict[str, torch.Tensor]:
