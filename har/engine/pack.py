@@ -10,7 +10,7 @@ channels) fill it with K times the work per launch. Packing is an execution deta
   exit loss and its class weights, HAR and its t, DRW, input Mixup.
 - Each member keeps its single run's semantics: its own initialisation (seeded as `har train` seeds it), data
   order, augmentation and Mixup draws, class weights and schedule, and its own run folder with the same
-  `config.yaml`, `metrics.jsonl` and `last.pt` (written through `har.engine.run_state`), so `har train` resumes
+  `config.yaml`, `metrics.jsonl` and `last.pt` (written through `har.run`), so `har train` resumes
   any member alone and `har evaluate` reads it unchanged. On the CPU in float64 a member ends with its single
   run's weights and metrics within rounding (tested).
 - Every member is checkpointed after every epoch and, on SIGTERM / SIGUSR1, mid-epoch (exit 75). A resumed pack
@@ -35,8 +35,8 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
@@ -326,7 +326,19 @@ def train_pack(members: Sequence[tuple[RunConfig, str | Path]], data: RunData | 
         for member_cfg, out in pairs:
             folders.enter_context(owned_run_dir(member_cfg, out, Distributed()))
         folders.enter_context(exact_fp32(device, precision(cfg.train, device)[0]))  # members share the precision
+        folders.enter_context(_recompile_limit_restored())
         return _train_pack(pairs, data, device)
+
+
+@contextmanager
+def _recompile_limit_restored() -> Iterator[None]:
+    """Dynamo's global recompile limit as it was before the pack (`_Serial` raises it for the pack's members)."""
+    config = torch._dynamo.config
+    limit = config.recompile_limit
+    try:
+        yield
+    finally:
+        config.recompile_limit = limit
 
 
 def _fresh(cfg: RunConfig, out: Path, data: RunData, device: torch.device) -> Member:

@@ -1,6 +1,6 @@
 """One assembly of a run from its config: its device, model, loss, optimiser, schedule and step, and the record of
-the machine it resolved them on (`machine.jsonl`). The trainer and the evaluation both build from here, so neither imports the other (../DESIGN.md: "many
-runs, one assembly").
+the machine it resolved them on (`machine.jsonl`). The trainer and the evaluation both build from here, so neither
+imports the other (../DESIGN.md: "many runs, one assembly").
 """
 
 from __future__ import annotations
