@@ -165,6 +165,12 @@ def test_rebuild_reads_finished_runs_only_and_refuses_an_unfinished_one_by_name(
     older.write_text(json.dumps(report))
     lines = reference.rebuild(config, shipped, shipped / "tables", tmp_path / "figures", bundle.parent.parent)
     assert "saving_trunk>=0.32" in json.loads(older.read_text())["dynamic_selected"]  # re-evaluated from its cache
+    rebuilt = older.read_text()
+    trained = tmp_path / "work" / specs["har_ce_drw"].run_dir / "eval" / "test.json"
+    trained.write_text(json.dumps(json.loads(trained.read_text()) | {"written_by": "the training clone"}))
+    again = reference.save(tmp_path / "work", shipped)  # a later save leaves a finished, saved run as it is
+    assert f"cifar10-r100/har_ce_drw/seed0: finished, already saved in {older.parent.parent}" in again
+    assert older.read_text() == rebuilt
     assert lines[0] == ("2 finished runs; not there yet: results/runs/cifar10-r100/har_ldam_drw/seed0, "
                         "results/runs/cifar10-r100/ldam_drw/seed0")
     table = (shipped / "tables" / "table_II.md").read_text()

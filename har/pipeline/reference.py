@@ -91,6 +91,9 @@ def save(work: Path, reference: Path = REFERENCE) -> list[str]:
             continue
         if state.finished:
             dest = reference / RUNS / rel
+            if _same_finished_run(src, dest):  # saved before: its reports may have been re-evaluated since
+                lines.append(f"{rel}: finished, already saved in {dest}")
+                continue
             _copy_files(src, dest, RUN_FILES + FINISHED_FILES)
             shutil.copytree(src / EVAL_DIR, dest / EVAL_DIR, dirs_exist_ok=True)
             ckpt = torch.load(src / CHECKPOINT, map_location="cpu", weights_only=False)
@@ -103,6 +106,14 @@ def save(work: Path, reference: Path = REFERENCE) -> list[str]:
             shutil.copy2(src / CHECKPOINT, dest / CHECKPOINT)
             lines.append(f"{rel}: epoch {state.epoch + 1} of {state.epochs}, checkpoint in {dest}")
     return lines
+
+
+def _same_finished_run(src: Path, dest: Path) -> bool:
+    """Whether `dest` already holds the finished run `src` (same config hash): a finished run does not change, and
+    `rebuild` re-evaluates the saved copy's reports from its cache with the current code, which a second copy from
+    the training clone would undo."""
+    marker, digest = dest / TRAIN_RECORD, dest / CONFIG_HASH
+    return marker.exists() and digest.exists() and digest.read_text() == (src / CONFIG_HASH).read_text()
 
 
 def restore(work: Path, reference: Path = REFERENCE) -> list[str]:
