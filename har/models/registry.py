@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from har import facts
 from har.models.densenet import DenseNet169
@@ -14,13 +13,8 @@ from har.models.resnet_cifar import resnet32_cifar
 BackboneBuilder = Callable[[int, str], Backbone]
 
 
-@dataclass(frozen=True)
-class _Entry:
-    builder: BackboneBuilder
-    default_layout: str
-
-
-_REGISTRY: dict[str, _Entry] = {}
+# Builders by name; each one's default layout lives in `har.facts.BACKBONE_LAYOUTS`, the one place for it.
+_REGISTRY: dict[str, BackboneBuilder] = {}
 
 
 def register_model(default_layout: str | None = None) -> Callable[[BackboneBuilder], BackboneBuilder]:
@@ -36,9 +30,8 @@ def register_model(default_layout: str | None = None) -> Callable[[BackboneBuild
         name = builder.__name__
         if name in _REGISTRY:
             raise ValueError(f"Model {name!r} is already registered.")
-        layout = facts.default_layout(name) if default_layout is None else default_layout
-        facts.BACKBONE_LAYOUTS[name] = layout
-        _REGISTRY[name] = _Entry(builder, layout)
+        facts.BACKBONE_LAYOUTS[name] = facts.default_layout(name) if default_layout is None else default_layout
+        _REGISTRY[name] = builder
         return builder
 
     return decorator
@@ -49,7 +42,7 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _entry(name: str) -> _Entry:
+def _builder(name: str) -> BackboneBuilder:
     if name not in _REGISTRY:
         raise ValueError(f"Unknown model {name!r}; choose one of {list_models()}.")
     return _REGISTRY[name]
@@ -77,9 +70,8 @@ def create_model(
     Raises:
         ValueError: for an unknown name or invalid arguments.
     """
-    entry = _entry(name)
-    backbone = entry.builder(num_classes, classifier)
-    layout = entry.default_layout if layout is None else layout
+    backbone = _builder(name)(num_classes, classifier)
+    layout = facts.default_layout(name) if layout is None else layout
     return MultiExitNet(backbone, layout, exit_channels, exit_stride)
 
 
