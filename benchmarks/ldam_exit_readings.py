@@ -30,6 +30,7 @@ from har.config import from_dict
 from har.data.batches import eval_batches
 from har.data.build import build_data
 from har.losses.exit_losses import LDAMLoss
+from har.losses.har import first_exit
 from har.run.assembly import build_model
 from har.run.checkpoint import load_checkpoint
 
@@ -45,8 +46,7 @@ def readings(cosines: torch.Tensor, labels: torch.Tensor, ldam: LDAMLoss) -> dic
 
 def exit_shares(confidence: torch.Tensor, correct: torch.Tensor, t: float) -> list[float]:
     """Share of examples leaving at each exit: the first exit (but the last) correct with confidence > t."""
-    leaves = (correct & (confidence > t))[:-1]
-    index = (~leaves).long().cumprod(dim=0).sum(dim=0)
+    index = first_exit((correct & (confidence > t))[:-1])
     return (torch.bincount(index, minlength=confidence.shape[0]).float() / index.numel()).tolist()
 
 

@@ -16,6 +16,13 @@ from torch import Tensor, nn
 from har.losses.exit_losses import ExitLoss
 
 
+def first_exit(leaves: Tensor) -> Tensor:
+    """0-based exit of each example [N] from whether it may leave at each exit but the last [K-1, N] (bool): the
+    first that lets it, else the last exit, K-1."""
+    # The leading run of exits that keep the example, counted per example, is the index of the first exit taken.
+    return (~leaves).long().cumprod(dim=0).sum(dim=0)
+
+
 class HARComponents(NamedTuple):
     """Everything the training loop needs to log HAR behaviour without extra host syncs.
 
@@ -75,9 +82,7 @@ class HARLoss(nn.Module):
             for exit_logits in logits[:-1]:
                 prob = exit_logits.float().softmax(dim=1).gather(1, rows).squeeze(1)
                 exits.append((exit_logits.argmax(dim=1) == target) & (prob > self.threshold))
-            # Leading run of "not exited" exits, counted per example, is the index of the first exit taken.
-            stays = ~torch.stack(exits)
-            return stays.long().cumprod(dim=0).sum(dim=0)
+            return first_exit(torch.stack(exits))
 
     def components(self, logits: Sequence[Tensor], target: Tensor) -> HARComponents:
         """HAR loss with its per-example parts; see ``HARComponents``."""
