@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import pickle
 from pathlib import Path
 
 import numpy as np
+
+from har.data.cifar import load_cifar
 
 
 def image_keys(images: np.ndarray) -> list[bytes]:
@@ -29,11 +30,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data"),
                         help="folder holding cifar-10-batches-py/ and cifar10_provenance.npz")
     args = parser.parse_args()
-    batches = []
-    for index in range(1, 6):
-        with open(args.data / "cifar-10-batches-py" / f"data_batch_{index}", "rb") as handle:
-            batches.append(np.asarray(pickle.load(handle, encoding="latin1")["data"], dtype=np.uint8))
-    full = np.concatenate(batches).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    full = load_cifar("cifar10", args.data).train_images  # data_batch_1..5 in order, as the provenance masks are
     lossless = np.load(args.data / "cifar10_provenance.npz")["train_lossless"]
     where = {key: row for row, key in enumerate(image_keys(full))}
     bundle = np.load(args.bundle)
