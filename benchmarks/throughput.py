@@ -1,12 +1,13 @@
 """Training throughput, early-exit inference time and peak memory of `har` on one machine, in one process.
 
-Training rows time the trainer's own `_train_epoch` over a fixed number of batches, fed either by the package's
-data path (uint8 images on the device, `TensorBatches` + `BatchAugment`) or by the reference path of LDAM-DRW
-(PIL images, torchvision transforms, `DataLoader` workers, a copy to the device every step); pack rows time the
-step of `train_pack` (`har.engine.pack.PackSteps`) for K runs trained by each executor asked for (`fused`: one K-wide
-network; `serial`: each member's own step in turn). All rows are built and
-warmed up first, then timed in rounds, taking turns. Each row is set against the single eager, compiled and
-reference rows, the device's peak FLOP/s and a memory-bandwidth bound computed for the network (`BOUND_MODEL`).
+Training rows time the trainer's own step (`take_step`, what the epoch loop's serial executor takes) over a fixed
+number of batches, fed either by the package's data path (uint8 images on the device, `TensorBatches` +
+`BatchAugment`) or by the reference path of LDAM-DRW (PIL images, torchvision transforms, `DataLoader` workers, a
+copy to the device every step); pack rows time the step of `train_pack` (`PackSteps` below: the pack's executor)
+for K runs trained by each executor asked for (`fused`: one K-wide network; `serial`: each member's own step in
+turn). All rows are built and warmed up first, then timed in rounds, taking turns. Each row is set against the
+single eager, compiled and reference rows, the device's peak FLOP/s and a memory-bandwidth bound computed for the
+network (`BOUND_MODEL`).
 Inference rows time `forward_static` (the bare backbone) against `forward_early_exit` at exit thresholds s chosen
 so that the MACs saving the counter predicts is near a few targets. It prints figures; it is not a timed test.
 
@@ -49,9 +50,10 @@ from har.atomic import atomic_write_json, atomic_write_text
 from har.config import RunConfig, load_config
 from har.data import BatchAugment, TensorBatches, normalize
 from har.data.build import RunData, Split, build_data
-from har.engine.pack import EXECUTORS, PackSteps
-from har.engine.signals import StopRequest
-from har.engine.trainer import EpochProgress, _train_epoch
+from har.engine.executors import EXECUTORS, pack_executor
+from har.engine.member import fresh_member
+from har.engine.membership import check_pack
+from har.engine.run_state import EpochProgress, set_class_weights, take_step
 from har.evaluation.dynamic import NO_EXIT_THRESHOLD
 from har.evaluation.early_exit import thresholds_for_savings
 from har.evaluation.evaluate import collect_logits
@@ -171,20 +173,6 @@ class PILImages(Dataset):
         return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
 
 
-class Steps:
-    """`steps` batches of an endless stream, shaped like `TensorBatches` so that `_train_epoch` runs exactly them."""
-
-    def __init__(self, stream: Iterator[tuple[Tensor, Tensor]], steps: int):
-        self.stream, self.steps = stream, steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def epoch(self, generator: torch.Generator, order: Tensor | None = None,
-              start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        return itertools.islice(self.stream, self.steps - start)
-
-
 def device_batches(data: RunData, cfg: RunConfig, device: torch.device) -> TensorBatches:
     """The package's path: the training set sits on the device as uint8, batches are gathered and augmented there."""
     mean, std = cfg.data.normalization()
@@ -245,11 +233,39 @@ def prepare_training(variant: Variant, cfg: RunConfig, data: RunData, device: to
     step_loss = build_step_loss(model, har_loss, model.num_exits, dataclasses.replace(cfg, train=compiled), mixed)
 
     def run(steps: int) -> None:
+        step_loss.train()
         progress = EpochProgress.begin(torch.empty(0, dtype=torch.long, device=device), model.num_exits)
-        _train_epoch(step_loss, optimizer, Steps(stream, steps), generator, 0, cfg, False, progress, StopRequest())
+        for step in range(steps):
+            images, labels = next(stream)
+            take_step(step_loss, optimizer, progress, cfg, images, labels, 0, step)
 
     # close() stops the DataLoader workers
     return Prepared(run, stream.close, model, mixed, cfg.train.batch_size)
+
+
+class PackSteps:
+    """K fresh runs of one shape as one pack, stepped on batches the caller draws: per step exactly what
+    `train_pack` computes (its executor's `train_step`: forward, each member's loss, backward, SGD step, epoch
+    sums), at the first epoch's learning rate and class weights, with no run folder, checkpoint or epoch end."""
+
+    def __init__(self, cfgs: Sequence[RunConfig], data: RunData, device: torch.device) -> None:
+        placeholders = [(cfg, Path(f"pack-member-{k}")) for k, cfg in enumerate(cfgs)]  # named in errors only
+        check_pack(placeholders)
+        self.members = [fresh_member(cfg, out, data, device, alone=False) for cfg, out in placeholders]
+        for m in self.members:
+            set_class_weights(m.har_loss, m.reweight, 0, m.cfg, m.model.num_classes)
+            m.progress = EpochProgress.begin(torch.empty(0, dtype=torch.long, device=device), m.model.num_exits,
+                                             device)
+        self.group = pack_executor(self.members, cfgs[0], device)
+        self.group.load()
+        self.group.train()
+        self.steps = 0
+
+    def __call__(self, drawn: Sequence[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        """One step of every member on its batch `drawn[k]`; their losses (on the device)."""
+        losses = self.group.train_step(drawn, 0, self.steps)
+        self.steps += 1
+        return losses
 
 
 def pack_configs(k: int, executor: str, cfg_for: Callable[[list[str]], RunConfig], device: torch.device,
@@ -607,7 +623,7 @@ def markdown(result: dict) -> str:
     speedup = result["speedup_fast_over_reference"]
     lines += ["", f"Speed-up of har-fast over har-reference: {'-' if speedup is None else f'{speedup:.2f}x'}", "",
               "A pack row (har-packK-EXECUTOR) is K runs of har-fast's model and loss (seeds 0 .. K-1) trained by "
-              "`har.engine.pack.PackSteps`, the step of `train_pack`, with that executor (fused: one K-wide network; "
+              "`PackSteps`, the step of `train_pack`, with that executor (fused: one K-wide network; "
               "serial: each member's own step in turn); its images/s counts all K members' "
               "images. Rows take turns round by round in one process, on the same on-device data (each run and "
               "member its own generator)."]

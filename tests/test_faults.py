@@ -243,6 +243,7 @@ def test_nan_in_the_data_stops_with_epoch_and_step_and_keeps_the_last_good_check
     assert ckpt["epoch"] == 0 and ckpt["partial"] is None
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert "non-finite training loss at epoch 1, step 2" in (tmp_path / "run" / "train.error").read_text()
 
 
 def test_a_huge_lr_stops_the_cli_with_status_2_naming_epoch_and_step(setup, tmp_path, capsys):

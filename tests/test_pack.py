@@ -26,11 +26,12 @@ from torch._dynamo.utils import counters
 import har.data.augment as augment_module
 import har.data.batches as batches_module
 import har.data.loader as loader_module
-import har.engine.pack as pack_module
+import har.engine.member as member_module
 from har.config import config_hash, from_dict, load_config, to_dict
 from har.data.build import write_bundle
+from har.engine.executors import PackStep
 from har.engine.membership import check_pack, pack_shape
-from har.engine.pack import PackStep, train_pack
+from har.engine.pack import train_pack
 from har.engine.signals import TrainingInterrupted
 from har.engine.trainer import train
 from har.errors import ConfigError, RunError
@@ -183,7 +184,7 @@ def test_a_member_that_turns_non_finite_stops_alone(tmp_path, tiny_data, float64
     singles = [tmp_path / f"single{k}" for k in (0, 2)]
     for cfg, out in zip([configs[0], configs[2]], singles, strict=True):
         train(cfg, out, data=tiny_data)
-    real_build = pack_module.build_loss
+    real_build = member_module.build_loss
     calls = []
 
     def poisoned_for_seed_1(cfg, counts):
@@ -199,7 +200,7 @@ def test_a_member_that_turns_non_finite_stops_alone(tmp_path, tiny_data, float64
             loss.exit_loss.per_example = nan_from_step_5
         return loss
 
-    monkeypatch.setattr(pack_module, "build_loss", poisoned_for_seed_1)
+    monkeypatch.setattr(member_module, "build_loss", poisoned_for_seed_1)
     members = [tmp_path / "pack" / f"m{k}" for k in range(3)]
     with pytest.raises(RunError, match=r"1 of 3 pack members stopped") as stopped:
         train_pack(list(zip(configs, members, strict=True)), data=tiny_data)

@@ -2,14 +2,15 @@
 
 import pytest
 import torch
+from test_benchmark import load_benchmark
 from test_train import tiny_config
 
-from har.engine.pack import PackSteps
 from har.run.assembly import build_loss, build_model, build_optimizer, build_scheduler, build_step_loss
 
 
 @pytest.mark.parametrize("executor", ["fused", "serial"])
-def test_pack_steps_move_each_member_as_its_single_run_steps_in_float64(tiny_data, executor):
+def test_pack_steps_move_each_member_as_its_single_run_steps_in_float64(tiny_data, executor, monkeypatch):
+    PackSteps = load_benchmark(monkeypatch).PackSteps
     torch.set_default_dtype(torch.float64)  # "equal" is then within rounding of another kernel, never a float tie
     try:
         cfgs = [tiny_config(train={"seed": seed, "pack_executor": executor}, loss={"reweight": "none"})

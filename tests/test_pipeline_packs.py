@@ -17,7 +17,8 @@ import yaml
 from conftest import REPO, synthetic_data
 from test_workflow import expected_jobs, job_counts, paper_config, snakemake, workdir_copy
 
-import har.engine.pack as pack_module
+import har.engine.loop as loop_module
+import har.engine.member as member_module
 from har.config import from_dict
 from har.data.build import write_bundle
 from har.engine.membership import check_pack
@@ -193,7 +194,7 @@ def test_a_member_that_turns_non_finite_fails_its_own_marker_job_only(tiny_pipel
     """The pack job finishes the other members and writes the pack's marker; their train.json markers are written,
     the failed member's marker job stops naming the error and how to train it again."""
     cfg, members, bundle = tiny_pipeline
-    real_build = pack_module.build_loss
+    real_build = member_module.build_loss
     poisoned = members[1]
 
     def nan_for_one_member(run_cfg, counts):
@@ -203,7 +204,7 @@ def test_a_member_that_turns_non_finite_fails_its_own_marker_job_only(tiny_pipel
             loss.exit_loss.per_example = lambda logits, target: per_example(logits, target) * float("nan")
         return loss
 
-    monkeypatch.setattr(pack_module, "build_loss", nan_for_one_member)
+    monkeypatch.setattr(member_module, "build_loss", nan_for_one_member)
     result = jobs.train_pack_job(cfg, members, bundle, [], "pack.json")
     errors = {m["run_dir"]: m["error"] for m in result["members"]}
     assert [d for d, e in errors.items() if e] == [poisoned.run_dir]
@@ -231,7 +232,7 @@ def test_a_pack_job_stopped_by_slurms_warning_writes_no_marker_and_its_retry_res
     """SIGUSR1 (here recorded before the first step ends): every member saves its mid-epoch checkpoint, the job
     exits 75 without the pack's marker (Snakemake retries it), and the retry resumes each member and finishes."""
     cfg, members, bundle = tiny_pipeline
-    real = pack_module.stop_requests
+    real = loop_module.stop_requests
 
     @contextmanager
     def warned():
@@ -239,12 +240,12 @@ def test_a_pack_job_stopped_by_slurms_warning_writes_no_marker_and_its_retry_res
             stop.signum = signal.SIGUSR1
             yield stop
 
-    monkeypatch.setattr(pack_module, "stop_requests", warned)
+    monkeypatch.setattr(loop_module, "stop_requests", warned)
     with pytest.raises(SystemExit) as stopped:
         jobs.train_pack_job(cfg, members, bundle, [], "pack.json")
     assert stopped.value.code == 75 and not Path("pack.json").exists()
     for spec in members:
         assert torch.load(Path(spec.run_dir, "last.pt"), weights_only=False)["partial"]["step"] == 1
-    monkeypatch.setattr(pack_module, "stop_requests", real)
+    monkeypatch.setattr(loop_module, "stop_requests", real)
     result = jobs.train_pack_job(cfg, members, bundle, [], "pack.json")
     assert [m["train"]["epochs"] for m in result["members"]] == [1] * len(members)

@@ -19,7 +19,7 @@ import yaml
 from conftest import REPO, synthetic_data
 from test_workflow import paper_config
 
-import har.engine.trainer as trainer_module
+import har.engine.loop as loop_module
 from har.config import from_dict
 from har.data.build import write_bundle
 from har.engine.signals import TrainingInterrupted
@@ -91,13 +91,13 @@ def train_in(work: Path, cfg: dict, spec: grid.RunSpec, bundle: Path, evaluate: 
 def stop_after_first_epoch(monkeypatch) -> None:
     """Send this process SIGUSR1 once the first epoch's metrics are written: the trainer saves and stops there,
     as a job killed by its scheduler's warning does."""
-    real = trainer_module.write_history
+    real = loop_module.write_history
 
     def write_then_signal(out, history):
         real(out, history)
         os.kill(os.getpid(), signal.SIGUSR1)
 
-    monkeypatch.setattr(trainer_module, "write_history", write_then_signal)
+    monkeypatch.setattr(loop_module, "write_history", write_then_signal)
 
 
 def test_a_checkpoint_saved_restored_into_another_folder_finishes_bit_identical(tiny_reference, tmp_path,

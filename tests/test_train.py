@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import har.engine.trainer as trainer_module
+import har.engine.loop as loop_module
 from har.config import from_dict
 from har.engine.trainer import train
 from har.errors import RunError
@@ -42,19 +42,28 @@ def test_a_run_writes_config_metrics_checkpoint_and_records_exits(tmp_path, tiny
 
 def interrupt_in_epoch(epoch, monkeypatch):
     """Make training die inside `epoch` (0-based), as a killed job would; return the undo."""
-    real_epoch = trainer_module._train_epoch
+    real_epoch = loop_module.train_epoch
 
-    def dies(step_loss, optimizer, batches, generator, current, *rest):
+    def dies(group, batches, data, current, *rest):
         if current == epoch:
             raise KeyboardInterrupt
-        return real_epoch(step_loss, optimizer, batches, generator, current, *rest)
+        return real_epoch(group, batches, data, current, *rest)
 
-    monkeypatch.setattr(trainer_module, "_train_epoch", dies)
-    return lambda: monkeypatch.setattr(trainer_module, "_train_epoch", real_epoch)
+    monkeypatch.setattr(loop_module, "train_epoch", dies)
+    return lambda: monkeypatch.setattr(loop_module, "train_epoch", real_epoch)
 
 
 def without_time(line):
     return {k: v for k, v in json.loads(line).items() if k != "seconds"}
+
+
+def test_a_run_leaves_torch_deterministic_setting_as_it_found_it(tmp_path, tiny_data):
+    """`train.deterministic` switches torch to deterministic algorithms while the CPU run trains, then back."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    assert tiny_config().train.deterministic
+    train(tiny_config(train={"epochs": 1}), tmp_path / "run", data=tiny_data)
+    assert (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) \
+        == before == (False, False)
 
 
 def test_resume_after_interruption_gives_the_same_weights(tmp_path, tiny_data, monkeypatch):
@@ -96,7 +105,7 @@ def test_list_datasets_record_no_test_top1_unless_asked():
     """ImageNet-LT / iNaturalist rows do not follow LDAM-DRW's best-epoch protocol, and a 50,000-image test pass
     per epoch would cost GPU time: by default they record nothing; CIFAR records from the first milestone."""
     from har.config import from_dict
-    from har.engine.trainer import records_test
+    from har.engine.run_state import records_test
 
     schedule = {"epochs": 100, "lr_milestones": [60, 80]}
     cifar = from_dict({"train": schedule})

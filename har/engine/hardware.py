@@ -118,3 +118,18 @@ def exact_fp32(device: torch.device, amp: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@contextmanager
+def deterministic_cpu(device: torch.device, on: bool) -> Iterator[None]:
+    """While a CPU run trains with `train.deterministic`, torch uses only deterministic algorithms (warning where
+    an operation has none); the global setting is restored after, so a run leaves the process as it found it."""
+    if device.type == "cuda" or not on:
+        yield
+        return
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])

@@ -23,7 +23,7 @@ from har.errors import ConfigError, DataError, ResultError, RunError
 from har.evaluation import evaluate
 from har.pipeline import grid
 from har.run import stage_one
-from har.run.folder import CONFIG, EVAL_DIR
+from har.run.folder import CONFIG, EVAL_DIR, read_history
 from har.run.lock import refuse_if_held
 
 
@@ -104,7 +104,7 @@ def train_run(cfg: dict, spec: grid.RunSpec, bundle: str | Path | None, selectio
         status = _torchrun(command)
         if status:
             raise SystemExit(status)  # the job fails; its retry resumes from the last checkpoint
-        history = trainer.read_history(Path(spec.run_dir))
+        history = read_history(Path(spec.run_dir))
     else:
         history = trainer.train(run_cfg, spec.run_dir)
     atomic_write_json(Path(marker), train_marker(cfg, spec, history))
