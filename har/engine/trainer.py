@@ -38,6 +38,7 @@ from har.run.assembly import build_model, precision, resolve_device
 from har.run.checkpoint import atomic_save
 from har.run.folder import CHECKPOINT, METRICS
 from har.run.prepare import owned_run_dir
+from har.run.stage_one import load_stage_one
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def _stage_two(cfg: RunConfig, out: Path, device: torch.device, ctx: Distributed
     """A decoupled stage two's change to the fresh model: stage one's weights (tied to this folder by rank 0, the
     process that writes it), then only what the method trains left trainable."""
     def adapt(model: MultiExitNet) -> None:
-        decoupled.load_stage_one(cfg, model, device, out if ctx.is_main else None)
+        load_stage_one(cfg, model, device, out if ctx.is_main else None)
         decoupled.trainable_parameters(cfg, model)
     return adapt
 
