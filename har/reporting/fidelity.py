@@ -17,8 +17,8 @@ import pandas as pd
 from har.atomic import atomic_write_text
 from har.evaluation.dynamic import READINGS
 from har.pipeline import grid
+from har.published import PaperValue
 from har.reporting.agreement import Rule
-from har.reporting.published import PaperValue
 from har.reporting.render import markdown_row
 from har.reporting.results import machine_text, provenance_text, setting_label, target_column, target_label
 from har.reporting.tables import Table
