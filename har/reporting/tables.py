@@ -59,6 +59,18 @@ class Table:
 
 
 @dataclass(frozen=True)
+class Section:
+    """A titled table of a report made of several (the fidelity report's cells and claims): its cells as text, and
+    which columns hold numbers (right-aligned); `empty` stands in for the table when it has no rows."""
+
+    title: str
+    columns: list[str]
+    numeric: list[bool]
+    rows: list[list[str]]
+    empty: str = "(none in this config)"
+
+
+@dataclass(frozen=True)
 class Mode:
     """How a line's numbers were measured: static (final exit), validation (Table I), dynamic at the s chosen for
     a target saving, or dynamic at the most accurate s."""
