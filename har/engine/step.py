@@ -63,7 +63,7 @@ class StepLoss(nn.Module):
         return step_statistics(self.har_loss, outputs, labels, mixing, self.num_exits)
 
 
-def build_step_loss(model: torch.nn.Module, har_loss: HARLoss, num_exits: int, cfg: RunConfig, amp: bool,
+def build_step_loss(model: nn.Module, har_loss: HARLoss, num_exits: int, cfg: RunConfig, amp: bool,
                     distributed: bool = False) -> StepLoss:
     """Forward, loss and statistics of a step, compiled whole when `train.compile` asks for it.
 
