@@ -41,11 +41,11 @@ reference-status:
 	bash workflow/reference.sh status
 
 reference-save: install
-	$(BIN)/python -m har.pipeline.reference save --from $(REFERENCE_DIR)/code
+	$(BIN)/python -m har.reference save --from $(REFERENCE_DIR)/code
 
 # results/reference/tables and figures/reference from the finished runs in results/reference/runs (no training)
 reference-tables: install
-	$(BIN)/python -m har.pipeline.reference rebuild
+	$(BIN)/python -m har.reference rebuild
 
 clean:
 	rm -rf results/runs results/tsearch results/splits results/selection results/tables figures/*.png figures/*.pdf logs .pytest_cache

@@ -212,8 +212,8 @@ def compile_estimate(epoch_seconds: list[float]) -> float | None:
 def report(packs: list[Pack], cfg: dict, out: Path, began: float, device_name: str) -> dict:
     """The wall times, Table II and the fidelity report of the finished runs."""
     from har.pipeline import grid
+    from har.published import load_published
     from har.reporting.fidelity import write_fidelity
-    from har.reporting.published import load_published
     from har.reporting.render import to_markdown
     from har.reporting.results import load_results
     from har.reporting.tables import make_tables

@@ -54,13 +54,14 @@ from har.engine.executors import EXECUTORS, pack_executor
 from har.engine.member import fresh_member
 from har.engine.membership import check_pack
 from har.engine.run_state import EpochProgress, set_class_weights, take_step
+from har.engine.step import build_step_loss
 from har.evaluation.dynamic import NO_EXIT_THRESHOLD
 from har.evaluation.early_exit import thresholds_for_savings
 from har.evaluation.evaluate import collect_logits
 from har.evaluation.flops import dynamic_cost, flops_table
 from har.models import MultiExitNet
 from har.models.exits import exit_by_threshold
-from har.run.assembly import build_loss, build_model, build_optimizer, build_step_loss, resolve_device
+from har.run.assembly import build_loss, build_model, build_optimizer, resolve_device
 from har.run.checkpoint import load_checkpoint
 from har.run.folder import CHECKPOINT
 

@@ -33,6 +33,7 @@ from har.facts import (
     LIST_DATASETS,
     check_layout,
     confidence_ceiling,
+    default_layout,
 )
 
 log = logging.getLogger(__name__)
@@ -322,11 +323,14 @@ def _check_ranges(cfg: RunConfig, t_pending: bool = False) -> None:
     for key, value, ok, allowed in checks:
         if not ok:
             raise ConfigError(f"{key}: {value!r} is out of range; it must be {allowed}")
+    try:  # the name first, so that what check_layout refuses afterwards is the layout
+        default_layout(cfg.model.name)
+    except ValueError as exc:
+        raise ConfigError(f"model.name: {exc}") from exc
     try:
         check_layout(cfg.model.name, cfg.model.layout)
     except ValueError as exc:
-        key = "model.layout" if "ayout" in str(exc) else "model.name"
-        raise ConfigError(f"{key}: {exc}") from exc
+        raise ConfigError(f"model.layout: {exc}") from exc
     if cfg.decouple.method != "none" and not cfg.decouple.stage_one:
         raise ConfigError(f"decouple.stage_one: {cfg.decouple.method} needs the stage-one run folder; set "
                           f"decouple.stage_one to the folder a plain run trained into")

@@ -10,7 +10,7 @@ import torch
 
 from har.data.build import RunData, Split
 from har.data.longtail import shot_groups
-from har.engine.hardware import FORCE_ENV
+from har.run.machine import FORCE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 # Runs that leave train.amp unset train in fp32 on every machine, in this process and in the jobs it starts, so that no

@@ -6,8 +6,8 @@ import pytest
 
 from har import config
 from har.config import config_diff, config_hash, dump_config, from_dict, load_config, to_dict
-from har.engine.schedule import lr_factor
 from har.errors import ConfigError
+from har.run.schedule import lr_factor
 
 
 def test_defaults_are_the_papers_cifar_settings():

@@ -11,9 +11,8 @@ import yaml
 from har.errors import ResultError
 from har.evaluation.dynamic import READINGS
 from har.pipeline import grid
-from har.reporting import load_published, paper_savings, target_savings_for
+from har.published import PAPER_METHODS, REIMPLEMENTED, load_published, paper_savings, target_savings_for
 from har.reporting.fidelity import claim_deltas
-from har.reporting.published import PAPER_METHODS, REIMPLEMENTED
 from har.reporting.report import build_tables
 from har.reporting.results import (
     RESULT_COLUMNS,

@@ -1,9 +1,10 @@
-"""The import layers of `har`, read from its source with `ast`: no import cycle, no import deferred into a function
-to dodge one, and the ground (errors, facts, config) importing nothing above it."""
+"""The import layers of `har`, read from its source with `ast`: no import cycle between modules or between packages,
+no import deferred into a function to dodge one, and the ground (errors, facts, config) importing nothing above it."""
 
 from __future__ import annotations
 
 import ast
+from collections import defaultdict
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "har"
@@ -76,13 +77,34 @@ def _imports() -> tuple[dict[str, set[str]], list[tuple[str, str, int]]]:
 TOP, DEFERRED = _imports()
 
 
-def _reaches(start: str, goal: str) -> bool:
+def _package(module: str) -> str:
+    """The package of `har` that holds `module` (`har.run.assembly` -> `har.run`); a top-level module is its own."""
+    return ".".join(module.split(".")[:2])
+
+
+def _package_imports() -> dict[tuple[str, str], set[str]]:
+    """For each package importing another at load time, the module imports that make it do so (a package's
+    __init__ only where nothing inside it is imported)."""
+    found: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for module, targets in TOP.items():
+        for target in targets:
+            inside = any(other.startswith(target + ".") for other in targets)
+            if _package(module) != _package(target) and not inside:
+                found[_package(module), _package(target)].add(f"{module} -> {target}")
+    return found
+
+
+PACKAGE_IMPORTS = _package_imports()
+PACKAGES = {a: {b for importer, b in PACKAGE_IMPORTS if importer == a} for a, _ in PACKAGE_IMPORTS}
+
+
+def _reaches(start: str, goal: str, graph: dict[str, set[str]] = TOP) -> bool:
     seen, todo = {start}, [start]
     while todo:
         here = todo.pop()
         if here == goal:
             return True
-        for nxt in TOP[here] - seen:
+        for nxt in graph.get(here, set()) - seen:
             seen.add(nxt)
             todo.append(nxt)
     return False
@@ -91,6 +113,15 @@ def _reaches(start: str, goal: str) -> bool:
 def test_no_import_cycle():
     cycles = sorted({tuple(sorted((m, t))) for m, targets in TOP.items() for t in targets if _reaches(t, m)})
     assert not cycles, f"import cycles through: {cycles}"
+
+
+def test_no_package_import_cycle():
+    """Each package imports only packages below it (../DESIGN.md, "package map"): a package that another imports,
+    directly or through others, does not import it back, even where no single module closes the circle."""
+    cycles = sorted(f"{a} -> {b} ({', '.join(sorted(PACKAGE_IMPORTS[a, b]))})"
+                    for a, b in PACKAGE_IMPORTS if _reaches(b, a, PACKAGES))
+    assert not cycles, "package import cycles, each package import on one with the module imports behind it:\n" + \
+        "\n".join(cycles)
 
 
 def test_no_deferred_import_dodges_a_cycle():

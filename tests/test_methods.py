@@ -19,6 +19,7 @@ from har.methods.mixup import MANIFOLD_LAYERS, Mixing, draw_mixing
 from har.models import create_model
 from har.run.assembly import build_loss, build_model
 from har.run.checkpoint import load_checkpoint
+from har.run.stage_one import load_stage_one
 
 PLAIN = {"model": {"layout": "CBBBE"}, "loss": {"har": False, "reweight": "none"}}
 
@@ -187,7 +188,7 @@ def test_lws_learns_only_per_class_scales(tmp_path, tiny_data, stage_one):
 def test_crt_classifier_restarts_from_a_new_layers_init(stage_one, tiny_data):
     cfg = stage_two_config(stage_one, "crt")
     model = build_model(cfg, 3)
-    decoupled.load_stage_one(cfg, model, torch.device("cpu"))
+    load_stage_one(cfg, model, torch.device("cpu"))
     stage_one_weight = model.backbone.classifier.weight.detach().clone()
     params = decoupled.trainable_parameters(cfg, model)
     layer = model.backbone.classifier

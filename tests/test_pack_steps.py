@@ -5,7 +5,8 @@ import torch
 from test_benchmark import load_benchmark
 from test_train import tiny_config
 
-from har.run.assembly import build_loss, build_model, build_optimizer, build_scheduler, build_step_loss
+from har.engine.step import build_step_loss
+from har.run.assembly import build_loss, build_model, build_optimizer, build_scheduler
 
 
 @pytest.mark.parametrize("executor", ["fused", "serial"])

@@ -15,7 +15,7 @@ from test_workflow import SNAKEMAKE, job_counts, workdir_copy
 from har.engine.trainer import train
 from har.errors import RunError
 from har.evaluation.evaluate import evaluate_run
-from har.methods import decoupled
+from har.run import stage_one
 
 
 def test_stage_two_of_a_retrained_stage_one_is_refused(tmp_path, tiny_data):
@@ -25,14 +25,14 @@ def test_stage_two_of_a_retrained_stage_one_is_refused(tmp_path, tiny_data):
     train(plain_config(), first, data=tiny_data)
     cfg = stage_two_config(first, "crt", train={"epochs": 1})
     train(cfg, second, data=tiny_data)
-    assert decoupled.recorded_stage_one(second) == decoupled.stage_one_identity(first)
+    assert stage_one.recorded_stage_one(second) == stage_one.stage_one_identity(first)
     train(cfg, second, data=tiny_data)  # the same stage one: resuming a finished run is allowed
     evaluate_run(second, data=tiny_data)
 
     for name in ("config.yaml", "config.sha256", "metrics.jsonl", "last.pt", "prev.pt"):
         (first / name).unlink(missing_ok=True)
     train(plain_config(train={"seed": 1}), first, data=tiny_data)
-    assert decoupled.stage_one_change(cfg, second)
+    assert stage_one.stage_one_change(cfg, second)
     for action in (lambda: train(cfg, second, data=tiny_data), lambda: evaluate_run(second, data=tiny_data)):
         with pytest.raises(RunError, match="stage two of an earlier training of its stage one") as caught:
             action()
@@ -133,8 +133,8 @@ def test_an_edited_stage_one_retrains_it_and_its_stage_two_and_rebuilds_the_tabl
     pipeline(work, cfg)
     assert yaml.safe_load((work / RUNS / "ce/seed0/config.yaml").read_text())["train"]["weight_decay"] == 1e-3
     assert moved_aside(work, "ce") == ["config"] and moved_aside(work, "tau_norm") == ["stage-one"]
-    assert decoupled.recorded_stage_one(work / RUNS / "tau_norm/seed0")["checkpoint_sha256"] == \
-        decoupled.stage_one_identity(work / RUNS / "ce/seed0")["checkpoint_sha256"]
+    assert stage_one.recorded_stage_one(work / RUNS / "tau_norm/seed0")["checkpoint_sha256"] == \
+        stage_one.stage_one_identity(work / RUNS / "ce/seed0")["checkpoint_sha256"]
     assert moved_aside(work, "har_ce") == []
     assert (work / RUNS / "har_ce/seed0/train.json").stat().st_mtime_ns == har_marker
     assert (work / TABLE).stat().st_mtime_ns > table_before.st_mtime_ns
@@ -157,7 +157,7 @@ def test_an_edited_method_plans_only_its_run_and_a_deleted_folder_is_trained_aga
     pipeline(work, cfg)
     assert (work / RUNS / "ce/seed0/eval/test.json").is_file() and moved_aside(work, "ce") == []
     assert (work / RUNS / "tau_norm/seed0/train.json").stat().st_mtime_ns > tau_marker
-    assert decoupled.recorded_stage_one(work / RUNS / "tau_norm/seed0")["checkpoint_sha256"] == \
-        decoupled.stage_one_identity(work / RUNS / "ce/seed0")["checkpoint_sha256"]
+    assert stage_one.recorded_stage_one(work / RUNS / "tau_norm/seed0")["checkpoint_sha256"] == \
+        stage_one.stage_one_identity(work / RUNS / "ce/seed0")["checkpoint_sha256"]
     assert (work / TABLE).stat().st_mtime_ns > table_before.st_mtime_ns
     assert planned(work, cfg) == {}

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from har.config import TrainConfig, from_dict
-from har.engine import hardware
+from har.engine.numerics import exact_fp32
 from har.errors import RunError
+from har.run import machine
 from har.run.assembly import precision, record_machine
 
 AMD_ZEN4 = {"avx2", "avx512f", "avx512_bf16"}
@@ -19,45 +20,45 @@ OLDER_X86 = {"avx2", "avx512f"}
 
 @pytest.mark.parametrize(("flags", "native"), [(AMD_ZEN4, True), (XEON_AMX, True), (OLDER_X86, False), (set(), False)])
 def test_native_bf16_reads_the_cpu_flags(flags, native, monkeypatch):
-    monkeypatch.delenv(hardware.FORCE_ENV, raising=False)
-    assert hardware.native_bf16(flags) is native
+    monkeypatch.delenv(machine.FORCE_ENV, raising=False)
+    assert machine.native_bf16(flags) is native
 
 
 @pytest.mark.parametrize(("flags", "amp"), [(XEON_AMX, True), (AMD_ZEN4, True), (OLDER_X86, False)])
 def test_unset_autocast_follows_the_cpus_bf16_and_an_explicit_value_wins(flags, amp, monkeypatch):
     """On a CPU that computes bf16 natively a run left at the default trains in bf16, elsewhere in fp32 (where bf16
     is emulated and slower); channels-last goes with autocast unless the config says otherwise; CUDA takes bf16."""
-    monkeypatch.delenv(hardware.FORCE_ENV, raising=False)
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: set(flags))
+    monkeypatch.delenv(machine.FORCE_ENV, raising=False)
+    monkeypatch.setattr(machine, "cpu_flags", lambda: set(flags))
     cpu = torch.device("cpu")
     assert precision(TrainConfig(), cpu) == (amp, amp)
     assert precision(TrainConfig(amp=False, channels_last=True), cpu) == (False, True)
     assert precision(TrainConfig(amp=True), cpu) == (True, True)
     assert precision(TrainConfig(amp=False), cpu) == (False, False)
     assert precision(TrainConfig(), torch.device("cuda")) == (True, True)
-    monkeypatch.setenv(hardware.FORCE_ENV, "1" if not amp else "0")  # the override beats the flags
+    monkeypatch.setenv(machine.FORCE_ENV, "1" if not amp else "0")  # the override beats the flags
     assert precision(TrainConfig(), cpu) == (not amp, not amp)
 
 
 def test_the_folder_records_each_start_and_refuses_to_go_on_in_another_precision(tmp_path, monkeypatch):
     """machine.jsonl gets a line per start (device, CPU model and flags, precision); a run begun in bf16 on a bf16
     machine, resumed with the default on a CPU without bf16, would silently switch to fp32: refused, naming both."""
-    monkeypatch.delenv(hardware.FORCE_ENV, raising=False)
+    monkeypatch.delenv(machine.FORCE_ENV, raising=False)
     cfg = from_dict({"train": {"epochs": 3}})
     cpu = torch.device("cpu")
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: set(AMD_ZEN4))
+    monkeypatch.setattr(machine, "cpu_flags", lambda: set(AMD_ZEN4))
     record_machine(cfg, tmp_path, cpu, 0)
     record_machine(cfg, tmp_path, cpu, 1)
-    lines = [json.loads(line) for line in (tmp_path / hardware.MACHINE).read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / machine.MACHINE).read_text().splitlines()]
     assert [(r["start_epoch"], r["precision"], r["channels_last"]) for r in lines] == [
         (0, "bf16 autocast", True), (1, "bf16 autocast", True)]
     assert lines[0]["cpu_flags"] == ["avx2", "avx512_bf16", "avx512f"]
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: set(OLDER_X86))
+    monkeypatch.setattr(machine, "cpu_flags", lambda: set(OLDER_X86))
     with pytest.raises(RunError, match=r"began training in bf16 autocast .* would go on in fp32 .* set train.amp"):
         record_machine(cfg, tmp_path, cpu, 2)
     record_machine(from_dict({"train": {"epochs": 3, "amp": True}}), tmp_path, cpu, 2)  # explicit: goes on
     record_machine(cfg, tmp_path, cpu, 0)  # a fresh start (epoch 0) begins a new record
-    assert len((tmp_path / hardware.MACHINE).read_text().splitlines()) == 1
+    assert len((tmp_path / machine.MACHINE).read_text().splitlines()) == 1
 
 
 @pytest.mark.parametrize(("device", "amp", "inside"),
@@ -68,7 +69,7 @@ def test_fp32_on_cuda_turns_tf32_off_while_the_run_trains_and_restores_it(device
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        with hardware.exact_fp32(torch.device(device), amp):
+        with exact_fp32(torch.device(device), amp):
             assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (inside, inside)
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
     finally:

@@ -1,5 +1,5 @@
 """The reference runs as the project ships them (issue #19): config/reference.yaml is the paper grid narrowed, and
-`har.pipeline.reference` saves a working folder's runs, restores checkpoints into a new folder (another machine),
+`har.reference` saves a working folder's runs, restores checkpoints into a new folder (another machine),
 and rebuilds tables and figures from the finished runs only.
 
 The save/restore/rebuild tests train 2-epoch runs of the reference grid on a synthetic bundle: seconds, no CIFAR.
@@ -20,11 +20,12 @@ from conftest import REPO, synthetic_data
 from test_workflow import paper_config
 
 import har.engine.loop as loop_module
+from har import reference
 from har.config import from_dict
 from har.data.build import write_bundle
 from har.engine.signals import TrainingInterrupted
 from har.errors import ResultError
-from har.pipeline import grid, jobs, reference
+from har.pipeline import grid, jobs
 
 REFERENCE_METHODS = {"ce_drw", "har_ce_drw", "ldam_drw", "har_ldam_drw"}
 

@@ -23,10 +23,11 @@ from har.errors import ResultError
 from har.evaluation.dynamic import READINGS
 from har.evaluation.evaluate import evaluate_run
 from har.pipeline import grid
-from har.reporting import figures, load_published, load_results, summarise
+from har.published import load_published
+from har.reporting import figures
 from har.reporting.figures import plot_figures
 from har.reporting.report import build_tables
-from har.reporting.results import target_column, target_label
+from har.reporting.results import load_results, summarise, target_column, target_label
 
 SPLIT = "cifar10-r100"
 PIPELINE = {

@@ -45,7 +45,7 @@ def test_each_half_is_scored_with_the_tau_chosen_on_the_other():
 
 
 def test_a_tie_goes_to_the_smallest_tau():
-    assert selection.best_tau({1.0: 0.5, 0.5: 0.5, 2.0: 0.25}) == 0.5
+    assert decoupled.best_tau({1.0: 0.5, 0.5: 0.5, 2.0: 0.25}) == 0.5
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_evaluation_writes_the_cross_fitted_final_logits(tau_run):
         predictions = decoupled.tau_predictions(features[torch.from_numpy(half)], stage_one, cfg.decouple.taus)
         by_hand = (predictions == torch.from_numpy(data.test.labels[half])).float().mean(1).tolist()
         assert list(top1.values()) == pytest.approx(by_hand) and len(top1) == len(cfg.decouple.taus)
-        assert tau == selection.best_tau(dict(zip(cfg.decouple.taus, by_hand, strict=True)))
+        assert tau == decoupled.best_tau(dict(zip(cfg.decouple.taus, by_hand, strict=True)))
     static = (cached["logits"][-1].argmax(1) == data.test.labels).mean()
     assert test["static"]["top1"] == pytest.approx(static)
 

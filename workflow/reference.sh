@@ -57,7 +57,7 @@ start() {
     git -C "$CODE" fetch -q "$HERE" "$commit" 2>/dev/null || git -C "$CODE" fetch -q "$HERE"
     git -C "$CODE" checkout -q --detach "$commit"
     make -C "$CODE" install PYTHON="${PYTHON:-python3}"
-    .venv/bin/python -m har.pipeline.reference restore --into "$CODE"
+    .venv/bin/python -m har.reference restore --into "$CODE"
     # the driver runs a copy of this script: bash reads a script as it goes, so editing this one would change it
     cp "$HERE/workflow/reference.sh" "$REFERENCE_DIR/driver.sh"
     HERE="$HERE" nohup setsid bash "$REFERENCE_DIR/driver.sh" drive > "$REFERENCE_DIR/driver.log" 2>&1 &

@@ -17,12 +17,12 @@ from har.data.build import RunData
 from har.engine.distributed import Distributed
 from har.engine.member import Member
 from har.engine.run_state import static_test_top1, take_step
-from har.engine.step import StepLoss, StepOutput, step_statistics
+from har.engine.step import StepLoss, StepOutput, build_step_loss, step_statistics
 from har.errors import PackError
 from har.losses import HARLoss
 from har.methods.mixup import Mixing, draw_mixing
 from har.models.packed import PackedNet
-from har.run.assembly import build_optimizer, build_step_loss, precision
+from har.run.assembly import build_optimizer, precision
 
 
 class PackStep(nn.Module):

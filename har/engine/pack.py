@@ -39,12 +39,11 @@ import torch
 from har.config import RunConfig
 from har.data.batches import train_batches
 from har.data.build import RunData, build_data
-from har.engine.distributed import Distributed
 from har.engine.executors import pack_executor, resolve_executor
-from har.engine.hardware import deterministic_cpu, exact_fp32
 from har.engine.loop import train_members
 from har.engine.member import fresh_member, resume_member
 from har.engine.membership import check_pack
+from har.engine.numerics import deterministic_cpu, exact_fp32
 from har.errors import RunError
 from har.run.assembly import precision, resolve_device
 from har.run.prepare import owned_run_dir
@@ -78,7 +77,7 @@ def train_pack(members: Sequence[tuple[RunConfig, str | Path]], data: RunData | 
     device = resolve_device(cfg.train.device)
     with ExitStack() as held:
         for member_cfg, out in pairs:
-            held.enter_context(owned_run_dir(member_cfg, out, Distributed()))
+            held.enter_context(owned_run_dir(member_cfg, out))
         held.enter_context(exact_fp32(device, precision(cfg.train, device)[0]))  # members share the precision
         held.enter_context(deterministic_cpu(device, cfg.train.deterministic))
         held.enter_context(_recompile_limit_restored())

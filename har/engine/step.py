@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from har.config import RunConfig
 from har.errors import ConfigError
 from har.losses import HARLoss, exit_statistics
 from har.methods.mixup import Mixing
@@ -60,6 +61,20 @@ class StepLoss(nn.Module):
             manifold = mixing is not None and self.mixup == "manifold"
             outputs = self.model(images, mix=mixing, mix_at=mixing.layer) if manifold else self.model(images)
         return step_statistics(self.har_loss, outputs, labels, mixing, self.num_exits)
+
+
+def build_step_loss(model: nn.Module, har_loss: HARLoss, num_exits: int, cfg: RunConfig, amp: bool,
+                    distributed: bool = False) -> StepLoss:
+    """Forward, loss and statistics of a step, compiled whole when `train.compile` asks for it.
+
+    A distributed run compiles only the DistributedDataParallel module, the form torch.compile documents for
+    it (it splits the graph at DDP's gradient buckets).
+    """
+    mode = cfg.train.compile
+    if mode != "off" and distributed:
+        model = torch.compile(model, mode=mode)
+    step_loss = StepLoss(model, har_loss, num_exits, cfg.train.mixup, amp)
+    return step_loss if mode == "off" or distributed else torch.compile(step_loss, mode=mode)
 
 
 def step_statistics(har_loss: HARLoss, outputs: list[Tensor], labels: Tensor, mixing: Mixing | None,

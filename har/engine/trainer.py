@@ -26,17 +26,19 @@ from har.data.batches import eval_batches, train_batches
 from har.data.build import RunData, build_data
 from har.engine.distributed import Distributed, from_environment, process_group
 from har.engine.executors import Serial
-from har.engine.hardware import deterministic_cpu, exact_fp32
 from har.engine.loop import train_members
 from har.engine.member import fresh_member, resume_member
+from har.engine.numerics import deterministic_cpu, exact_fp32
 from har.engine.run_state import set_rng_state
+from har.engine.step import build_step_loss
 from har.errors import RunError
 from har.methods import decoupled
 from har.models import MultiExitNet
-from har.run.assembly import build_model, build_step_loss, precision, resolve_device
+from har.run.assembly import build_model, precision, resolve_device
 from har.run.checkpoint import atomic_save
 from har.run.folder import CHECKPOINT, METRICS
 from har.run.prepare import owned_run_dir
+from har.run.stage_one import load_stage_one
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,8 @@ def train(cfg: RunConfig, out: str | Path, data: RunData | None = None) -> list[
         TrainingInterrupted: stopped by SIGTERM / SIGUSR1 after saving a checkpoint (exit status 75).
     """
     ctx = from_environment()
-    device = resolve_device(cfg.train.device, ctx)
-    with (process_group(ctx, device), owned_run_dir(cfg, Path(out), ctx),
+    device = resolve_device(cfg.train.device, ctx.local_rank if ctx.enabled else None)
+    with (process_group(ctx, device), owned_run_dir(cfg, Path(out), ctx.is_main),
           exact_fp32(device, precision(cfg.train, device)[0]), deterministic_cpu(device, cfg.train.deterministic)):
         return _train(cfg, Path(out), data, ctx, device)
 
@@ -110,7 +112,7 @@ def _stage_two(cfg: RunConfig, out: Path, device: torch.device, ctx: Distributed
     """A decoupled stage two's change to the fresh model: stage one's weights (tied to this folder by rank 0, the
     process that writes it), then only what the method trains left trainable."""
     def adapt(model: MultiExitNet) -> None:
-        decoupled.load_stage_one(cfg, model, device, out if ctx.is_main else None)
+        load_stage_one(cfg, model, device, out if ctx.is_main else None)
         decoupled.trainable_parameters(cfg, model)
     return adapt
 

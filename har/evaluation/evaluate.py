@@ -25,7 +25,6 @@ from har.atomic import atomic_write, atomic_write_json
 from har.config import RunConfig, config_hash, from_dict, stored_config_hash
 from har.data.batches import eval_batches
 from har.data.build import ListSplit, RunData, Split, build_data
-from har.engine.hardware import read_machines
 from har.errors import RunError
 from har.evaluation import selection
 from har.evaluation.flops import flops_table
@@ -37,6 +36,7 @@ from har.run.assembly import build_model, resolve_device
 from har.run.checkpoint import resume_checkpoint
 from har.run.folder import CHECKPOINT, CONFIG, EVAL_DIR, PREVIOUS
 from har.run.lock import folder_lock, refuse_if_held
+from har.run.machine import read_machines
 
 log = logging.getLogger(__name__)
 

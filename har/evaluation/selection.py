@@ -29,6 +29,7 @@ from har.evaluation.dynamic import (
     sweep_results,
     threshold_for_saving,
 )
+from har.methods.decoupled import best_tau
 
 CROSSFIT = "crossfit-test-halves"
 VAL = "val"
@@ -140,11 +141,6 @@ def chosen_elsewhere_selected(probs: np.ndarray, labels: np.ndarray, chosen: Map
                                  costs, groups, with_confusion=True)
         selected[name] = _selected_entry(result, name, [choice, choice], protocol_name)
     return selected
-
-
-def best_tau(top1_by_tau: Mapping[float, float]) -> float:
-    """The tau of highest top-1; ties go to the smallest tau (the least change to the classifier)."""
-    return max(sorted(top1_by_tau), key=lambda tau: top1_by_tau[tau])
 
 
 def crossfit_tau(predictions_by_tau: np.ndarray, labels: np.ndarray, taus: Sequence[float],

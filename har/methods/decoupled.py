@@ -11,46 +11,26 @@ code runs it (docs/method.md, "Baselines as their sources run them").
   checkpoint keeps stage one's weight (``STAGE_ONE_WEIGHT``) so that the evaluation can choose tau again by
   cross-fitting on the test halves (``har.evaluation.selection.crossfit_tau``).
 
-Only the final exit's classifier changes; intermediate exits (if stage one had any) are left as they are.
+Only the final exit's classifier changes; intermediate exits (if stage one had any) are left as they are. Stage
+one's folder, its record and the loading of its weights are the run layer's (`har.run.stage_one`), which stands on
+this module.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-import yaml
 from torch import Tensor, nn
 
-from har.config import RunConfig, from_dict
+from har.config import RunConfig
 from har.errors import RunError
-from har.evaluation.selection import best_tau
 from har.models import MultiExitNet
 from har.models.exits import make_classifier
-from har.run.checkpoint import load_checkpoint
-from har.run.folder import CHECKPOINT, CONFIG
-
-# The stage-one record lives in har.run.stage_one; tests still reach these through this module.
-from har.run.stage_one import (  # noqa: F401
-    check_stage_one,
-    has_started,
-    recorded_stage_one,
-    require_trained,
-    stage_one_change,
-    stage_one_identity,
-    tie_stage_one,
-)
-
-log = logging.getLogger(__name__)
 
 # Kang et al.'s ClassAwareSampler (num_samples_cls: 4 in every stage-two config): examples drawn per class visit.
 EXAMPLES_PER_CLASS_VISIT = 4
-
-# Stage-one fields that must match the stage-two config: same model, same training data.
-MATCHING = {"model": ("name", "layout", "exit_channels", "exit_stride"),
-            "data": ("dataset", "ratio", "seed", "val_per_class", "train_fraction")}
 
 # In a tau-norm checkpoint: stage one's untouched final classifier weight (the saved layer holds W / ||W||^tau).
 STAGE_ONE_WEIGHT = "stage_one_classifier_weight"
@@ -73,42 +53,6 @@ def attach(cfg: RunConfig, model: MultiExitNet) -> MultiExitNet:
     if cfg.decouple.method == "lws":
         model.backbone.classifier = LearnedScales(model.backbone.classifier, model.num_classes)
     return model
-
-
-def load_stage_one(cfg: RunConfig, model: MultiExitNet, device: torch.device, out: Path | None = None) -> None:
-    """Load the stage-one weights of ``cfg.decouple.stage_one`` into ``model``; with ``out`` (the stage-two folder),
-    tie it to this stage one first (`tie_stage_one`).
-
-    Raises:
-        RunError: the folder is not a finished run, its model or training data differ from this config's, or it
-            is not the stage one that the stage two in ``out`` started from.
-    """
-    folder = Path(cfg.decouple.stage_one)
-    require_trained(folder)
-    cfg_path, ckpt_path = folder / CONFIG, folder / CHECKPOINT
-    first = from_dict(yaml.safe_load(cfg_path.read_text()))
-    if first.decouple.method != "none":
-        raise RunError(f"decouple.stage_one {folder} is itself a stage-two run; point it at a plain run")
-    wrong = [f"{section}.{key}: stage one {getattr(getattr(first, section), key)!r}, here "
-             f"{getattr(getattr(cfg, section), key)!r}"
-             for section, keys in MATCHING.items() for key in keys
-             if getattr(getattr(first, section), key) != getattr(getattr(cfg, section), key)]
-    if first.classifier != cfg.classifier:
-        wrong.append(f"classifier: stage one {first.classifier!r}, here {cfg.classifier!r}")
-    if wrong:
-        raise RunError(f"decouple.stage_one {folder} was trained on another model or data: {'; '.join(wrong)}")
-    ckpt = load_checkpoint(ckpt_path, map_location=device)
-    if ckpt["epoch"] + 1 != first.train.epochs or ckpt.get("partial"):
-        raise RunError(f"decouple.stage_one {folder} is unfinished ({ckpt['epoch'] + 1} of {first.train.epochs} "
-                       f"epochs); finish it with har train first")
-    if out is not None:
-        tie_stage_one(cfg, Path(out))
-    wrapper = model.backbone.classifier if isinstance(model.backbone.classifier, LearnedScales) else None
-    if wrapper is not None:  # stage one's weights belong to the wrapped classifier
-        model.backbone.classifier = wrapper.classifier
-    model.load_state_dict(ckpt["model"])
-    if wrapper is not None:
-        model.backbone.classifier = wrapper
 
 
 def trainable_parameters(cfg: RunConfig, model: MultiExitNet) -> list[nn.Parameter]:
@@ -210,6 +154,12 @@ def tau_logits(features: Tensor, weight: Tensor, tau: float) -> Tensor:
 def tau_predictions(features: Tensor, weight: Tensor, taus: Sequence[float]) -> Tensor:
     """Each candidate tau's predictions [taus, examples], one tau's logits at a time (iNaturalist's are large)."""
     return torch.stack([tau_logits(features, weight, tau).argmax(1) for tau in taus])
+
+
+def best_tau(top1_by_tau: Mapping[float, float]) -> float:
+    """The tau of highest top-1; ties go to the smallest tau (the least change to the classifier). Stage two chooses
+    tau on validation with it, and the evaluation when it cross-fits tau on the test halves."""
+    return max(sorted(top1_by_tau), key=lambda tau: top1_by_tau[tau])
 
 
 @torch.no_grad()

@@ -19,13 +19,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from har import published
 from har.config import ModelConfig, from_dict, to_dict
 from har.engine.membership import pack_refusal, pack_shape
 from har.errors import ConfigError
 from har.evaluation.selection import VAL, protocol
 from har.facts import DATASET_CLASSES, LIST_DATASETS, bare_layout
-from har.reporting import published
-from har.reporting.published import TABLES
+from har.published import TABLES
 
 NUM_CLASSES = DATASET_CLASSES  # classes of each dataset (har.facts holds the one table)
 

@@ -3,7 +3,7 @@
 Every train, pack and evaluate job of the grid (`grid_jobs`) has a benchmark file (`grid.benchmark_file`) whose `s`
 column is the job's wall time. A job's GPU-hours are its wall hours times the GPUs its kind asks for in the config
 (`grid.run_resources`, `grid.pack_resources`), its CPU core-hours the same with the CPUs; the devices are those its
-runs trained on (`machine.jsonl`, `har.engine.hardware.read_machines`). A job counts in every table with a line of
+runs trained on (`machine.jsonl`, `har.run.machine.read_machines`). A job counts in every table with a line of
 one of its runs (`grid.run_tables`; a stage-one run also in the tables of the stage two that start from it; a search
 run in Table I only, even where its choice of t feeds the final runs) and once in the whole grid, so shared jobs
 make the tables' sums exceed the total. Split jobs (no benchmark) and the local jobs (selection, pack markers, tables,
@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from har.atomic import atomic_write_text
-from har.engine.hardware import read_machines
 from har.errors import ResultError
 from har.pipeline import grid
 from har.reporting.render import markdown_row
 from har.reporting.results import setting_label
+from har.run.machine import read_machines
 
 COLUMNS = ("Table", "Jobs measured", "Wall hours", "GPU-hours", "CPU core-hours", "Trained on")
 WHOLE_GRID = "whole grid"

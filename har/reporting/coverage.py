@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from har.pipeline import grid
-from har.reporting.published import PaperValue
+from har.published import PaperValue
 
 Row = tuple[str, str]  # (split, the row's label as the paper prints it, with its t or layout)
 

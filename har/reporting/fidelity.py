@@ -17,11 +17,11 @@ import pandas as pd
 from har.atomic import atomic_write_text
 from har.evaluation.dynamic import READINGS
 from har.pipeline import grid
+from har.published import PaperValue
 from har.reporting.agreement import Rule
-from har.reporting.published import PaperValue
-from har.reporting.render import markdown_row
+from har.reporting.render import sections_to_markdown
 from har.reporting.results import machine_text, provenance_text, setting_label, target_column, target_label
-from har.reporting.tables import Table
+from har.reporting.tables import Section, Table
 
 # The paper's central claims: (HAR method, its baseline), compared per split on Tables II and III.
 CLAIMS = (("har_ce_drw", "ce_drw"), ("har_ldam_drw", "ldam_drw"))
@@ -154,24 +154,22 @@ def _num(value: float | None, signed: bool = False) -> str:
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
-def _markdown(caption: str, frame: pd.DataFrame, rule: Rule) -> str:
-    header = ["Table", "Split", "Method", "Mode", "Metric", "ours", "n", "paper", "diff", "verdict",
-              f"{100 * (1 - rule.level):g}% CI of ours", f"seeds for ±{rule.resolution:g}", "note"]
-    out = [f"**Fidelity report.** {caption}"]
+def fidelity_sections(frame: pd.DataFrame, rule: Rule) -> list[Section]:
+    """The report's two tables as text cells: the published cells we trained, and the central claims."""
+    columns = ["Table", "Split", "Method", "Mode", "Metric", "ours", "n", "paper", "diff", "verdict",
+               f"{100 * (1 - rule.level):g}% CI of ours", f"seeds for ±{rule.resolution:g}", "note"]
+    numeric = [False] * 5 + [True] * 4 + [False, True, True, False]
+    sections = []
     for kind, title in (("cell", "Published cells we trained"), ("claim", "Central claims: HAR minus its baseline")):
-        rows = frame[frame["kind"] == kind]
-        out += ["", f"**{title}**", ""]
-        if rows.empty:
-            out.append("(none in this config)")
-            continue
-        out += [markdown_row(header), markdown_row(["---"] * 5 + ["---:"] * 4 + ["---", "---:", "---:", "---"])]
-        for r in rows.to_dict("records"):
+        rows = []
+        for r in frame[frame["kind"] == kind].to_dict("records"):
             ours = _num(r["ours_mean"]) + ("" if _missing(r["ours_std"]) else f" ± {r['ours_std']:.2f}")
             ci = "-" if _missing(r["ci_low"]) else f"{r['ci_low']:+.2f} to {r['ci_high']:+.2f}"
             seeds = "-" if _missing(r["seeds_to_resolve"]) else str(int(r["seeds_to_resolve"]))
-            out.append(markdown_row([r["table"], r["split"], r["method"], r["mode"], r["metric"], ours, str(r["n"]),
-                             _num(r["paper"]), _num(r["diff"], signed=True), r["verdict"], ci, seeds, r["note"]]))
-    return "\n".join(out) + "\n"
+            rows.append([r["table"], r["split"], r["method"], r["mode"], r["metric"], ours, str(r["n"]),
+                         _num(r["paper"]), _num(r["diff"], signed=True), r["verdict"], ci, seeds, r["note"]])
+        sections.append(Section(title, columns, numeric, rows))
+    return sections
 
 
 def _missing(value: object) -> bool:
@@ -197,6 +195,6 @@ def write_fidelity(tables: Sequence[Table], df: pd.DataFrame, cfg: dict, publish
                f"{quick}")
     out_dir = Path(out_dir)
     paths = [out_dir / "fidelity.md", out_dir / "fidelity.csv"]
-    atomic_write_text(paths[0], _markdown(caption, frame, rule))
+    atomic_write_text(paths[0], sections_to_markdown("Fidelity report", caption, fidelity_sections(frame, rule)))
     atomic_write_text(paths[1], f"# Fidelity report. {caption}\n" + frame.to_csv(index=False, float_format="%.4f"))
     return paths

@@ -3,9 +3,11 @@ CSV text; building and rendering stay apart, so the fidelity report and the cost
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pandas as pd
 
-from har.reporting.tables import Table
+from har.reporting.tables import Section, Table
 
 
 def markdown_row(cells: list[str]) -> str:
@@ -18,6 +20,19 @@ def to_markdown(table: Table) -> str:
     lines = [f"**Table {table.id}.** {table.caption}", "", markdown_row(table.columns), markdown_row(align)]
     notes = ["", *table.notes] if table.notes else []
     return "\n".join(lines + [markdown_row(r) for r in table.rows] + notes) + "\n"
+
+
+def sections_to_markdown(heading: str, caption: str, sections: Sequence[Section]) -> str:
+    """A report of titled tables under one heading and caption (the fidelity report)."""
+    out = [f"**{heading}.** {caption}"]
+    for section in sections:
+        out += ["", f"**{section.title}**", ""]
+        if not section.rows:
+            out.append(section.empty)
+            continue
+        out += [markdown_row(section.columns), markdown_row(["---:" if n else "---" for n in section.numeric])]
+        out += [markdown_row(row) for row in section.rows]
+    return "\n".join(out) + "\n"
 
 
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from har.atomic import atomic_write_text
+from har.published import PaperValue
 from har.reporting.fidelity import write_fidelity
-from har.reporting.published import PaperValue
 from har.reporting.render import to_csv, to_latex, to_markdown
 from har.reporting.tables import make_tables
 

@@ -19,12 +19,12 @@ import pandas as pd
 import yaml
 
 from har.config import stored_config_hash
-from har.engine.hardware import read_machines
-from har.engine.hardware import summary as machine_summary
 from har.errors import ResultError
 from har.evaluation.dynamic import READINGS
 from har.evaluation.selection import parse_selection_key, selection_key
 from har.run.folder import CONFIG, EVAL_DIR, METRICS
+from har.run.machine import read_machines
+from har.run.machine import summary as machine_summary
 
 # The numeric columns `load_results` adds to each record (fractions in [0, 1], MACs and s as they are).
 # dyn_*: at the most accurate s; best_epoch_top1: the maximum of

@@ -18,8 +18,8 @@ import pandas as pd
 from har.config import LossConfig
 from har.evaluation.dynamic import READINGS
 from har.pipeline import grid
+from har.published import DYNAMIC_TABLES, PaperValue
 from har.reporting.coverage import coverage_note
-from har.reporting.published import DYNAMIC_TABLES, PaperValue
 from har.reporting.results import machine_text, provenance_text, setting_label, summarise, target_column, target_label
 
 COPIED = "‡"  # the paper copied the row from another paper
@@ -56,6 +56,18 @@ class Table:
     labels: int
     notes: tuple[str, ...] = ()
     comparisons: tuple[Comparison, ...] = ()
+
+
+@dataclass(frozen=True)
+class Section:
+    """A titled table of a report made of several (the fidelity report's cells and claims): its cells as text, and
+    which columns hold numbers (right-aligned); `empty` stands in for the table when it has no rows."""
+
+    title: str
+    columns: list[str]
+    numeric: list[bool]
+    rows: list[list[str]]
+    empty: str = "(none in this config)"
 
 
 @dataclass(frozen=True)
@@ -227,7 +239,7 @@ def _build(table_id: str, caption: str, label_columns: list[str], lines: list[Li
             row[len(label_columns) - 1] += f" {NOT_EVALUATED}"
             notes.add(f"{NOT_EVALUATED} not evaluated at the paper's saving in this reading: add "
                       f"{line.mode.saving:g} to eval.target_savings of these runs "
-                      f"(har.reporting.published.target_savings_for lists them) and evaluate them again (har "
+                      f"(har.published.target_savings_for lists them) and evaluate them again (har "
                       f"evaluate --from-cache needs neither data nor weights).")
         elif (reached := _ours(own, line.mode.column("reached"))[0]) is not None and reached < 100:
             row[len(label_columns) - 1] += f" {UNREACHED}"

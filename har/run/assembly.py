@@ -1,6 +1,6 @@
-"""One assembly of a run from its config: its device, model, loss, optimiser, schedule and step, and the record of
-the machine it resolved them on (`machine.jsonl`). The trainer and the evaluation both build from here, so neither
-imports the other (../DESIGN.md: "many runs, one assembly").
+"""One assembly of a run from its config: its device, model, loss, optimiser and schedule, and the record of the
+machine it resolved them on (`machine.jsonl`); the engine builds its step from them (`har.engine.step`). The trainer
+and the evaluation both build from here, so neither imports the other (../DESIGN.md: "many runs, one assembly").
 """
 
 from __future__ import annotations
@@ -12,27 +12,24 @@ import torch
 
 from har.atomic import atomic_write_text
 from har.config import RunConfig, TrainConfig
-from har.engine import hardware
-from har.engine.distributed import Distributed
-from har.engine.hardware import machine_record, read_machines
-from har.engine.schedule import lr_factor
-from har.engine.step import StepLoss
 from har.errors import RunError
 from har.losses import HARLoss, ReweightSchedule, build_exit_loss
 from har.methods import decoupled
 from har.models import MultiExitNet, create_model
+from har.run import machine
 from har.run.folder import MACHINE
+from har.run.machine import machine_record, read_machines
+from har.run.schedule import lr_factor
 
 
-def resolve_device(name: str, ctx: Distributed | None = None) -> torch.device:
-    """`auto` means CUDA when present; a distributed process takes the GPU of its local rank."""
-    local = ctx.local_rank if ctx is not None and ctx.enabled else None
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """`auto` means CUDA when present; a distributed process (`local_rank` given) takes the GPU of its local rank."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RunError(f"train.device is {name!r} but CUDA is not available; use auto or cpu")
-    if name == "cuda" and local is not None:
-        return torch.device("cuda", local)
+    if name == "cuda" and local_rank is not None:
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
@@ -58,12 +55,12 @@ def build_reweight(cfg: RunConfig, class_counts: list[int]) -> ReweightSchedule:
 
 def precision(t: TrainConfig, device: torch.device) -> tuple[bool, bool]:
     """bf16 autocast and channels-last on `device`, where the config leaves them unset: autocast on for CUDA and for
-    a CPU that computes bf16 natively (`hardware.native_bf16`; 1.6x fp32 on one core of the AMD EPYC, 3.3x with two
+    a CPU that computes bf16 natively (`machine.native_bf16`; 1.6x fp32 on one core of the AMD EPYC, 3.3x with two
     processes), off for other CPUs (where bf16 is emulated and slower than fp32); channels-last with autocast (the
     layout of oneDNN's and cuDNN's bf16 kernels; in fp32 on the AMD EPYC it measured 0.94-1.05x NCHW), so a CPU run
     in fp32 keeps NCHW (docs/benchmarks.md, "CPU rows"). The run folder's `machine.jsonl` records what they resolved
     to."""
-    amp = (device.type == "cuda" or hardware.native_bf16()) if t.amp is None else t.amp
+    amp = (device.type == "cuda" or machine.native_bf16()) if t.amp is None else t.amp
     return amp, (amp if t.channels_last is None else t.channels_last)
 
 
@@ -72,20 +69,6 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optim
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.SGD(params, lr=t.scaled_lr, momentum=t.momentum, weight_decay=t.weight_decay)
-
-
-def build_step_loss(model: torch.nn.Module, har_loss: HARLoss, num_exits: int, cfg: RunConfig, amp: bool,
-                    distributed: bool = False) -> StepLoss:
-    """Forward, loss and statistics of a step, compiled whole when `train.compile` asks for it.
-
-    A distributed run compiles only the DistributedDataParallel module, the form torch.compile documents for
-    it (it splits the graph at DDP's gradient buckets).
-    """
-    mode = cfg.train.compile
-    if mode != "off" and distributed:
-        model = torch.compile(model, mode=mode)
-    step_loss = StepLoss(model, har_loss, num_exits, cfg.train.mixup, amp)
-    return step_loss if mode == "off" or distributed else torch.compile(step_loss, mode=mode)
 
 
 def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:

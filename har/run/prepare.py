@@ -7,7 +7,6 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
@@ -17,9 +16,6 @@ from har.errors import ConfigError, DataError, RunError
 from har.run.checkpoint import resume_checkpoint
 from har.run.folder import CHECKPOINT, CONFIG, CONFIG_HASH, MACHINE, METRICS, PREVIOUS
 from har.run.lock import folder_lock
-
-if TYPE_CHECKING:
-    from har.engine.distributed import Distributed
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +64,15 @@ def _write_if_changed(path: Path, text: str, current: str | None = None) -> None
 
 
 @contextmanager
-def owned_run_dir(cfg: RunConfig, out: Path, ctx: Distributed) -> Iterator[None]:
-    """Rank 0 locks the run folder for the whole run and prepares it; a refused input (a named error before the
-    first checkpoint) leaves no folder or config.yaml behind that this call created, so the corrected command
-    then runs on the same --out.
+def owned_run_dir(cfg: RunConfig, out: Path, is_main: bool = True) -> Iterator[None]:
+    """The main process (`is_main`: rank 0 of a distributed run) locks the run folder for the whole run and
+    prepares it; a refused input (a named error before the first checkpoint) leaves no folder or config.yaml behind
+    that this call created, so the corrected command then runs on the same --out.
 
     A folder this process may not write (no lock file could be created) is used unlocked when its run is
     finished (nothing is written); otherwise it is refused before any training.
     """
-    if not ctx.is_main:
+    if not is_main:
         yield
         return
     existed, undone = out.exists(), False

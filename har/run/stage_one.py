@@ -1,6 +1,7 @@
-"""The stage-one record of a decoupled stage two (`stage_one.json` in its folder): which training of which
-stage-one folder it started from (config hash and final checkpoint's sha256), so that a stage one trained again
-since is noticed before the stage two resumes or is evaluated."""
+"""The stage one of a decoupled stage two (`har.methods.decoupled`), as run folders hold it: its record
+(`stage_one.json` in the stage-two folder: which training of which stage-one folder it started from, by config hash
+and final checkpoint's sha256, so that a stage one trained again since is noticed before the stage two resumes or is
+evaluated), and the loading of its weights, refused when its model or training data differ from the stage two's."""
 
 from __future__ import annotations
 
@@ -8,15 +9,23 @@ import json
 import logging
 from pathlib import Path
 
+import torch
 import yaml
 
 from har.atomic import atomic_write_json
-from har.config import RunConfig, stored_config_hash
+from har.config import RunConfig, from_dict, stored_config_hash
 from har.digest import file_hexdigest
 from har.errors import RunError
+from har.methods.decoupled import LearnedScales
+from har.models import MultiExitNet
+from har.run.checkpoint import load_checkpoint
 from har.run.folder import CHECKPOINT, CONFIG, PREVIOUS, STAGE_ONE_RECORD
 
 log = logging.getLogger(__name__)
+
+# Stage-one fields that must match the stage-two config: same model, same training data.
+MATCHING = {"model": ("name", "layout", "exit_channels", "exit_stride"),
+            "data": ("dataset", "ratio", "seed", "val_per_class", "train_fraction")}
 
 
 def require_trained(folder: Path) -> None:
@@ -86,3 +95,39 @@ def check_stage_one(cfg: RunConfig, out: str | Path) -> None:
         raise RunError(f"{out} is a stage two of an earlier training of its stage one {cfg.decouple.stage_one} "
                        f"(changed since: {change}); delete {out} to train stage two on the current stage one, "
                        f"or restore the stage one it started from")
+
+
+def load_stage_one(cfg: RunConfig, model: MultiExitNet, device: torch.device, out: Path | None = None) -> None:
+    """Load the stage-one weights of ``cfg.decouple.stage_one`` into ``model``; with ``out`` (the stage-two folder),
+    tie it to this stage one first (`tie_stage_one`).
+
+    Raises:
+        RunError: the folder is not a finished run, its model or training data differ from this config's, or it
+            is not the stage one that the stage two in ``out`` started from.
+    """
+    folder = Path(cfg.decouple.stage_one)
+    require_trained(folder)
+    cfg_path, ckpt_path = folder / CONFIG, folder / CHECKPOINT
+    first = from_dict(yaml.safe_load(cfg_path.read_text()))
+    if first.decouple.method != "none":
+        raise RunError(f"decouple.stage_one {folder} is itself a stage-two run; point it at a plain run")
+    wrong = [f"{section}.{key}: stage one {getattr(getattr(first, section), key)!r}, here "
+             f"{getattr(getattr(cfg, section), key)!r}"
+             for section, keys in MATCHING.items() for key in keys
+             if getattr(getattr(first, section), key) != getattr(getattr(cfg, section), key)]
+    if first.classifier != cfg.classifier:
+        wrong.append(f"classifier: stage one {first.classifier!r}, here {cfg.classifier!r}")
+    if wrong:
+        raise RunError(f"decouple.stage_one {folder} was trained on another model or data: {'; '.join(wrong)}")
+    ckpt = load_checkpoint(ckpt_path, map_location=device)
+    if ckpt["epoch"] + 1 != first.train.epochs or ckpt.get("partial"):
+        raise RunError(f"decouple.stage_one {folder} is unfinished ({ckpt['epoch'] + 1} of {first.train.epochs} "
+                       f"epochs); finish it with har train first")
+    if out is not None:
+        tie_stage_one(cfg, Path(out))
+    wrapper = model.backbone.classifier if isinstance(model.backbone.classifier, LearnedScales) else None
+    if wrapper is not None:  # stage one's weights belong to the wrapped classifier
+        model.backbone.classifier = wrapper.classifier
+    model.load_state_dict(ckpt["model"])
+    if wrapper is not None:
+        model.backbone.classifier = wrapper

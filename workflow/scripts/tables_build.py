@@ -1,7 +1,7 @@
 # ruff: noqa: F821 - `snakemake` is the object Snakemake's script directive injects
 from har.pipeline.jobs import load_selections, setup_job
+from har.published import load_published
 from har.reporting.cost import write_cost
-from har.reporting.published import load_published
 from har.reporting.report import build_tables
 from har.reporting.results import load_results
 

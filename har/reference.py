@@ -5,11 +5,13 @@
 `checkpoints/<split>/<method>/seed<k>/` for every run still training (its whole `last.pt`: weights, optimiser,
 schedule, RNG states, mid-epoch progress; with its config, metrics and machine records). A set outlives the machine it
 started on: `save` copies a working folder's runs here (to be committed), `restore` brings the checkpoints into a new
-working folder, where training resumes exactly where it stopped. Only `runs/` is ever read as a result.
+working folder, where training resumes exactly where it stopped. Only `runs/` is ever read as a result. It stands on
+the pipeline (grid, split bundles) and on reporting (the rebuilt tables and figures), so it sits above both, beside
+the CLI.
 
-    python -m har.pipeline.reference save --from ../har-reference/code      # what trained there, into results/
-    python -m har.pipeline.reference restore --into ../har-reference/code   # checkpoints the folder lacks
-    python -m har.pipeline.reference rebuild    # results/reference/tables and figures/reference from runs/
+    python -m har.reference save --from ../har-reference/code      # what trained there, into results/
+    python -m har.reference restore --into ../har-reference/code   # checkpoints the folder lacks
+    python -m har.reference rebuild    # results/reference/tables and figures/reference from runs/
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from har.errors import ResultError, RunError
 from har.evaluation.evaluate import evaluate_from_cache
 from har.pipeline import grid
 from har.pipeline.jobs import build_split
+from har.published import load_published
 from har.reporting.figures import plot_figures
-from har.reporting.published import load_published
 from har.reporting.report import build_tables
 from har.reporting.results import load_results
 from har.run.checkpoint import atomic_save
@@ -44,7 +46,7 @@ log = logging.getLogger(__name__)
 REFERENCE = Path("results/reference")
 CONFIG = Path("config/reference.yaml")
 FIGURES = Path("figures/reference")
-SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 RUNS, CHECKPOINTS = "runs", "checkpoints"
 RUN_FILES = (RUN_CONFIG, CONFIG_HASH, METRICS, MACHINE)  # beside the checkpoint, in both kinds of folder
 FINISHED_FILES = (TRAIN_RECORD,)  # the pipeline's marker, with eval/ (whole)
@@ -156,7 +158,7 @@ def rebuild(config: Path = CONFIG, reference: Path = REFERENCE, tables: Path = R
         if not state.finished:
             raise ResultError(f"{folder} holds an unfinished run (epoch {state.epoch + 1} of {state.epochs}, "
                               f"evaluated: {state.evaluated}); only finished runs belong in {root}: move it to "
-                              f"{reference / CHECKPOINTS} (python -m har.pipeline.reference save does)")
+                              f"{reference / CHECKPOINTS} (python -m har.reference save does)")
     records, missing = [], []
     for spec in grid.final_runs(cfg):
         folder = root / Path(spec.run_dir).relative_to("results/runs")

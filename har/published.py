@@ -1,4 +1,5 @@
-"""The paper's published numbers (Tables I-V, `published.csv` beside this module) in the pipeline's terms.
+"""The paper's published numbers (Tables I-V, `published.csv` beside this module) in the pipeline's terms, below
+the pipeline grid (which tables exist, the savings its runs are evaluated at) and the reports that compare with them.
 
 The CSV keeps the paper's own labels (`table,dataset,ratio,method,setting,metric,value`, percentages) so it can be
 checked line by line against the paper; `PAPER_METHODS` and `PAPER_METRICS` are the one place that maps them to the
@@ -88,7 +89,7 @@ def _parse(row: dict, where: str) -> PaperValue:
         raise ResultError(f"{where}: table {table!r} is not one of {list(TABLES)}; fix the line")
     if label not in PAPER_METHODS:
         raise ResultError(f"{where}: method {label!r} has no pipeline key; add it to PAPER_METHODS in "
-                          f"har/reporting/published.py")
+                          f"har/published.py")
     if row["metric"] not in PAPER_METRICS:
         raise ResultError(f"{where}: metric {row['metric']!r} is not one of {list(PAPER_METRICS)}; fix the line")
     try:
@@ -108,7 +109,7 @@ def _parse(row: dict, where: str) -> PaperValue:
 
 def load_published(path: str | Path | None = None) -> list[PaperValue]:
     """The paper's numbers (`published.csv` beside this module unless `path` is given), checked line by line."""
-    source = Path(path) if path else resources.files("har.reporting") / "published.csv"
+    source = Path(path) if path else resources.files("har") / "published.csv"
     try:
         lines = source.read_text().splitlines()
     except OSError as exc:
