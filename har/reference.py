@@ -211,12 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--reference", type=Path, default=REFERENCE, help=f"default: {REFERENCE}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.command == "rebuild":
-        lines = rebuild(args.config, args.reference, args.reference / "tables")
-    else:
-        lines = (save if args.command == "save" else restore)(args.work, args.reference)
+    if args.command == "rebuild":  # its first line counts the finished runs
+        print("\n".join(rebuild(args.config, args.reference, args.reference / "tables")))
+        return 0
+    lines = (save if args.command == "save" else restore)(args.work, args.reference)
     print("\n".join(lines) if lines else "nothing to do")
-    print(json.dumps({"command": args.command, "runs": len(lines)}))
+    print(json.dumps({"command": args.command, "runs": len(lines)}))  # one line per run saved or restored
     return 0
 
 

@@ -313,6 +313,8 @@ def test_figures_keep_captions_legends_and_panels_readable(results, tmp_path, mo
             assert width <= figures.MAX_COLUMNS * 4.6 + 2.5, name
             panels = [ax.get_window_extent(renderer).width / fig.dpi for ax in fig.axes]
             assert min(panels) >= 2.5, name  # inches: at 150 dpi a panel keeps about 400 px or more
+            titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+            assert len(titles) == len(set(titles)), (name, titles)  # each panel says what it shows
     pad = matplotlib.rcParams["savefig.pad_inches"]
     for name, fig in drawn.items():  # the saved PNG (150 dpi, cropped tight) is no wider than the figure and its pads
         png_width = int.from_bytes((tmp_path / "figures" / f"{name}.png").read_bytes()[16:20], "big")

@@ -244,10 +244,11 @@ def fig_loss_per_exit(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str]
     axes = fig.subplots(len(splits), 2, squeeze=False)  # a row per split: loss beside share
     for row, split in zip(axes, splits, strict=True):
         part = long[long["split"] == split]
-        for ax, metric, label in zip(row, ("loss", "fraction"),
-                                     ("mean HAR loss", "training examples exiting here (%)")):
+        for ax, metric, label, what in zip(row, ("loss", "fraction"),
+                                           ("mean HAR loss", "training examples exiting here (%)"),
+                                           ("loss of the examples leaving at each exit", "where examples leave")):
             sns.barplot(data=part, x="exit", y=metric, hue="method", hue_order=methods, errorbar="sd", ax=ax)
-            ax.set(title=split, xlabel="", ylabel=label)
+            ax.set(title=f"{split}: {what}", xlabel="", ylabel=label)
     _shared_legend(fig, axes.ravel())
     _title(fig, f"HAR loss and share of examples per exit\nlast training epoch, mean ± std over seeds\n"
                 f"{setting_label(cfg)}")
