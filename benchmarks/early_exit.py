@@ -56,7 +56,7 @@ from har.models import create_model
 from har.models.exits import batch_norm_from, exit_by_threshold
 from har.run.assembly import build_model, resolve_device
 from har.run.checkpoint import load_checkpoint
-from har.run.folder import CHECKPOINT
+from har.run.folder import CHECKPOINT, CONFIG
 
 log = logging.getLogger("early_exit")
 
@@ -74,7 +74,7 @@ def generated(count: int, side: int, device: torch.device, seed: int) -> Tensor:
 def resnet32_case(args: argparse.Namespace, device: torch.device) -> dict:
     """The ResNet-32 model and images: a run's weights or untrained ones, CIFAR test images or generated ones."""
     overrides = [*args.set, "data.eval_fraction=1"]
-    cfg = load_config(args.run / "config.yaml" if args.run else args.config, overrides)
+    cfg = load_config(args.run / CONFIG if args.run else args.config, overrides)
     if args.data == "cifar":
         data = build_data(cfg.data)
         images = normalize(torch.from_numpy(data.test.images[:args.images]).to(device), *cfg.data.normalization())

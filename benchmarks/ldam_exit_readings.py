@@ -24,15 +24,15 @@ import os
 from pathlib import Path
 
 import torch
-import yaml
 
-from har.config import from_dict
+from har.config import load_config
 from har.data.batches import eval_batches
 from har.data.build import build_data
 from har.losses.exit_losses import LDAMLoss
 from har.losses.har import first_exit
 from har.run.assembly import build_model
 from har.run.checkpoint import load_checkpoint
+from har.run.folder import CONFIG
 
 
 def readings(cosines: torch.Tensor, labels: torch.Tensor, ldam: LDAMLoss) -> dict[str, torch.Tensor]:
@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     args.run = args.run.resolve()
     os.chdir(args.root)
-    cfg = from_dict(yaml.safe_load((args.run / "config.yaml").read_text()))
+    cfg = load_config(args.run / CONFIG)
     if cfg.loss.name != "ldam":
         raise SystemExit(f"{args.run} trains {cfg.loss.name}, not LDAM: nothing to compare")
     data = build_data(cfg.data)

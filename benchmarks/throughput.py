@@ -63,7 +63,7 @@ from har.models import MultiExitNet
 from har.models.exits import exit_by_threshold
 from har.run.assembly import build_loss, build_model, build_optimizer, resolve_device
 from har.run.checkpoint import load_checkpoint
-from har.run.folder import CHECKPOINT
+from har.run.folder import CHECKPOINT, CONFIG
 
 log = logging.getLogger("benchmark")
 
@@ -487,7 +487,7 @@ def load_model(args: argparse.Namespace, cfg: RunConfig, data: RunData) -> tuple
     if args.run is None:
         torch.manual_seed(cfg.train.seed)
         return build_model(cfg, data.num_classes), "untrained (exit pattern not representative; timing only)"
-    run_cfg = load_config(args.run / "config.yaml")
+    run_cfg = load_config(args.run / CONFIG)
     if run_cfg.data.dataset != cfg.data.dataset:
         raise SystemExit(f"{args.run} was trained on {run_cfg.data.dataset} but the benchmark data are "
                          f"{cfg.data.dataset}; pass --config with the run's dataset")

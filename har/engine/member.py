@@ -69,24 +69,33 @@ class Member:
                     self.out / CHECKPOINT, keep_previous=self.out / PREVIOUS)
 
 
-def fresh_member(cfg: RunConfig, out: Path, data: RunData, device: torch.device, alone: bool,
-                 adapt: Callable[[MultiExitNet], None] | None = None) -> Member:
-    """A run as `har train` initialises it, before any checkpoint: seeded, on `device` in the precision's memory
-    format, with its loss, class-weight schedule, optimiser and lr schedule. `adapt` changes the model on the device
-    before the optimiser takes its parameters (a decoupled stage two loads stage one and freezes); `alone`: the run
-    trains alone (its checkpoints save the live RNG state, see `Member`)."""
+def fresh_model(cfg: RunConfig, num_classes: int, device: torch.device,
+                adapt: Callable[[MultiExitNet], None] | None = None) -> tuple[MultiExitNet, dict[str, Any]]:
+    """The run's model as it starts, seeded and on `device`, with `adapt` applied there (a decoupled stage two loads
+    stage one and freezes). Also returns the global RNG state right after the initialisation: what a pack member's
+    checkpoints keep (see `Member`)."""
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, data.num_classes)
-    rng = None if alone else rng_state()
+    model = build_model(cfg, num_classes)
+    rng = rng_state()
     model = model.to(device)
     if adapt is not None:
         adapt(model)
+    return model, rng
+
+
+def fresh_member(cfg: RunConfig, out: Path, data: RunData, device: torch.device, alone: bool,
+                 adapt: Callable[[MultiExitNet], None] | None = None) -> Member:
+    """A run as `har train` initialises it, before any checkpoint: `fresh_model` in the precision's memory format,
+    with its loss, class-weight schedule, optimiser and lr schedule. `adapt` changes the model on the device before
+    the optimiser takes its parameters; `alone`: the run trains alone (its checkpoints save the live RNG state, see
+    `Member`)."""
+    model, rng = fresh_model(cfg, data.num_classes, device, adapt)
     if precision(cfg.train, device)[1]:
         model = model.to(memory_format=torch.channels_last)
     har_loss = build_loss(cfg, data.class_counts).to(device)
     optimizer = build_optimizer(cfg, model)
     return Member(cfg, out, model, har_loss, build_reweight(cfg, data.class_counts), optimizer,
-                  build_scheduler(cfg, optimizer), rng)
+                  build_scheduler(cfg, optimizer), None if alone else rng)
 
 
 def resume_member(member: Member, device: torch.device, writes: bool = True) -> dict[str, Any] | None:

@@ -27,14 +27,14 @@ from har.data.build import RunData, build_data
 from har.engine.distributed import Distributed, from_environment, process_group
 from har.engine.executors import Serial
 from har.engine.loop import train_members
-from har.engine.member import fresh_member, resume_member
+from har.engine.member import fresh_member, fresh_model, resume_member
 from har.engine.numerics import deterministic_cpu, exact_fp32
 from har.engine.run_state import set_rng_state
 from har.engine.step import build_step_loss
 from har.errors import RunError
 from har.methods import decoupled
 from har.models import MultiExitNet
-from har.run.assembly import build_model, precision, resolve_device
+from har.run.assembly import precision, resolve_device
 from har.run.checkpoint import atomic_save
 from har.run.folder import CHECKPOINT, METRICS
 from har.run.prepare import owned_run_dir
@@ -72,9 +72,7 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None, ctx: Distributed, de
     data = data or build_data(cfg.data)
     stage_two = cfg.decouple.method != "none"
     if cfg.decouple.method == "tau_norm":
-        torch.manual_seed(t.seed)
-        model = build_model(cfg, data.num_classes).to(device)
-        _stage_two(cfg, out, device, ctx)(model)
+        model, _ = fresh_model(cfg, data.num_classes, device, _stage_two(cfg, out, device, ctx))
         return _tau_norm(cfg, out, model, data, device, ctx)
     member = fresh_member(cfg, out, data, device, alone=True,
                           adapt=_stage_two(cfg, out, device, ctx) if stage_two else None)

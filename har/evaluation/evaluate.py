@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from har.atomic import atomic_write, atomic_write_json
-from har.config import RunConfig, config_hash, from_dict, stored_config_hash
+from har.config import RunConfig, config_hash, load_config, stored_config_hash
 from har.data.batches import eval_batches
 from har.data.build import ListSplit, RunData, Split, build_data
 from har.errors import RunError
@@ -57,7 +56,7 @@ def load_run(run_dir: Path, device: torch.device) -> tuple[RunConfig, dict]:
     cfg_path = run_dir / CONFIG
     if not cfg_path.exists():
         raise RunError(f"{run_dir} is not a run folder (no config.yaml); train it first with har train")
-    cfg = from_dict(yaml.safe_load(cfg_path.read_text()))
+    cfg = load_config(cfg_path)
     ckpt_path = run_dir / CHECKPOINT
     ckpt = resume_checkpoint(ckpt_path, run_dir / PREVIOUS, map_location=device)
     if ckpt is None:
@@ -178,7 +177,7 @@ def evaluate_from_cache(run_dir: str | Path, target_savings: Sequence[float] | N
     """
     run_dir = Path(run_dir)
     with _evaluation_folder(run_dir):
-        cfg = from_dict(yaml.safe_load((run_dir / CONFIG).read_text()))
+        cfg = load_config(run_dir / CONFIG)
         old = {split: _previous_report(run_dir, split, config_hash(cfg)) for split in SPLITS}
         outputs = {split: _cached_outputs(run_dir, split, old[split]) for split in SPLITS}
         num_classes = outputs["test"].logits.shape[2]

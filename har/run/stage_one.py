@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from har.atomic import atomic_write_json
-from har.config import RunConfig, from_dict, stored_config_hash
+from har.config import RunConfig, load_config, stored_config_hash
 from har.digest import file_hexdigest
 from har.errors import RunError
 from har.methods.decoupled import LearnedScales
@@ -108,7 +108,7 @@ def load_stage_one(cfg: RunConfig, model: MultiExitNet, device: torch.device, ou
     folder = Path(cfg.decouple.stage_one)
     require_trained(folder)
     cfg_path, ckpt_path = folder / CONFIG, folder / CHECKPOINT
-    first = from_dict(yaml.safe_load(cfg_path.read_text()))
+    first = load_config(cfg_path)
     if first.decouple.method != "none":
         raise RunError(f"decouple.stage_one {folder} is itself a stage-two run; point it at a plain run")
     wrong = [f"{section}.{key}: stage one {getattr(getattr(first, section), key)!r}, here "
