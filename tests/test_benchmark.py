@@ -216,3 +216,25 @@ def test_ldam_exit_readings_compute_each_confidence_and_the_first_qualifying_exi
     # example 0 is right at exit 1 with raw confidence 0.86; example 1 is wrong there and right at the last exit
     assert readings.exit_shares(got["raw"], correct, 0.5) == [0.5, 0.5]
     assert readings.exit_shares(got["raw"], correct, 0.9) == [0.0, 1.0]
+
+
+def _eval_report(folder, per_class, counts=(100, 10)):
+    (folder / "eval").mkdir(parents=True)
+    top1 = sum(per_class) / len(per_class)
+    (folder / "eval" / "test.json").write_text(json.dumps(
+        {"class_counts": list(counts), "static": {"top1": top1, "per_class": per_class}}))
+    return folder
+
+
+def test_per_class_averages_each_methods_seeds_and_refuses_mixed_splits(tmp_path, monkeypatch):
+    per_class = load_benchmark(monkeypatch, "per_class")
+    folders = [_eval_report(tmp_path / "ce" / "seed0", [0.9, 0.5]), _eval_report(tmp_path / "ce" / "seed1", [0.8, 0.3]),
+               _eval_report(tmp_path / "ldam" / "seed0", [0.9, 0.7])]
+    table, counts = per_class.per_class(folders)
+    assert counts == [100, 10]
+    assert table.loc["ce", "seeds"] == 2 and table.loc["ldam", "seeds"] == 1
+    assert table.loc["ce", "1"] == pytest.approx(40.0) and table.loc["ldam", "1"] == pytest.approx(70.0)
+    assert table.loc["ce", "top1"] == pytest.approx(62.5)
+    other = _eval_report(tmp_path / "ce" / "seed2", [0.9, 0.5, 0.1], counts=(100, 10, 5))
+    with pytest.raises(SystemExit, match="another split"):
+        per_class.per_class([*folders, other])
