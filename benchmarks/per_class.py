@@ -2,7 +2,8 @@
 methods (or between a method and the paper) sits along the long tail.
 
 Reads only `eval/test.json` (static mode: the bare backbone, or a HAR model's final exit) and the class counts
-its evaluation recorded; no data, no weights.
+its evaluation recorded, through the reports' own reader, which refuses a report that is incomplete or was computed
+for another config than the folder's; no data, no weights.
 
     python benchmarks/per_class.py results/reference/runs/cifar10-r100/*/seed*
 """
@@ -10,12 +11,11 @@ its evaluation recorded; no data, no weights.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from har.run.folder import EVAL_DIR
+from har.reporting.results import read_eval
 
 
 def per_class(folders: list[Path]) -> tuple[pd.DataFrame, list[int]]:
@@ -24,7 +24,7 @@ def per_class(folders: list[Path]) -> tuple[pd.DataFrame, list[int]]:
     refused, since their classes are not the same."""
     rows, counts = [], None
     for folder in folders:
-        report = json.loads((folder / EVAL_DIR / "test.json").read_text())
+        report = read_eval(folder, "test")
         if counts is not None and report["class_counts"] != counts:
             raise SystemExit(f"{folder} was evaluated on another split than the folders before it; give the run "
                              f"folders of one split")

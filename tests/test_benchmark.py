@@ -3,14 +3,18 @@
 import importlib.util
 import json
 import math
+import shutil
 import sys
 
 import pytest
 import torch
-from conftest import REPO, shared_cifar_root
+from conftest import REPO, shared_cifar_root, synthetic_data
 
 from har.config import from_dict
+from har.engine.trainer import train
+from har.errors import ResultError
 from har.evaluation.dynamic import READINGS
+from har.evaluation.evaluate import evaluate_run
 from har.losses.exit_losses import LDAMLoss
 from har.reporting.results import target_label
 
@@ -218,23 +222,48 @@ def test_ldam_exit_readings_compute_each_confidence_and_the_first_qualifying_exi
     assert readings.exit_shares(got["raw"], correct, 0.9) == [0.0, 1.0]
 
 
-def _eval_report(folder, per_class, counts=(100, 10)):
-    (folder / "eval").mkdir(parents=True)
-    top1 = sum(per_class) / len(per_class)
-    (folder / "eval" / "test.json").write_text(json.dumps(
-        {"class_counts": list(counts), "static": {"top1": top1, "per_class": per_class}}))
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    """A one-epoch CE run on synthetic data, evaluated: its eval/test.json is what per_class.py reads."""
+    cfg = from_dict({"data": {"dataset": "cifar10"}, "loss": {"name": "ce", "har": False},
+                     "train": {"epochs": 1, "batch_size": 16, "warmup_epochs": 0, "device": "cpu"}})
+    run = tmp_path_factory.mktemp("per_class") / "run"
+    data = synthetic_data()
+    train(cfg, run, data=data)
+    evaluate_run(run, device="cpu", data=data)
+    return run
+
+
+def _copy_with(run, folder, per_class=None, counts=None):
+    """A copy of the evaluated run whose test report says `per_class` accuracies (and `counts`, when given)."""
+    shutil.copytree(run, folder)
+    path = folder / "eval" / "test.json"
+    report = json.loads(path.read_text())
+    if per_class is not None:
+        report["static"]["per_class"], report["static"]["top1"] = per_class, sum(per_class) / len(per_class)
+    if counts is not None:
+        report["class_counts"] = counts
+    path.write_text(json.dumps(report))
     return folder
 
 
-def test_per_class_averages_each_methods_seeds_and_refuses_mixed_splits(tmp_path, monkeypatch):
+def test_per_class_averages_each_methods_seeds_and_refuses_mixed_splits(evaluated_run, tmp_path, monkeypatch):
     per_class = load_benchmark(monkeypatch, "per_class")
-    folders = [_eval_report(tmp_path / "ce" / "seed0", [0.9, 0.5]), _eval_report(tmp_path / "ce" / "seed1", [0.8, 0.3]),
-               _eval_report(tmp_path / "ldam" / "seed0", [0.9, 0.7])]
-    table, counts = per_class.per_class(folders)
-    assert counts == [100, 10]
+    counts = json.loads((evaluated_run / "eval" / "test.json").read_text())["class_counts"]
+    assert len(counts) == 3
+    folders = [_copy_with(evaluated_run, tmp_path / "ce" / "seed0", [0.9, 0.5, 0.1]),
+               _copy_with(evaluated_run, tmp_path / "ce" / "seed1", [0.8, 0.3, 0.1]),
+               _copy_with(evaluated_run, tmp_path / "ldam" / "seed0", [0.9, 0.7, 0.2])]
+    table, got = per_class.per_class(folders)
+    assert got == counts
     assert table.loc["ce", "seeds"] == 2 and table.loc["ldam", "seeds"] == 1
     assert table.loc["ce", "1"] == pytest.approx(40.0) and table.loc["ldam", "1"] == pytest.approx(70.0)
-    assert table.loc["ce", "top1"] == pytest.approx(62.5)
-    other = _eval_report(tmp_path / "ce" / "seed2", [0.9, 0.5, 0.1], counts=(100, 10, 5))
+    assert table.loc["ce", "top1"] == pytest.approx(45.0)
+    other = _copy_with(evaluated_run, tmp_path / "ce" / "seed2", counts=[*counts, 1])
     with pytest.raises(SystemExit, match="another split"):
         per_class.per_class([*folders, other])
+    unevaluated = _copy_with(evaluated_run, tmp_path / "ce" / "seed3")
+    (unevaluated / "eval" / "test.json").unlink()
+    with pytest.raises(ResultError, match="has no eval/test.json"):
+        per_class.per_class([unevaluated])
