@@ -31,9 +31,9 @@ from har.facts import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     LIST_DATASETS,
+    check_layout,
     confidence_ceiling,
-    num_groups,
-    parse_layout,
+    default_layout,
 )
 
 log = logging.getLogger(__name__)
@@ -323,13 +323,12 @@ def _check_ranges(cfg: RunConfig, t_pending: bool = False) -> None:
     for key, value, ok, allowed in checks:
         if not ok:
             raise ConfigError(f"{key}: {value!r} is out of range; it must be {allowed}")
-    try:
-        groups = num_groups(cfg.model.name)
+    try:  # the name first, so that what check_layout refuses afterwards is the layout
+        default_layout(cfg.model.name)
     except ValueError as exc:
         raise ConfigError(f"model.name: {exc}") from exc
     try:
-        if cfg.model.layout is not None:
-            parse_layout(cfg.model.layout, groups)
+        check_layout(cfg.model.name, cfg.model.layout)
     except ValueError as exc:
         raise ConfigError(f"model.layout: {exc}") from exc
     if cfg.decouple.method != "none" and not cfg.decouple.stage_one:

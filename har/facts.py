@@ -82,19 +82,18 @@ def default_layout(name: str) -> str:
     return BACKBONE_LAYOUTS[name]
 
 
-def num_groups(name: str) -> int:
-    """How many block groups a backbone has (ValueError for an unknown name)."""
+def _num_groups(name: str) -> int:
     return default_layout(name).count("B")
 
 
 def bare_layout(name: str) -> str:
     """The layout of a registered model without intermediate exits: stem, one B per block group, final exit."""
-    return "C" + "B" * num_groups(name) + "E"
+    return "C" + "B" * _num_groups(name) + "E"
 
 
 def check_layout(name: str, layout: str | None) -> None:
     """Validate a model name and exit layout without building the model (config validation uses this)."""
-    groups = num_groups(name)
+    groups = _num_groups(name)
     if layout is not None:
         parse_layout(layout, groups)
 
