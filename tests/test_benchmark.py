@@ -3,9 +3,11 @@
 import importlib.util
 import json
 import math
+import pickle
 import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, shared_cifar_root, synthetic_data
@@ -267,3 +269,35 @@ def test_per_class_averages_each_methods_seeds_and_refuses_mixed_splits(evaluate
     (unevaluated / "eval" / "test.json").unlink()
     with pytest.raises(ResultError, match="has no eval/test.json"):
         per_class.per_class([unevaluated])
+
+
+def test_all_jpeg_copy_replaces_only_the_lossless_training_images(tmp_path, monkeypatch):
+    jpeg = load_benchmark(monkeypatch, "cifar_all_jpeg")
+    rng = np.random.default_rng(0)
+    source = tmp_path / "data" / jpeg.FOLDER
+    source.mkdir(parents=True)
+    batches = {}
+    for name in [*jpeg.TRAIN_FILES, "test_batch"]:  # 3 images per file, R, G, B planes as in the release
+        batches[name] = {"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), "labels": [0, 1, 2]}
+        (source / name).write_bytes(pickle.dumps(batches[name], protocol=2))
+    (source / "batches.meta").write_bytes(pickle.dumps({"label_names": ["a", "b", "c"]}))
+    lossless = np.zeros(15, dtype=bool)
+    lossless[[0, 4, 14]] = True
+    np.savez(tmp_path / "data" / "cifar10_provenance.npz", train_lossless=lossless, test_lossless=np.ones(3, bool))
+    out = tmp_path / "probe"
+    monkeypatch.setattr(sys, "argv", ["cifar_all_jpeg.py", "--data", str(tmp_path / "data"), "--out", str(out)])
+    jpeg.main()
+    written = np.concatenate([pickle.loads((out / jpeg.FOLDER / name).read_bytes(), encoding="latin1")["data"]
+                              for name in jpeg.TRAIN_FILES])
+    original = np.concatenate([batches[name]["data"] for name in jpeg.TRAIN_FILES])
+    as_image = original.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    for i in range(15):
+        if lossless[i]:  # replaced by its own JPEG decode, which differs from a random image
+            decoded = jpeg.jpeg_decode(as_image[i], 75).transpose(2, 0, 1).reshape(-1)
+            assert np.array_equal(written[i], decoded) and not np.array_equal(written[i], original[i])
+        else:
+            assert np.array_equal(written[i], original[i])
+    for name in ("test_batch", "batches.meta"):
+        assert (out / jpeg.FOLDER / name).read_bytes() == (source / name).read_bytes()
+    with pytest.raises(SystemExit, match="exists"):
+        jpeg.main()
