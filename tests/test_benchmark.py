@@ -1,5 +1,6 @@
 """The benchmarks run end to end in a tiny mode and write every row (their figures are not checked)."""
 
+import argparse
 import importlib.util
 import json
 import math
@@ -301,3 +302,26 @@ def test_all_jpeg_copy_replaces_only_the_lossless_training_images(tmp_path, monk
         assert (out / jpeg.FOLDER / name).read_bytes() == (source / name).read_bytes()
     with pytest.raises(SystemExit, match="exists"):
         jpeg.main()
+
+
+def test_run_summary_prints_each_number_of_a_har_run_and_averages_exit_shares_over_a_window(tmp_path, monkeypatch):
+    summary = load_benchmark(monkeypatch, "run_summary")
+    cfg = from_dict({"data": {"dataset": "cifar10"}, "loss": {"name": "ce", "train_threshold": 0.5},
+                     "train": {"epochs": 2, "batch_size": 16, "warmup_epochs": 0, "device": "cpu"}})
+    run, data = tmp_path / "run", synthetic_data()
+    train(cfg, run, data=data)
+    evaluate_run(run, device="cpu", data=data, target_savings=[0.1])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows[0]["exit_fraction"], rows[1]["exit_fraction"] = [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = json.loads((run / "eval" / "test.json").read_text())
+    text = "\n".join(summary.summarise(run, [(0, 1), (1, 1)]))
+    assert f"static top-1, last epoch: {100 * report['static']['top1']:.2f}" in text
+    for key, reading in (("saving>=0.1", "heads counted"), ("saving_trunk>=0.1", "heads not counted")):
+        assert f"10% saving, {reading}: {100 * report['dynamic_selected'][key]['top1']:.2f}" in text
+    assert "epochs 0-1 (mean): 50.0% / 0.0% / 25.0% / 25.0%" in text
+    assert "epochs 1-1 (mean): 0.0% / 0.0% / 50.0% / 50.0%" in text
+    with pytest.raises(SystemExit, match="no epoch in 5-9"):
+        summary.summarise(run, [(5, 9)])
+    with pytest.raises(argparse.ArgumentTypeError, match="first epoch comes after"):
+        summary.window("9-5")

@@ -1,0 +1,74 @@
+"""The numbers of a few finished run folders side by side, whatever config they came from: for comparing runs that
+the tables do not aggregate together (the reference set's fp32 control beside its bf16 run, a probe on another
+data copy beside the run on the shared one).
+
+Per folder: the precision it trained in, static test top-1 of the last epoch, the best test epoch (LDAM-DRW's
+optimistic protocol, where recorded), dynamic top-1 at every s chosen for a target saving with the saving reached,
+and, for HAR runs, the mean share of training examples leaving at each exit over each epoch window given. Reads
+`eval/test.json` through the reports' own reader (refusing a stale or incomplete one), `metrics.jsonl` and
+`machine.jsonl`; no data, no weights.
+
+    python benchmarks/run_summary.py results/reference/runs/cifar10-r100/har_ldam_drw*/seed0 --windows 120-159 160-199
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from har.evaluation.dynamic import READINGS
+from har.evaluation.selection import parse_selection_key
+from har.reporting.results import best_epoch_top1, read_eval, read_metrics
+from har.run.machine import read_machines, summary
+
+
+def window(text: str) -> tuple[int, int]:
+    """'120-159' -> (120, 159): epochs counted from 0, as metrics.jsonl's `epoch`, both ends included."""
+    try:
+        first, last = (int(x) for x in text.split("-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an epoch window FIRST-LAST, e.g. 120-159") from None
+    if first > last:
+        raise argparse.ArgumentTypeError(f"{text!r}: the first epoch comes after the last")
+    return first, last
+
+
+def summarise(run: Path, windows: list[tuple[int, int]]) -> list[str]:
+    """Markdown lines describing one finished run folder."""
+    report = read_eval(run, "test")
+    best = best_epoch_top1(run)
+    lines = [f"**{run}** ({summary(read_machines(run))})", "",
+             f"- static top-1, last epoch: {100 * report['static']['top1']:.2f}"
+             + ("" if best is None else f"; best test epoch (optimistic): {100 * best:.2f}")]
+    for name, entry in report["dynamic_selected"].items():
+        if len(report["exits"]) == 1 or (key := parse_selection_key(name)) is None:
+            continue  # a bare backbone has no dynamic mode
+        reading, target = key
+        lines.append(f"- dynamic top-1 at s for a {100 * target:g}% saving, {READINGS[reading]}: "
+                     f"{100 * entry['top1']:.2f} (reached {100 * entry[reading]:.1f}%)")
+    rows = read_metrics(run)
+    if len(rows[-1]["exit_fraction"]) > 1:
+        for first, last in windows:
+            shares = [row["exit_fraction"] for row in rows if first <= row["epoch"] <= last]
+            if not shares:
+                raise SystemExit(f"{run} has no epoch in {first}-{last} (it trained {len(rows)})")
+            mean = 100 * np.mean(shares, axis=0)
+            lines.append(f"- training examples leaving at each exit, epochs {first}-{last} (mean): "
+                         + " / ".join(f"{x:.1f}%" for x in mean))
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, nargs="+", help="finished, evaluated run folders")
+    parser.add_argument("--windows", type=window, nargs="*", default=[],
+                        help="epoch windows FIRST-LAST (from 0) over which to average the exit shares")
+    args = parser.parse_args()
+    for run in args.runs:
+        print("\n".join(summarise(run, args.windows)))
+
+
+if __name__ == "__main__":
+    main()
