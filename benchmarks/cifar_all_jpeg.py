@@ -41,9 +41,11 @@ def main() -> None:
     parser.add_argument("--quality", type=int, default=75)
     args = parser.parse_args()
     lossless = np.load(args.data / "cifar10_provenance.npz")["train_lossless"]
-    source, target = args.data / FOLDER, args.out / FOLDER
-    if target.exists():
-        raise SystemExit(f"{target} exists; delete it or choose another --out")
+    source, final = args.data / FOLDER, args.out / FOLDER
+    if final.exists():
+        raise SystemExit(f"{final} exists; delete it or choose another --out")
+    target = args.out / f"{FOLDER}.partial"  # renamed when complete: a killed run leaves no copy that looks whole
+    shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     for name in ("test_batch", "batches.meta"):
         shutil.copyfile(source / name, target / name)
@@ -63,8 +65,9 @@ def main() -> None:
             pickle.dump(batch, f)
     if start != len(lossless):
         raise SystemExit(f"the provenance mask has {len(lossless)} entries, the batches {start} images")
+    target.rename(final)
     print(f"{changed} lossless training images replaced by their JPEG q{args.quality} decode "
-          f"(median RMSE {np.median(rmse):.2f}/255); {start - changed} were JPEG decodes already; written to {target}")
+          f"(median RMSE {np.median(rmse):.2f}/255); {start - changed} were JPEG decodes already; written to {final}")
 
 
 if __name__ == "__main__":

@@ -300,8 +300,15 @@ def test_all_jpeg_copy_replaces_only_the_lossless_training_images(tmp_path, monk
             assert np.array_equal(written[i], original[i])
     for name in ("test_batch", "batches.meta"):
         assert (out / jpeg.FOLDER / name).read_bytes() == (source / name).read_bytes()
+    assert not (out / f"{jpeg.FOLDER}.partial").exists()
     with pytest.raises(SystemExit, match="exists"):
         jpeg.main()
+    np.savez(tmp_path / "data" / "cifar10_provenance.npz", train_lossless=lossless[:9], test_lossless=np.ones(3, bool))
+    monkeypatch.setattr(sys, "argv", ["cifar_all_jpeg.py", "--data", str(tmp_path / "data"),
+                                      "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="mask has 9 entries, the batches 15"):
+        jpeg.main()
+    assert not (tmp_path / "x" / jpeg.FOLDER).exists()  # a failed copy is never left where a data root would find it
 
 
 def test_run_summary_prints_each_number_of_a_har_run_and_averages_exit_shares_over_a_window(tmp_path, monkeypatch):
