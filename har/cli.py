@@ -62,10 +62,10 @@ def _train(cfg: RunConfig, out: Path, data: RunData | None = None) -> bool:
     return main_process
 
 
-def _evaluate(run: Path, device: str, data: RunData | None = None) -> None:
+def _evaluate(run: Path, device: str, data: RunData | None = None, target_savings: list[float] | None = None) -> None:
     from har.evaluation.evaluate import evaluate_run
 
-    for report in evaluate_run(run, device=device, data=data).values():
+    for report in evaluate_run(run, device=device, data=data, target_savings=target_savings).values():
         print("\n".join(summary_lines(report)))
     print(f"written: {run / 'eval'}/{{val,test}}.{{json,npz}}")
 
@@ -82,13 +82,24 @@ def cmd_train_pack(args: argparse.Namespace) -> None:
         print(json.dumps({"run": str(out), **(history[-1] if history else {})}))
 
 
+def _saving(text: str) -> float:
+    """A target saving on the command line: a fraction below 1, as `eval.target_savings` requires."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a fraction such as 0.25") from None
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: a saving is a fraction below 1 (0.25 for 25%)")
+    return value
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     if not args.from_cache:
-        _evaluate(args.run, args.device)
+        _evaluate(args.run, args.device, target_savings=args.target_savings)
         return
     from har.evaluation.evaluate import evaluate_from_cache
 
-    for report in evaluate_from_cache(args.run).values():
+    for report in evaluate_from_cache(args.run, args.target_savings).values():
         print("\n".join(summary_lines(report)))
     print(f"rewritten from the cache: {args.run / 'eval'}/{{val,test}}.json")
 
@@ -173,6 +184,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     ev.add_argument("--from-cache", action="store_true",
                     help="recompute eval/*.json from the cached outputs (eval/*.npz) under the current rules, without "
                          "data or weights (default: off, a forward pass)")
+    ev.add_argument("--target-savings", type=_saving, nargs="+", default=None, metavar="X",
+                    help="MACs savings (fractions) at which to choose s, e.g. 0.25 0.15 (default: the run's "
+                         "eval.target_savings; with --from-cache, also every saving the existing report chose s at)")
     ev.set_defaults(func=cmd_evaluate)
 
     ex = sub.add_parser("export-data", help="write a run's splits to one compressed file (for offline GPU machines)")

@@ -57,6 +57,19 @@ def test_the_command_line_rewrites_the_reports_from_the_cache(evaluated_run, tmp
     assert test["dynamic_sweep"] == written["test"]["dynamic_sweep"]
 
 
+def test_the_command_line_chooses_s_at_the_savings_it_is_given(evaluated_run, tmp_path, capsys):
+    run, written = evaluated_run
+    again = copy_of(run, tmp_path)
+    assert main(["evaluate", "--run", str(again), "--from-cache", "--target-savings", "0.2", "0.1"]) == 0
+    test = json.loads((again / "eval" / "test.json").read_text())
+    assert set(test["dynamic_selected"]) == {"best", "saving>=0.2", "saving_trunk>=0.2", "saving>=0.1",
+                                             "saving_trunk>=0.1"}  # the given savings only, not the report's 0.3
+    assert test["dynamic_selected"]["saving>=0.1"] == written["test"]["dynamic_selected"]["saving>=0.1"]
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--run", str(again), "--from-cache", "--target-savings", "25"])
+    assert "a saving is a fraction below 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_a_missing_or_corrupt_cache_is_refused_naming_the_fix(evaluated_run, tmp_path, capsys, damage):
     run, _ = evaluated_run

@@ -98,9 +98,9 @@ print(*grid.target_savings(cfg, spec))
 EOF
 )
         OMP_NUM_THREADS=1 .venv/bin/har run --config "$out/control.yaml" --out "$out" >> "logs/control.log" 2>&1
-        # har run chooses s at the config's savings only; add the paper's, from the cached outputs (no forward pass)
-        .venv/bin/python -c 'import sys; from har.evaluation.evaluate import evaluate_from_cache as e
-e(sys.argv[1], [float(x) for x in sys.argv[2:]])' "$out" $savings >> "logs/control.log" 2>&1
+        # har run chooses s at the config's savings only; add the paper's, from the cached outputs (no forward pass),
+        # with this checkout's har as the rebuild uses it (the pinned training code may predate --target-savings)
+        "$HERE/.venv/bin/har" evaluate --run "$out" --from-cache --target-savings $savings >> "logs/control.log" 2>&1
         echo '{"control": "fp32 HAR(LDAM)+DRW seed 0, trained by har run"}' > "$out/train.json"
     fi
 }
