@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from har.config import RunConfig, load_config
+from har.config import RunConfig, from_dict, load_config
 from har.errors import ConfigError, DataError, FolderBusy, RunError
 from har.facts import IMAGENET_LT_LISTS
 from har.run.lock import EXIT_LOCKED
@@ -82,18 +82,9 @@ def cmd_train_pack(args: argparse.Namespace) -> None:
         print(json.dumps({"run": str(out), **(history[-1] if history else {})}))
 
 
-def _saving(text: str) -> float:
-    """A target saving on the command line: a fraction below 1, as `eval.target_savings` requires."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a fraction such as 0.25") from None
-    if not value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: a saving is a fraction below 1 (0.25 for 25%)")
-    return value
-
-
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    if args.target_savings is not None:  # checked by the rule that checks eval.target_savings in a config
+        from_dict({"eval": {"target_savings": args.target_savings}})
     if not args.from_cache:
         _evaluate(args.run, args.device, target_savings=args.target_savings)
         return
@@ -184,7 +175,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     ev.add_argument("--from-cache", action="store_true",
                     help="recompute eval/*.json from the cached outputs (eval/*.npz) under the current rules, without "
                          "data or weights (default: off, a forward pass)")
-    ev.add_argument("--target-savings", type=_saving, nargs="+", default=None, metavar="X",
+    ev.add_argument("--target-savings", type=float, nargs="+", default=None, metavar="X",
                     help="MACs savings (fractions) at which to choose s, e.g. 0.25 0.15 (default: the run's "
                          "eval.target_savings; with --from-cache, also every saving the existing report chose s at)")
     ev.set_defaults(func=cmd_evaluate)

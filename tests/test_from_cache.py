@@ -65,9 +65,8 @@ def test_the_command_line_chooses_s_at_the_savings_it_is_given(evaluated_run, tm
     assert set(test["dynamic_selected"]) == {"best", "saving>=0.2", "saving_trunk>=0.2", "saving>=0.1",
                                              "saving_trunk>=0.1"}  # the given savings only, not the report's 0.3
     assert test["dynamic_selected"]["saving>=0.1"] == written["test"]["dynamic_selected"]["saving>=0.1"]
-    with pytest.raises(SystemExit):
-        main(["evaluate", "--run", str(again), "--from-cache", "--target-savings", "25"])
-    assert "a saving is a fraction below 1" in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(again), "--from-cache", "--target-savings", "25"]) == 2
+    assert "eval.target_savings: (25.0,) is out of range; it must be < 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
