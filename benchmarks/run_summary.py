@@ -42,9 +42,10 @@ def summarise(run: Path, windows: list[tuple[int, int]]) -> list[str]:
     lines = [f"**{run}** ({summary(read_machines(run))})", "",
              f"- static top-1, last epoch: {100 * report['static']['top1']:.2f}"
              + ("" if best is None else f"; best test epoch (optimistic): {100 * best:.2f}")]
-    for name, entry in report["dynamic_selected"].items():
-        if len(report["exits"]) == 1 or (key := parse_selection_key(name)) is None:
-            continue  # a bare backbone has no dynamic mode
+    selected = report["dynamic_selected"] if len(report["exits"]) > 1 else {}  # a bare backbone has no dynamic mode
+    for name, entry in selected.items():
+        if (key := parse_selection_key(name)) is None:
+            continue
         reading, target = key
         lines.append(f"- dynamic top-1 at s for a {100 * target:g}% saving, {READINGS[reading]}: "
                      f"{100 * entry['top1']:.2f} (reached {100 * entry[reading]:.1f}%)")

@@ -228,13 +228,14 @@ def test_ldam_exit_readings_compute_each_confidence_and_the_first_qualifying_exi
 
 @pytest.fixture(scope="module")
 def evaluated_run(tmp_path_factory):
-    """A one-epoch CE run on synthetic data, evaluated: its eval/test.json is what per_class.py reads."""
-    cfg = from_dict({"data": {"dataset": "cifar10"}, "loss": {"name": "ce", "har": False},
-                     "train": {"epochs": 1, "batch_size": 16, "warmup_epochs": 0, "device": "cpu"}})
-    run = tmp_path_factory.mktemp("per_class") / "run"
+    """A two-epoch HAR(CE) run on synthetic data, evaluated at a 10% saving: what per_class.py and run_summary.py
+    read (copy it before changing it)."""
+    cfg = from_dict({"data": {"dataset": "cifar10"}, "loss": {"name": "ce", "train_threshold": 0.5},
+                     "train": {"epochs": 2, "batch_size": 16, "warmup_epochs": 0, "device": "cpu"}})
+    run = tmp_path_factory.mktemp("evaluated") / "run"
     data = synthetic_data()
     train(cfg, run, data=data)
-    evaluate_run(run, device="cpu", data=data)
+    evaluate_run(run, device="cpu", data=data, target_savings=[0.1])
     return run
 
 
@@ -311,13 +312,10 @@ def test_all_jpeg_copy_replaces_only_the_lossless_training_images(tmp_path, monk
     assert not (tmp_path / "x" / jpeg.FOLDER).exists()  # a failed copy is never left where a data root would find it
 
 
-def test_run_summary_prints_each_number_of_a_har_run_and_averages_exit_shares_over_a_window(tmp_path, monkeypatch):
+def test_run_summary_prints_each_number_of_a_har_run_and_averages_exit_shares_over_a_window(evaluated_run, tmp_path,
+                                                                                             monkeypatch):
     summary = load_benchmark(monkeypatch, "run_summary")
-    cfg = from_dict({"data": {"dataset": "cifar10"}, "loss": {"name": "ce", "train_threshold": 0.5},
-                     "train": {"epochs": 2, "batch_size": 16, "warmup_epochs": 0, "device": "cpu"}})
-    run, data = tmp_path / "run", synthetic_data()
-    train(cfg, run, data=data)
-    evaluate_run(run, device="cpu", data=data, target_savings=[0.1])
+    run = _copy_with(evaluated_run, tmp_path / "run")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rows[0]["exit_fraction"], rows[1]["exit_fraction"] = [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]
     (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
