@@ -225,6 +225,21 @@ def fig_confidence(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str]) -
     return fig
 
 
+def _share_text(percent: float) -> str:
+    return "0%" if percent == 0 else "<0.1%" if percent < 0.1 else f"{percent:.1f}%"
+
+
+def _label_shares(ax: Axes, part: pd.DataFrame, methods: list[str]) -> None:
+    """Write over each loss bar of `ax` the mean share of training examples it averages: a bar resting on a few
+    examples (an exit almost none leave at) otherwise looks as solid as one resting on a third of them. Seaborn gives
+    one bar container per hue level, in `methods` order, and puts exit k's bars around x = k."""
+    exits = list(dict.fromkeys(part["exit"]))
+    shares = part.groupby(["method", "exit"])["fraction"].mean()
+    for container, method in zip(ax.containers, methods, strict=True):
+        labels = [_share_text(shares[(method, exits[round(bar.get_x() + bar.get_width() / 2)])]) for bar in container]
+        ax.bar_label(container, labels=labels, fontsize=7)
+
+
 def fig_loss_per_exit(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str]) -> Figure | None:
     """Fig. 4: mean HAR loss at each exit in the last training epoch, and the share of examples exiting there."""
     finals = _finals(df)
@@ -249,8 +264,10 @@ def fig_loss_per_exit(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str]
                                            ("loss of the examples leaving at each exit", "where examples leave")):
             sns.barplot(data=part, x="exit", y=metric, hue="method", hue_order=methods, errorbar="sd", ax=ax)
             ax.set(title=f"{split}: {what}", xlabel="", ylabel=label)
+        _label_shares(row[0], part, methods)
     _shared_legend(fig, axes.ravel())
-    _title(fig, f"HAR loss and share of examples per exit\nlast training epoch, mean ± std over seeds\n"
+    _title(fig, f"HAR loss and share of examples per exit\nlast training epoch, mean ± std over seeds; over a loss "
+                f"bar, the share of examples in it\n"
                 f"{setting_label(cfg)}")
     return fig
 
