@@ -8,7 +8,7 @@ and, for HAR runs, the mean share of training examples leaving at each exit over
 `eval/test.json` through the reports' own reader (refusing a stale or incomplete one), `metrics.jsonl` and
 `machine.jsonl`; no data, no weights.
 
-    python benchmarks/run_summary.py results/reference/runs/cifar10-r100/har_ldam_drw*/seed0 --windows 120-159 160-199
+    python benchmarks/run_summary.py results/reference/runs/cifar10-r100/har_ldam_drw*/seed0 --windows 121-160 161-200
 """
 
 from __future__ import annotations
@@ -25,11 +25,14 @@ from har.run.machine import read_machines, summary
 
 
 def window(text: str) -> tuple[int, int]:
-    """'120-159' -> (120, 159): epochs counted from 0, as metrics.jsonl's `epoch`, both ends included."""
+    """'121-160' -> (121, 160): epochs counted from 1, as the docs and figures count them (metrics.jsonl's `epoch`
+    counts from 0), both ends included."""
     try:
         first, last = (int(x) for x in text.split("-"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an epoch window FIRST-LAST, e.g. 120-159") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not an epoch window FIRST-LAST, e.g. 121-160") from None
+    if first < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: epochs count from 1 (the first epoch is 1)")
     if first > last:
         raise argparse.ArgumentTypeError(f"{text!r}: the first epoch comes after the last")
     return first, last
@@ -52,7 +55,7 @@ def summarise(run: Path, windows: list[tuple[int, int]]) -> list[str]:
     rows = read_metrics(run)
     if len(rows[-1]["exit_fraction"]) > 1:
         for first, last in windows:
-            shares = [row["exit_fraction"] for row in rows if first <= row["epoch"] <= last]
+            shares = [row["exit_fraction"] for row in rows if first <= row["epoch"] + 1 <= last]
             if not shares:
                 raise SystemExit(f"{run} has no epoch in {first}-{last} (it trained {len(rows)})")
             mean = 100 * np.mean(shares, axis=0)
@@ -65,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+", help="finished, evaluated run folders")
     parser.add_argument("--windows", type=window, nargs="*", default=[],
-                        help="epoch windows FIRST-LAST (from 0) over which to average the exit shares")
+                        help="epoch windows FIRST-LAST (from 1) over which to average the exit shares")
     args = parser.parse_args()
     for run in args.runs:
         print("\n".join(summarise(run, args.windows)))

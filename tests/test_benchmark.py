@@ -320,13 +320,15 @@ def test_run_summary_prints_each_number_of_a_har_run_and_averages_exit_shares_ov
     rows[0]["exit_fraction"], rows[1]["exit_fraction"] = [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]
     (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     report = json.loads((run / "eval" / "test.json").read_text())
-    text = "\n".join(summary.summarise(run, [(0, 1), (1, 1)]))
+    text = "\n".join(summary.summarise(run, [(1, 2), (2, 2)]))
     assert f"static top-1, last epoch: {100 * report['static']['top1']:.2f}" in text
     for key, reading in (("saving>=0.1", "heads counted"), ("saving_trunk>=0.1", "heads not counted")):
         assert f"10% saving, {reading}: {100 * report['dynamic_selected'][key]['top1']:.2f}" in text
-    assert "epochs 0-1 (mean): 50.0% / 0.0% / 25.0% / 25.0%" in text
-    assert "epochs 1-1 (mean): 0.0% / 0.0% / 50.0% / 50.0%" in text
-    with pytest.raises(SystemExit, match="no epoch in 5-9"):
-        summary.summarise(run, [(5, 9)])
+    assert "epochs 1-2 (mean): 50.0% / 0.0% / 25.0% / 25.0%" in text
+    assert "epochs 2-2 (mean): 0.0% / 0.0% / 50.0% / 50.0%" in text
+    with pytest.raises(SystemExit, match="no epoch in 3-9"):  # it trained epochs 1 and 2
+        summary.summarise(run, [(3, 9)])
     with pytest.raises(argparse.ArgumentTypeError, match="first epoch comes after"):
         summary.window("9-5")
+    with pytest.raises(argparse.ArgumentTypeError, match="epochs count from 1"):
+        summary.window("0-5")
