@@ -131,6 +131,9 @@ class TrainConfig:
     sync_batchnorm: bool = False  # distributed CUDA runs: batch statistics over all processes
     compile: Literal["off", "default", "reduce-overhead"] = "off"  # torch.compile mode; reduce-overhead: CUDA graphs
     log_every: int = 50  # steps between progress updates when stderr is not a terminal
+    # after these epochs (counted from 1; 160 is the last before LDAM-DRW's DRW) the checkpoint is also kept as
+    # snapshots/epoch<N>.pt, e.g. to look at or branch from the model where the schedule changes
+    keep_epochs: tuple[int, ...] = ()
     # how har train-pack computes its members (a single run ignores it): fused, one K-wide network; serial, each
     # member's own step in turn; auto: fused on CUDA, serial on the CPU (measured: docs/benchmarks.md, Packs)
     pack_executor: Literal["auto", "fused", "serial"] = "auto"
@@ -187,7 +190,7 @@ class RunConfig:
 # Fields that change where or how fast a run goes, not what it computes: left out of the hash.
 RUNTIME_FIELDS = {("data", "root"), ("data", "download"), ("data", "bundle"), ("data", "lists"), ("data", "images"),
                   ("data", "strict_lists"), ("data", "workers"), ("data", "pin_memory"), ("train", "device"),
-                  ("train", "log_every"), ("train", "compile"),
+                  ("train", "log_every"), ("train", "keep_epochs"), ("train", "compile"),
                   ("train", "pack_executor")}
 
 
@@ -313,6 +316,8 @@ def _check_ranges(cfg: RunConfig, t_pending: bool = False) -> None:
          list(cfg.train.lr_milestones) == sorted(cfg.train.lr_milestones)
          and all(m >= 0 for m in cfg.train.lr_milestones), "non-negative and increasing"),
         ("train.lr_decay", cfg.train.lr_decay, cfg.train.lr_decay > 0, "> 0"),
+        ("train.keep_epochs", cfg.train.keep_epochs, all(1 <= k <= cfg.train.epochs for k in cfg.train.keep_epochs),
+         "epochs counted from 1, each at most train.epochs"),
         ("train.log_every", cfg.train.log_every, cfg.train.log_every >= 1, ">= 1"),
         ("eval.batch_size", cfg.eval.batch_size, cfg.eval.batch_size >= 1, ">= 1"),
         ("eval.exit_thresholds", cfg.eval.exit_thresholds, cfg.eval.exit_thresholds is None or (

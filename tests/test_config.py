@@ -52,6 +52,9 @@ def test_cosine_classifier_follows_the_loss():
     ({"loss": {"train_threshold": 0}}, "loss.train_threshold: 0.0 is out of range"),
     ({"loss": {"reweight": "DRW"}}, "loss.reweight: 'DRW' is not allowed"),
     ({"train": {"lr_milestones": [180, 160]}}, "train.lr_milestones: (180, 160) is out of range"),
+    ({"train": {"epochs": 3, "keep_epochs": [0]}}, "train.keep_epochs: (0,) is out of range; it must be epochs counted "
+                                                   "from 1, each at most train.epochs"),
+    ({"train": {"epochs": 3, "keep_epochs": [2, 4]}}, "train.keep_epochs: (2, 4) is out of range"),
     ({"data": {"ratoi": 10}}, "data.ratoi: unknown field (did you mean data.ratio?)"),
     ({"optim": {}}, "optim: unknown field"),
     ({"data": {"mean": [0.5, 0.5]}}, "data.mean: expected a list of 3 values, got 2"),
@@ -113,8 +116,8 @@ def test_resolved_config_round_trips_and_hash_ignores_runtime_fields():
     cfg = from_dict({"train": {"epochs": 3}, "loss": {"name": "ldam", "har": False}})
     again = from_dict(yaml.safe_load(dump_config(cfg)))
     assert again == cfg and config_hash(again) == config_hash(cfg)
-    moved = from_dict({"train": {"epochs": 3, "device": "cpu"}, "loss": {"name": "ldam", "har": False},
-                       "data": {"root": "/x"}, "eval": {"batch_size": 7}})
+    moved = from_dict({"train": {"epochs": 3, "device": "cpu", "keep_epochs": [2]},
+                       "loss": {"name": "ldam", "har": False}, "data": {"root": "/x"}, "eval": {"batch_size": 7}})
     assert config_hash(moved) == config_hash(cfg)
     other = from_dict({"train": {"epochs": 4}, "loss": {"name": "ldam", "har": False}})
     assert config_hash(other) != config_hash(cfg)

@@ -11,6 +11,7 @@ from har.config import from_dict
 from har.engine.trainer import train
 from har.errors import RunError
 from har.evaluation.evaluate import evaluate_run
+from har.run.prepare import prepare_run_dir
 
 TINY = {"data": {"dataset": "cifar10"}, "train": {"epochs": 3, "batch_size": 16, "warmup_epochs": 1,
                                                   "lr_milestones": [2], "lr_decay": 0.1, "device": "cpu"},
@@ -67,7 +68,8 @@ def test_a_run_leaves_torch_deterministic_setting_as_it_found_it(tmp_path, tiny_
 
 
 def test_resume_after_interruption_gives_the_same_weights(tmp_path, tiny_data, monkeypatch):
-    cfg = tiny_config()
+    """... and keeps the same snapshot of the epoch `train.keep_epochs` names."""
+    cfg = tiny_config(train={"keep_epochs": [2]})
     train(cfg, tmp_path / "straight", data=tiny_data)
 
     undo = interrupt_in_epoch(2, monkeypatch)
@@ -85,6 +87,25 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, tiny_data, m
     straight = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     resumed = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [without_time(r) for r in straight] == [without_time(r) for r in resumed]
+
+    for run in ("straight", "resumed"):  # the checkpoint after epoch 2 of 3: the one `prev.pt` holds at the end
+        assert [p.name for p in (tmp_path / run / "snapshots").iterdir()] == ["epoch2.pt"]
+    kept = torch.load(tmp_path / "straight" / "snapshots" / "epoch2.pt", weights_only=False)
+    again = torch.load(tmp_path / "resumed" / "snapshots" / "epoch2.pt", weights_only=False)
+    previous = torch.load(tmp_path / "straight" / "prev.pt", weights_only=False)
+    assert kept["epoch"] == previous["epoch"] == 1 and kept["partial"] is None
+    for key in kept["model"]:
+        assert torch.equal(kept["model"][key], previous["model"][key]), key
+        assert torch.equal(kept["model"][key], again["model"][key]), key
+
+
+def test_a_snapshot_half_written_by_a_killed_job_is_removed_when_the_run_starts_again(tmp_path):
+    snapshots = tmp_path / "run" / "snapshots"
+    snapshots.mkdir(parents=True)
+    (snapshots / ".epoch2.pt.x1y2.tmp").write_bytes(b"half")
+    (snapshots / "epoch1.pt").write_bytes(b"whole")
+    prepare_run_dir(tiny_config(train={"keep_epochs": [1, 2]}), tmp_path / "run")
+    assert [p.name for p in snapshots.iterdir()] == ["epoch1.pt"]
 
 
 @pytest.mark.parametrize("record_from, recorded", [(None, [2]), (-1, []), (1, [1, 2])])

@@ -27,7 +27,7 @@ from har.run.assembly import (
     record_machine,
 )
 from har.run.checkpoint import atomic_save, checkpoint_state, restore
-from har.run.folder import CHECKPOINT, PREVIOUS, TRAIN_ERROR, read_history
+from har.run.folder import CHECKPOINT, PREVIOUS, TRAIN_ERROR, read_history, snapshot_path
 
 
 @dataclass
@@ -63,10 +63,15 @@ class Member:
         return self.error is not None or self.start >= self.cfg.train.epochs
 
     def save(self, epoch_done: int, progress: dict | None = None) -> None:
-        """Checkpoint the run after `epoch_done` (with `progress`: part way through the next epoch)."""
+        """Checkpoint the run after `epoch_done` (with `progress`: part way through the next epoch), and keep a copy
+        when `train.keep_epochs` names that epoch."""
         rng = rng_state() if self.rng is None else self.rng
-        atomic_save(checkpoint_state(self.cfg, self.model, self.optimizer, self.scheduler, epoch_done, progress, rng),
-                    self.out / CHECKPOINT, keep_previous=self.out / PREVIOUS)
+        state = checkpoint_state(self.cfg, self.model, self.optimizer, self.scheduler, epoch_done, progress, rng)
+        atomic_save(state, self.out / CHECKPOINT, keep_previous=self.out / PREVIOUS)
+        if progress is None and epoch_done + 1 in self.cfg.train.keep_epochs:
+            snapshot = snapshot_path(self.out, epoch_done + 1)
+            snapshot.parent.mkdir(exist_ok=True)
+            atomic_save(state, snapshot)
 
 
 def fresh_model(cfg: RunConfig, num_classes: int, device: torch.device,

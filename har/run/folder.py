@@ -20,7 +20,13 @@ LOCK = ".har.lock"  # held by the process that writes the folder (`har.run.lock`
 STAGE_ONE_RECORD = "stage_one.json"  # a decoupled stage two: which stage one it started from
 TRAIN_RECORD = "train.json"  # the pipeline's marker of a finished training
 TRAIN_ERROR = "train.error"  # a member stopped inside a pack: its error, for whoever reads the folder
+SNAPSHOT_DIR = "snapshots"  # epoch<N>.pt: the checkpoint after epoch N, for each N in train.keep_epochs
 EVAL_DIR = "eval"  # evaluation: <split>.json reports and <split>.npz confidences
+
+
+def snapshot_path(out: Path, epochs_done: int) -> Path:
+    """Where the checkpoint after `epochs_done` epochs (counted from 1) is kept, when `train.keep_epochs` asks."""
+    return out / SNAPSHOT_DIR / f"epoch{epochs_done}.pt"
 
 
 def read_history(out: Path, before_epoch: int | None = None) -> list[dict]:

@@ -14,7 +14,7 @@ from har.atomic import atomic_write_text
 from har.config import RunConfig, config_diff, config_hash, dump_config, stored_config_hash, to_dict
 from har.errors import ConfigError, DataError, RunError
 from har.run.checkpoint import resume_checkpoint
-from har.run.folder import CHECKPOINT, CONFIG, CONFIG_HASH, MACHINE, METRICS, PREVIOUS
+from har.run.folder import CHECKPOINT, CONFIG, CONFIG_HASH, MACHINE, METRICS, PREVIOUS, SNAPSHOT_DIR
 from har.run.lock import folder_lock
 
 log = logging.getLogger(__name__)
@@ -28,13 +28,15 @@ def prepare_run_dir(cfg: RunConfig, out: Path) -> bool:
     can be asked again (and a folder's files keep their dates).
     """
     out.mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG, CONFIG_HASH, METRICS, CHECKPOINT, PREVIOUS, MACHINE):
-        for stale in out.glob(f".{name}.*.tmp"):  # har.atomic.atomic_write's temporary names
-            log.info("removing %s, left by a job killed while writing %s", stale, name)
-            try:
-                stale.unlink(missing_ok=True)
-            except OSError as exc:  # a read-only folder: harmless, nothing reads temporaries
-                log.warning("could not remove %s (%s)", stale, exc.strerror)
+    names = (CONFIG, CONFIG_HASH, METRICS, CHECKPOINT, PREVIOUS, MACHINE)
+    stale_files = [*(stale for name in names for stale in out.glob(f".{name}.*.tmp")),  # atomic_write's temporaries
+                   *(out / SNAPSHOT_DIR).glob(".*.tmp")]
+    for stale in stale_files:
+        log.info("removing %s, left by a job killed while writing it", stale)
+        try:
+            stale.unlink(missing_ok=True)
+        except OSError as exc:  # a read-only folder: harmless, nothing reads temporaries
+            log.warning("could not remove %s (%s)", stale, exc.strerror)
     digest = config_hash(cfg)
     cfg_path = out / CONFIG
     try:
