@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from har.config import RunConfig, from_dict, load_config
 from har.errors import ConfigError, DataError, FolderBusy, RunError
-from har.facts import IMAGENET_LT_LISTS
+from har.facts import CIFAR_BACKBONES, IMAGENET_LT_LISTS
 from har.run.lock import EXIT_LOCKED
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ def cmd_flops(args: argparse.Namespace) -> None:
     optional = {"layout": args.layout, "exit_channels": args.exit_channels, "exit_stride": args.exit_stride}
     model = create_model(args.model, num_classes=args.num_classes, classifier=args.classifier,
                          **{k: v for k, v in optional.items() if v is not None})  # unset flags keep model defaults
-    side = args.image_size or (32 if args.model == "resnet32" else 224)
+    side = args.image_size or (32 if args.model in CIFAR_BACKBONES else 224)
     print(json.dumps(flops_table(model, image_size=(3, side, side)), indent=1))
 
 
@@ -208,7 +208,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     fl.add_argument("--classifier", default="linear", choices=["linear", "cosine"], help="default: linear")
     fl.add_argument("--exit-channels", type=int, default=None, help="default: the model's (64)")
     fl.add_argument("--exit-stride", type=int, default=None, help="default: the model's (2)")
-    fl.add_argument("--image-size", type=int, default=None, help="input side (default: 32 for resnet32, else 224)")
+    fl.add_argument("--image-size", type=int, default=None,
+                    help="input side (default: 32 for the CIFAR ResNets, else 224)")
     fl.set_defaults(func=cmd_flops)
     return parser
 

@@ -67,7 +67,9 @@ def confidence_ceiling(num_classes: int, classifier: str) -> float:
 
 # Each backbone's default layout (an exit before each block group), by its name in `har.models`; the registry's
 # `register_model` adds a new backbone's here, so that configs naming it are checked like the built-in ones.
-BACKBONE_LAYOUTS: dict[str, str] = {"resnet32": "CEBEBEBE", "resnet50": "CEBEBEBEBE", "densenet169": "CEBEBEBEBE"}
+BACKBONE_LAYOUTS: dict[str, str] = {"resnet32": "CEBEBEBE", "resnet8": "CEBEBEBE", "resnet50": "CEBEBEBEBE",
+                                    "densenet169": "CEBEBEBEBE"}
+CIFAR_BACKBONES = ("resnet32", "resnet8")  # built for 32x32 images
 
 
 def backbone_names() -> list[str]:

@@ -17,11 +17,11 @@ from har.models.exits import ExitHead, NormedLinear, batch_norm_from, exit_by_th
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def resnet32_expected_macs(num_classes: int) -> int:
-    """MACs of the bare CIFAR ResNet-32 from its architecture: sum of Cin*Cout*9*Hout*Wout + 64*C."""
+def resnet_cifar_expected_macs(num_classes: int, blocks_per_group: int = 5) -> int:
+    """MACs of a bare CIFAR ResNet (ResNet-32 by default) from its architecture: sum of Cin*Cout*9*Hout*Wout + 64*C."""
     convs = [(3, 16, 32)]  # (in channels, out channels, output side)
     for in_ch, out_ch, side in ((16, 16, 32), (16, 32, 16), (32, 64, 8)):
-        convs += [(in_ch, out_ch, side)] + [(out_ch, out_ch, side)] * 9
+        convs += [(in_ch, out_ch, side)] + [(out_ch, out_ch, side)] * (2 * blocks_per_group - 1)
     return sum(cin * cout * 9 * side * side for cin, cout, side in convs) + 64 * num_classes
 
 
@@ -29,8 +29,17 @@ def test_resnet32_params_and_macs() -> None:
     model = create_model("resnet32", 10, layout="CBBBE").eval()
     assert sum(p.numel() for p in model.parameters()) == 464_154
     macs = count_macs(lambda: model.forward_static(torch.zeros(1, 3, 32, 32)))
-    assert resnet32_expected_macs(10) == 68_862_592
+    assert resnet_cifar_expected_macs(10) == 68_862_592
     assert macs == 68_862_592
+
+
+def test_resnet8_is_resnet32s_shape_with_one_block_per_group() -> None:
+    """The tests' stand-in: the same exits and feature maps as ResNet-32 at a fraction of the cost."""
+    small, full = create_model("resnet8", 10).eval(), create_model("resnet32", 10)
+    assert small.layout == full.layout and small.num_exits == full.num_exits == 4
+    assert feature_shapes(small.backbone, 32) == feature_shapes(full.backbone, 32)
+    macs = count_macs(lambda: small.forward_static(torch.zeros(1, 3, 32, 32)))
+    assert macs == resnet_cifar_expected_macs(10, blocks_per_group=1) < resnet_cifar_expected_macs(10) / 5
 
 
 def test_backbone_positions_match_feature_maps() -> None:
@@ -151,7 +160,7 @@ def test_flops_table_and_dynamic_cost() -> None:
     assert [row["index"] for row in exits] == [0, 1, 2, 3]
     positions = ["after stem", "after group 1", "after group 2", "final classifier"]
     assert [row["position"] for row in exits] == positions
-    assert table["backbone_macs"] == resnet32_expected_macs(10)
+    assert table["backbone_macs"] == resnet_cifar_expected_macs(10)
     assert table["backbone_params"] == 464_154
     assert table["total_params"] == sum(p.numel() for p in model.parameters())
     cumulative = [row["cumulative_macs"] for row in exits]

@@ -8,7 +8,7 @@ from har import facts
 from har.models.densenet import DenseNet169
 from har.models.exits import Backbone, MultiExitNet
 from har.models.resnet import ResNet50
-from har.models.resnet_cifar import resnet32_cifar
+from har.models.resnet_cifar import resnet8_cifar, resnet32_cifar
 
 BackboneBuilder = Callable[[int, str], Backbone]
 
@@ -64,7 +64,7 @@ def create_model(
         layout: exit layout such as 'CEBEBEBE'; None keeps the model's default.
         classifier: 'linear' or 'cosine' (LDAM's normalised classifier), used by every exit.
         exit_channels: kernels of each exit-head convolution; None keeps the backbone's default (64 for
-            resnet32, 256 for resnet50, 128 for densenet169).
+            resnet32 and resnet8, 256 for resnet50, 128 for densenet169).
         exit_stride: stride of each exit-head convolution.
 
     Raises:
@@ -79,6 +79,12 @@ def create_model(
 def resnet32(num_classes: int, classifier: str) -> Backbone:
     """LDAM-DRW's CIFAR ResNet-32; by default an exit before each block group (Appendix B of the paper)."""
     return resnet32_cifar(num_classes, classifier)
+
+
+@register_model()
+def resnet8(num_classes: int, classifier: str) -> Backbone:
+    """ResNet-32's CIFAR shape with one block per group, exits as resnet32's: a cheap stand-in for tests."""
+    return resnet8_cifar(num_classes, classifier)
 
 
 @register_model()

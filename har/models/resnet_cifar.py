@@ -77,3 +77,9 @@ class ResNetCifar(Backbone):
 def resnet32_cifar(num_classes: int, classifier: str = "linear") -> ResNetCifar:
     """ResNet-32 for 32x32 images: 464,154 parameters and 68.9M multiply-accumulates with 10 classes."""
     return ResNetCifar(5, num_classes, classifier)
+
+
+def resnet8_cifar(num_classes: int, classifier: str = "linear") -> ResNetCifar:
+    """ResNet-8, one block per group: ResNet-32's shape (groups, widths, exits) at about a sixth of its cost, for
+    tests and smoke runs that exercise the machinery rather than the accuracy."""
+    return ResNetCifar(1, num_classes, classifier)
