@@ -262,6 +262,19 @@ def test_fig4_writes_over_each_loss_bar_the_share_of_examples_it_averages(result
     assert [t.get_text() for t in share_panel.texts] == []  # the share panel shows them as bars
 
 
+def test_fig2_says_how_many_seeds_each_mean_rests_on(results):
+    root, records, _ = results
+    fig = figures.fig_accuracy_flops(load_results(records, root), root, PIPELINE, [SPLIT], "Fig. 2")
+    assert "mean over 2 seeds" in fig.get_suptitle().replace("\n", " ")
+    assert "CE+DRW static" in [t.get_text() for t in fig.legends[0].get_texts()]
+    # a set still training: HAR(CE)+DRW's seed 1 not there yet
+    partial = [r for r in records if not (r["method"] == "har_ce_drw" and r["seed"] == 1)]
+    fig = figures.fig_accuracy_flops(load_results(partial, root), root, PIPELINE, [SPLIT], "Fig. 2")
+    assert "mean over seeds" in fig.get_suptitle().replace("\n", " ")
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert {"CE+DRW (2 seeds) static", "HAR(CE)+DRW (1 seed) dynamic"} <= set(labels)
+
+
 def test_figures_without_the_bundle_are_refused_before_plotting(results, tmp_path):
     root, records, _ = results
     with pytest.raises(ResultError, match=f"no data bundle for split {SPLIT}"):

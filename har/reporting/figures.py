@@ -141,12 +141,15 @@ def fig_accuracy_flops(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str
     finals = _finals(df)
     methods = _method_order(cfg, finals["method"])
     colors = dict(zip(methods, sns.color_palette("tab20", len(methods))))
+    seeds = finals[finals["split"].isin(splits)].groupby(["split", "method"]).size()
     fig, axes = _panels(len(splits), (4.6, 3.8), legend_in=2.4)
     for ax, split in zip(axes, splits, strict=True):
         runs = finals[finals["split"] == split]
         for method in _method_order(cfg, runs["method"]):
             group = runs[runs["method"] == method]
             name, color = group["display"].iloc[0], colors[method]
+            if seeds.nunique() > 1:  # a set still training: say which mean rests on fewer seeds
+                name = f"{name} ({_seed_count(len(group))})"
             if group["har"].all():
                 curve = _sweep(group, root)
                 ax.plot(curve["rel_macs"], 100 * curve["top1"], "-o", ms=3, color=color, label=f"{name} dynamic")
@@ -159,8 +162,13 @@ def fig_accuracy_flops(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str
                            label=f"{name} static")
         ax.set(title=split, xlabel="MACs relative to the backbone", ylabel="test top-1 (%)")
     _shared_legend(fig, axes)
-    _title(fig, f"{title} (mean over seeds)\n{setting_label(cfg)}")
+    over = "seeds" if seeds.nunique() != 1 else _seed_count(int(seeds.iloc[0]))
+    _title(fig, f"{title} (mean over {over})\n{setting_label(cfg)}")
     return fig
+
+
+def _seed_count(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
 
 
 def _pair(df: pd.DataFrame, cfg: dict) -> list[str]:
