@@ -273,6 +273,12 @@ def test_fig2_says_how_many_seeds_each_mean_rests_on(results):
     assert "mean over seeds" in fig.get_suptitle().replace("\n", " ")
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert {"CE+DRW (2 seeds) static", "HAR(CE)+DRW (1 seed) dynamic"} <= set(labels)
+    data = load_results(partial, root)
+    loss = figures.fig_loss_per_exit(data, root, PIPELINE, [SPLIT])
+    assert "mean ± std over 1 seed" in loss.get_suptitle().replace("\n", " ")  # HAR runs only: all have one
+    exits = figures.fig_exits_by_epoch(load_results(records, root), root, PIPELINE, [SPLIT])
+    assert [ax.get_title() for ax in exits.axes if ax.get_title()] == [f"HAR(CE)+DRW, {SPLIT}"]
+    assert "mean and range over 2 seeds" in exits.get_suptitle().replace("\n", " ")
 
 
 def test_figures_without_the_bundle_are_refused_before_plotting(results, tmp_path):
