@@ -141,14 +141,13 @@ def fig_accuracy_flops(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str
     finals = _finals(df)
     methods = _method_order(cfg, finals["method"])
     colors = dict(zip(methods, sns.color_palette("tab20", len(methods))))
-    seeds = finals[finals["split"].isin(splits)].groupby(["split", "method"]).size()
+    labels, over = _method_labels(finals[finals["split"].isin(splits)])
     fig, axes = _panels(len(splits), (4.6, 3.8), legend_in=2.4)
     for ax, split in zip(axes, splits, strict=True):
         runs = finals[finals["split"] == split]
         for method in _method_order(cfg, runs["method"]):
             group = runs[runs["method"] == method]
-            name, color = group["display"].iloc[0], colors[method]
-            name = _with_seeds(name, len(group), seeds)
+            name, color = labels[(split, method)], colors[method]
             if group["har"].all():
                 curve = _sweep(group, root)
                 ax.plot(curve["rel_macs"], 100 * curve["top1"], "-o", ms=3, color=color, label=f"{name} dynamic")
@@ -161,7 +160,7 @@ def fig_accuracy_flops(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str
                            label=f"{name} static")
         ax.set(title=split, xlabel="MACs relative to the backbone", ylabel="test top-1 (%)")
     _shared_legend(fig, axes)
-    _title(fig, f"{title} (mean over {_over(seeds)})\n{setting_label(cfg)}")
+    _title(fig, f"{title} (mean over {over})\n{setting_label(cfg)}")
     return fig
 
 
@@ -169,15 +168,15 @@ def _seed_count(n: int) -> str:
     return f"{n} seed" if n == 1 else f"{n} seeds"
 
 
-def _over(seeds: pd.Series) -> str:
-    """What a figure's means are over, from the seed count of each (split, method): "N seeds" when all have N."""
-    return _seed_count(int(seeds.iloc[0])) if seeds.nunique() == 1 else "seeds"
-
-
-def _with_seeds(name: str, n: int, seeds: pd.Series) -> str:
-    """A method's label, with its seed count when not every method of the figure has as many (a set still
-    training), so that a mean resting on fewer seeds says so."""
-    return name if seeds.nunique() <= 1 else f"{name} ({_seed_count(n)})"
+def _method_labels(runs: pd.DataFrame) -> tuple[dict[tuple[str, str], str], str]:
+    """Each (split, method)'s label in a figure of `runs`, and what its means are over: "N seeds" when every method
+    has N; otherwise (a set still training) each label carries its own count, so that a mean resting on fewer seeds
+    says so."""
+    keys = runs.groupby(["split", "method"])
+    seeds, display = keys.size(), keys["display"].first()
+    if seeds.nunique() == 1:
+        return dict(display), _seed_count(int(seeds.iloc[0]))
+    return {key: f"{display[key]} ({_seed_count(n)})" for key, n in seeds.items()}, "seeds"
 
 
 def _pair(df: pd.DataFrame, cfg: dict) -> list[str]:
@@ -264,12 +263,11 @@ def fig_loss_per_exit(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str]
     if finals.empty:
         return None
     splits = [s for s in splits if s in set(finals["split"])]
-    seeds = finals.groupby(["split", "method"]).size()
+    labels, over = _method_labels(finals)
     rows = []
     for _, run in finals.iterrows():
         last = read_metrics(root / run["run_dir"])[-1]
-        name = _with_seeds(run["display"], seeds[(run["split"], run["method"])], seeds)
-        rows += [{"split": run["split"], "method": name, "exit": f"exit {k + 1}",
+        rows += [{"split": run["split"], "method": labels[(run["split"], run["method"])], "exit": f"exit {k + 1}",
                   "loss": np.nan if loss is None else loss, "fraction": 100 * fraction}
                  for k, (loss, fraction) in enumerate(zip(last["exit_loss"], last["exit_fraction"]))]
     long = pd.DataFrame(rows)
@@ -285,7 +283,7 @@ def fig_loss_per_exit(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str]
             ax.set(title=f"{split}: {what}", xlabel="", ylabel=label)
         _label_shares(row[0], part, methods)
     _shared_legend(fig, axes.ravel())
-    _title(fig, f"HAR loss and share of examples per exit\nlast training epoch, mean ± std over {_over(seeds)}; "
+    _title(fig, f"HAR loss and share of examples per exit\nlast training epoch, mean ± std over {over}; "
                 f"over a loss bar, the share of examples in it\n{setting_label(cfg)}")
     return fig
 
@@ -298,12 +296,12 @@ def fig_exits_by_epoch(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str
     finals = finals[finals["har"] & finals["split"].isin(splits)]
     if finals.empty:
         return None
-    seeds = finals.groupby(["split", "method"]).size()
+    labels, over = _method_labels(finals)
     rows = []
     for _, run in _in_order(finals, cfg, splits).iterrows():  # a panel per (split, method), split by split
-        name = _with_seeds(run["display"], seeds[(run["split"], run["method"])], seeds)
+        panel = f"{labels[(run['split'], run['method'])]}, {run['split']}"
         for row in read_metrics(root / run["run_dir"]):
-            rows += [{"panel": f"{name}, {run['split']}", "epoch": row["epoch"] + 1, "exit": f"exit {k + 1}",
+            rows += [{"panel": panel, "epoch": row["epoch"] + 1, "exit": f"exit {k + 1}",
                       "share": 100 * fraction, "seed": run["seed"]}
                      for k, fraction in enumerate(row["exit_fraction"])]
     long = pd.DataFrame(rows)
@@ -316,7 +314,7 @@ def fig_exits_by_epoch(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str
                xlim=(0.5, long["epoch"].max() + 0.5))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     _shared_legend(fig, axes)
-    _title(fig, f"Where training examples leave, epoch by epoch (mean and range over {_over(seeds)})\n"
+    _title(fig, f"Where training examples leave, epoch by epoch (mean and range over {over})\n"
                 f"{setting_label(cfg)}")
     return fig
 
