@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from har.config import RunConfig, from_dict, load_config
 from har.errors import ConfigError, DataError, FolderBusy, RunError
-from har.facts import CIFAR_BACKBONES, IMAGENET_LT_LISTS
+from har.facts import IMAGENET_LT_LISTS
 from har.run.lock import EXIT_LOCKED
 
 if TYPE_CHECKING:
@@ -139,11 +139,12 @@ def cmd_imagenet_lt_split(args: argparse.Namespace) -> None:
 def cmd_flops(args: argparse.Namespace) -> None:
     from har.evaluation.flops import flops_table
     from har.models import create_model
+    from har.models.resnet_cifar import ResNetCifar
 
     optional = {"layout": args.layout, "exit_channels": args.exit_channels, "exit_stride": args.exit_stride}
     model = create_model(args.model, num_classes=args.num_classes, classifier=args.classifier,
                          **{k: v for k, v in optional.items() if v is not None})  # unset flags keep model defaults
-    side = args.image_size or (32 if args.model in CIFAR_BACKBONES else 224)
+    side = args.image_size or (32 if isinstance(model.backbone, ResNetCifar) else 224)
     print(json.dumps(flops_table(model, image_size=(3, side, side)), indent=1))
 
 

@@ -69,7 +69,6 @@ def confidence_ceiling(num_classes: int, classifier: str) -> float:
 # `register_model` adds a new backbone's here, so that configs naming it are checked like the built-in ones.
 BACKBONE_LAYOUTS: dict[str, str] = {"resnet32": "CEBEBEBE", "resnet8": "CEBEBEBE", "resnet50": "CEBEBEBEBE",
                                     "densenet169": "CEBEBEBEBE"}
-CIFAR_BACKBONES = ("resnet32", "resnet8")  # built for 32x32 images
 
 
 def backbone_names() -> list[str]:
