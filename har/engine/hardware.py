@@ -66,6 +66,9 @@ def machine_record(device: torch.device, amp: bool, channels_last: bool, compile
         "cpu_model": cpu_model(),
         "cpu_flags": sorted(f for f in RECORDED_FLAGS if f in flags),
         "precision": "bf16 autocast" if amp else "fp32",
+        # how autocast's convolutions compute on a CPU: oneDNN's bf16 kernels, or float32 (har.engine.bf16)
+        "bf16_convolutions": (("hardware" if native_bf16(flags) else "float32 from bf16 operands")
+                              if amp and device.type == "cpu" else None),
         "channels_last": channels_last,
         "threads": torch.get_num_threads(),
         "compile": compile_mode,
