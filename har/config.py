@@ -125,7 +125,8 @@ class TrainConfig:
     device: str = "auto"  # auto: CUDA when present, else CPU
     deterministic: bool = True  # deterministic algorithms on the CPU (exact resume); GPUs run their fast kernels
     # bf16 autocast (convolutions in bf16; exit classifiers and losses in fp32); None: on for CUDA and for a CPU with
-    # native bf16 (AVX512-BF16 or AMX flags), off for other CPUs; the run records what it resolved to (machine.jsonl)
+    # native bf16 (AVX512-BF16 or AMX flags), off for other CPUs, where true computes the convolutions in float32 from
+    # bf16 operands (the same arithmetic, no faster than fp32); the run records what it resolved to (machine.jsonl)
     amp: bool | None = None
     channels_last: bool | None = None  # channels-last memory format; None: as amp (on with bf16 autocast)
     sync_batchnorm: bool = False  # distributed CUDA runs: batch statistics over all processes

@@ -332,3 +332,16 @@ def test_run_summary_prints_each_number_of_a_har_run_and_averages_exit_shares_ov
         summary.window("9-5")
     with pytest.raises(argparse.ArgumentTypeError, match="epochs count from 1"):
         summary.window("0-5")
+
+
+def test_bf16_convolutions_measures_the_float32_path_at_one_rounding_and_prints_a_row_per_shape(monkeypatch, capsys):
+    bench = load_benchmark(monkeypatch, "bf16_convolutions")
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 4, 6, 6), 0.3 * torch.randn(4, 4, 3, 3)
+    grad = torch.randn(2, 4, 6, 6).to(torch.bfloat16)
+    # one rounding to bf16 errs by at most 2^-8 of each value (about 1.4e-3 of the mean on random data)
+    assert all(0 < e < 2.0**-8 for e in bench.errors(x, w, grad, emulated=True))
+    monkeypatch.setattr(sys, "argv", ["bf16_convolutions.py", "--batch", "2", "--repeats", "1"])
+    bench.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split(" | ")[0] for row in rows] == [f"| {c}, {c}, {s}" for c, _, s in bench.SHAPES]

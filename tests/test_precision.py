@@ -27,7 +27,7 @@ def test_native_bf16_reads_the_cpu_flags(flags, native, monkeypatch):
 @pytest.mark.parametrize(("flags", "amp"), [(XEON_AMX, True), (AMD_ZEN4, True), (OLDER_X86, False)])
 def test_unset_autocast_follows_the_cpus_bf16_and_an_explicit_value_wins(flags, amp, monkeypatch):
     """On a CPU that computes bf16 natively a run left at the default trains in bf16, elsewhere in fp32 (where bf16
-    is emulated and slower); channels-last goes with autocast unless the config says otherwise; CUDA takes bf16."""
+    has no hardware and gains nothing); channels-last goes with autocast unless the config says otherwise; CUDA takes bf16."""
     monkeypatch.delenv(machine.FORCE_ENV, raising=False)
     monkeypatch.setattr(machine, "cpu_flags", lambda: set(flags))
     cpu = torch.device("cpu")
@@ -47,6 +47,7 @@ def test_the_folder_records_each_start_and_refuses_to_go_on_in_another_precision
     cfg = from_dict({"train": {"epochs": 3}})
     cpu = torch.device("cpu")
     monkeypatch.setattr(machine, "cpu_flags", lambda: set(AMD_ZEN4))
+    monkeypatch.setattr(machine, "cpu_model", lambda: "AMD EPYC")
     record_machine(cfg, tmp_path, cpu, 0)
     record_machine(cfg, tmp_path, cpu, 1)
     lines = [json.loads(line) for line in (tmp_path / machine.MACHINE).read_text().splitlines()]
@@ -57,6 +58,11 @@ def test_the_folder_records_each_start_and_refuses_to_go_on_in_another_precision
     with pytest.raises(RunError, match=r"began training in bf16 autocast .* would go on in fp32 .* set train.amp"):
         record_machine(cfg, tmp_path, cpu, 2)
     record_machine(from_dict({"train": {"epochs": 3, "amp": True}}), tmp_path, cpu, 2)  # explicit: goes on
+    lines = [json.loads(line) for line in (tmp_path / machine.MACHINE).read_text().splitlines()]
+    # ... with its convolutions in float32 from bf16 operands (har.engine.bf16), which the record and captions say
+    assert [r["bf16_convolutions"] for r in lines] == ["hardware", "hardware", "float32 from bf16 operands"]
+    assert machine.summary(lines[-1:]) == "AMD EPYC (avx2, avx512f; bf16 autocast (float32 convolutions), channels-last)"
+    assert "float32 convolutions" not in machine.summary(lines[:1])
     record_machine(cfg, tmp_path, cpu, 0)  # a fresh start (epoch 0) begins a new record
     assert len((tmp_path / machine.MACHINE).read_text().splitlines()) == 1
 

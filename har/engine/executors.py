@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from har.config import RunConfig
 from har.data.batches import eval_batches
 from har.data.build import RunData
+from har.engine.bf16 import bf16_convolutions
 from har.engine.distributed import Distributed
 from har.engine.member import Member
 from har.engine.run_state import static_test_top1, take_step
@@ -37,7 +38,8 @@ class PackStep(nn.Module):
         images = [m(x) if m is not None and kind == "input" else x
                   for x, m, kind in zip(images, mixings, self.mixups, strict=True)]
         stacked = torch.stack(images)
-        with torch.autocast(stacked.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(stacked.device.type, dtype=torch.bfloat16, enabled=self.amp), \
+                bf16_convolutions(stacked.device, self.amp):
             outputs = self.packed(stacked)
         return [step_statistics(loss, [out[k] for out in outputs], labels[k], mixings[k], self.packed.num_exits)
                 for k, loss in enumerate(self.har_losses)]

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from har.config import RunConfig
+from har.engine.bf16 import bf16_convolutions
 from har.errors import ConfigError
 from har.losses import HARLoss, exit_statistics
 from har.methods.mixup import Mixing
@@ -57,7 +58,8 @@ class StepLoss(nn.Module):
     def forward(self, images: Tensor, labels: Tensor, mixing: Mixing | None = None) -> StepOutput:
         if mixing is not None and self.mixup == "input":
             images = mixing(images)
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp), \
+                bf16_convolutions(images.device, self.amp):
             manifold = mixing is not None and self.mixup == "manifold"
             outputs = self.model(images, mix=mixing, mix_at=mixing.layer) if manifold else self.model(images)
         return step_statistics(self.har_loss, outputs, labels, mixing, self.num_exits)

@@ -55,11 +55,11 @@ def build_reweight(cfg: RunConfig, class_counts: list[int]) -> ReweightSchedule:
 
 def precision(t: TrainConfig, device: torch.device) -> tuple[bool, bool]:
     """bf16 autocast and channels-last on `device`, where the config leaves them unset: autocast on for CUDA and for
-    a CPU that computes bf16 natively (`machine.native_bf16`; 1.6x fp32 on one core of the AMD EPYC, 3.3x with two
-    processes), off for other CPUs (where bf16 is emulated and slower than fp32); channels-last with autocast (the
-    layout of oneDNN's and cuDNN's bf16 kernels; in fp32 on the AMD EPYC it measured 0.94-1.05x NCHW), so a CPU run
-    in fp32 keeps NCHW (docs/benchmarks.md, "CPU rows"). The run folder's `machine.jsonl` records what they resolved
-    to."""
+    a CPU that computes bf16 natively (`machine.native_bf16`; 1.6x fp32 on one core of the Zen 4 AMD EPYC, 3.3x with
+    two processes), off for other CPUs (there `har.engine.bf16` computes autocast's convolutions in float32, no
+    faster than fp32); channels-last with autocast (the layout of oneDNN's and cuDNN's bf16 kernels; in fp32 on the
+    AMD EPYC it measured 0.94-1.05x NCHW), so a CPU run in fp32 keeps NCHW (docs/benchmarks.md, "CPU rows"). The run
+    folder's `machine.jsonl` records what they resolved to."""
     amp = (device.type == "cuda" or machine.native_bf16()) if t.amp is None else t.amp
     return amp, (amp if t.channels_last is None else t.channels_last)
 

@@ -1,8 +1,9 @@
 """The machine a run trains on, recorded in its folder at every start, since one run may outlast several machines.
 
 `machine.jsonl` gets one line per (re)start: the epoch it starts from, the device, the CPU's model and the features
-that decide how fast bf16 is (oneDNN computes bf16 natively with AVX512-BF16 or AMX; without them bf16 is emulated
-and slower than fp32), the precision and memory format it trains in, threads, compile mode and torch version.
+that decide how fast bf16 is (oneDNN computes bf16 natively with AVX512-BF16 or AMX; without them autocast's
+convolutions compute in float32, `har.engine.bf16`, and bf16 gains nothing over fp32), the precision, how its
+convolutions computed, the memory format, threads, compile mode and torch version.
 Tables and the fidelity report print where and how their runs trained from it; a run whose precision would change on
 resume (autocast left unset and resolved differently on another machine) is refused.
 """
@@ -76,6 +77,9 @@ def machine_record(device: torch.device, amp: bool, channels_last: bool, compile
         "cpu_model": cpu_model(),
         "cpu_flags": sorted(f for f in RECORDED_FLAGS if f in flags),
         "precision": "bf16 autocast" if amp else "fp32",
+        # how autocast's convolutions compute on a CPU: oneDNN's bf16 kernels, or float32 (har.engine.bf16)
+        "bf16_convolutions": (("hardware" if native_bf16() else "float32 from bf16 operands")
+                              if amp and device.type == "cpu" else None),
         "channels_last": channels_last,
         "threads": torch.get_num_threads(),
         "compile": compile_mode,
@@ -97,6 +101,7 @@ def read_machines(run_dir: Path) -> list[dict[str, Any]]:
 def summary(records: list[dict[str, Any]]) -> str:
     """One line for a caption: the distinct machines and precisions a run (or a set of runs) trained on."""
     seen = sorted({f"{r['device_name']} ({', '.join(r['cpu_flags']) or 'no bf16 flags'}; {r['precision']}"
+                   f"{' (float32 convolutions)' if r.get('bf16_convolutions', 'hardware') != 'hardware' else ''}"
                    f"{', channels-last' if r['channels_last'] else ''})" if r["device"] == "cpu" else
                    f"{r['device_name']} ({r['precision']}{', TF32' if r.get('tf32') else ''})" for r in records})
     return "; ".join(seen) if seen else "not recorded"
