@@ -70,3 +70,18 @@ def test_taken_only_for_autocast_on_a_cpu_without_bf16_hardware(monkeypatch: pyt
     context = bf16.bf16_convolutions(torch.device(device), amp)
     assert isinstance(context, bf16.Bf16ConvolutionsInFloat32) == taken
     assert isinstance(context, contextlib.nullcontext) != taken
+
+
+def test_a_compiled_step_takes_it_in_one_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train.compile` on such a CPU: the mode is traced with the network (no graph break), with the eager result."""
+    monkeypatch.setattr(bf16, "native_bf16", lambda: False)
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 2))
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16), bf16.bf16_convolutions(x.device, True):
+            return net(x).float().sum()
+
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(torch.compile(step, backend="aot_eager", fullgraph=True)(x), step(x))
