@@ -4,7 +4,8 @@ data copy beside the run on the shared one).
 
 Per folder: the precision it trained in, static test top-1 of the last epoch, the best test epoch (LDAM-DRW's
 optimistic protocol, where recorded), dynamic top-1 at every s chosen for a target saving with the saving reached,
-and, for HAR runs, the mean share of training examples leaving at each exit over each epoch window given. Reads
+and, over each epoch window given, the mean share of training examples leaving at each exit (HAR runs) and each
+class's mean training top-1 (where `metrics.jsonl` records it, `train.record_per_class_up_to`). Reads
 `eval/test.json` through the reports' own reader (refusing a stale or incomplete one), `metrics.jsonl` and
 `machine.jsonl`; no data, no weights.
 
@@ -53,14 +54,21 @@ def summarise(run: Path, windows: list[tuple[int, int]]) -> list[str]:
         lines.append(f"- dynamic top-1 at s for a {100 * target:g}% saving, {READINGS[reading]}: "
                      f"{100 * entry['top1']:.2f} (reached {100 * entry[reading]:.1f}%)")
     rows = read_metrics(run)
-    if len(rows[-1]["exit_fraction"]) > 1:
-        for first, last in windows:
-            shares = [row["exit_fraction"] for row in rows if first <= row["epoch"] + 1 <= last]
-            if not shares:
-                raise SystemExit(f"{run} has no epoch in {first}-{last} (it trained {len(rows)})")
-            mean = 100 * np.mean(shares, axis=0)
+    for first, last in windows:
+        inside = [row for row in rows if first <= row["epoch"] + 1 <= last]
+        if not inside:
+            raise SystemExit(f"{run} has no epoch in {first}-{last} (it trained {len(rows)})")
+        if len(rows[-1]["exit_fraction"]) > 1:
+            mean = 100 * np.mean([row["exit_fraction"] for row in inside], axis=0)
             lines.append(f"- training examples leaving at each exit, epochs {first}-{last} (mean): "
                          + " / ".join(f"{x:.1f}%" for x in mean))
+        per_class = [row["train_top1_per_class"] for row in inside if "train_top1_per_class" in row]
+        if per_class:  # None (a class an epoch did not see) left out of its class's mean
+            mean = [100 * np.mean(seen) if (seen := [x for x in col if x is not None]) else None
+                    for col in zip(*per_class)]
+            lines.append(f"- training top-1 per class (last exit, augmented, training mode), epochs {first}-{last} "
+                         f"(mean of {len(per_class)}): "
+                         + " / ".join("-" if x is None else f"{x:.1f}" for x in mean))
     return lines + [""]
 
 
@@ -68,7 +76,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+", help="finished, evaluated run folders")
     parser.add_argument("--windows", type=window, nargs="*", default=[],
-                        help="epoch windows FIRST-LAST (from 1) over which to average the exit shares")
+                        help="epoch windows FIRST-LAST (from 1) over which to average the exit shares and "
+                             "per-class training top-1")
     args = parser.parse_args()
     for run in args.runs:
         print("\n".join(summarise(run, args.windows)))

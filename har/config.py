@@ -135,6 +135,9 @@ class TrainConfig:
     # after these epochs (counted from 1; 160 is the last before LDAM-DRW's DRW) the checkpoint is also kept as
     # snapshots/epoch<N>.pt, e.g. to look at or branch from the model where the schedule changes
     keep_epochs: tuple[int, ...] = ()
+    # each epoch's metrics.jsonl row records every class's training top-1 (last exit, as train_top1) when the data
+    # have at most this many classes (CIFAR's 10 and 100, not ImageNet-LT's 1000 numbers a row); 0: never
+    record_per_class_up_to: int = 100
     # how har train-pack computes its members (a single run ignores it): fused, one K-wide network; serial, each
     # member's own step in turn; auto: fused on CUDA, serial on the CPU (measured: docs/benchmarks.md, Packs)
     pack_executor: Literal["auto", "fused", "serial"] = "auto"
@@ -191,7 +194,8 @@ class RunConfig:
 # Fields that change where or how fast a run goes, not what it computes: left out of the hash.
 RUNTIME_FIELDS = {("data", "root"), ("data", "download"), ("data", "bundle"), ("data", "lists"), ("data", "images"),
                   ("data", "strict_lists"), ("data", "workers"), ("data", "pin_memory"), ("train", "device"),
-                  ("train", "log_every"), ("train", "keep_epochs"), ("train", "compile"),
+                  ("train", "log_every"), ("train", "keep_epochs"), ("train", "record_per_class_up_to"),
+                  ("train", "compile"),
                   ("train", "pack_executor")}
 
 
@@ -320,6 +324,8 @@ def _check_ranges(cfg: RunConfig, t_pending: bool = False) -> None:
         ("train.keep_epochs", cfg.train.keep_epochs, all(1 <= k <= cfg.train.epochs for k in cfg.train.keep_epochs),
          "epochs counted from 1, each at most train.epochs"),
         ("train.log_every", cfg.train.log_every, cfg.train.log_every >= 1, ">= 1"),
+        ("train.record_per_class_up_to", cfg.train.record_per_class_up_to, cfg.train.record_per_class_up_to >= 0,
+         ">= 0"),
         ("eval.batch_size", cfg.eval.batch_size, cfg.eval.batch_size >= 1, ">= 1"),
         ("eval.exit_thresholds", cfg.eval.exit_thresholds, cfg.eval.exit_thresholds is None or (
             len(cfg.eval.exit_thresholds) > 0 and all(s >= 0 for s in cfg.eval.exit_thresholds)), "non-empty, >= 0"),

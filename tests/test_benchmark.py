@@ -318,6 +318,7 @@ def test_run_summary_prints_each_number_of_a_har_run_and_averages_exit_shares_ov
     run = _copy_with(evaluated_run, tmp_path / "run")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rows[0]["exit_fraction"], rows[1]["exit_fraction"] = [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]
+    rows[0]["train_top1_per_class"], rows[1]["train_top1_per_class"] = [0.5, 0.25, None], [1.0, 0.75, 0.5]
     (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     report = json.loads((run / "eval" / "test.json").read_text())
     text = "\n".join(summary.summarise(run, [(1, 2), (2, 2)]))
@@ -326,6 +327,8 @@ def test_run_summary_prints_each_number_of_a_har_run_and_averages_exit_shares_ov
         assert f"10% saving, {reading}: {100 * report['dynamic_selected'][key]['top1']:.2f}" in text
     assert "epochs 1-2 (mean): 50.0% / 0.0% / 25.0% / 25.0%" in text
     assert "epochs 2-2 (mean): 0.0% / 0.0% / 50.0% / 50.0%" in text
+    assert "epochs 1-2 (mean of 2): 75.0 / 50.0 / 50.0" in text  # a class an epoch did not see: out of its mean
+    assert "epochs 2-2 (mean of 1): 100.0 / 75.0 / 50.0" in text
     with pytest.raises(SystemExit, match="no epoch in 3-9"):  # it trained epochs 1 and 2
         summary.summarise(run, [(3, 9)])
     with pytest.raises(argparse.ArgumentTypeError, match="first epoch comes after"):

@@ -173,6 +173,37 @@ def test_sigusr1_stops_after_the_step_with_status_75_and_restores_the_handlers(s
     assert (ckpt["partial"] and (ckpt["partial"]["epoch"], ckpt["partial"]["step"])) == partial
 
 
+def test_an_epoch_resumed_from_a_checkpoint_without_per_class_sums_leaves_them_out_of_its_row(setup, tmp_path,
+                                                                                              monkeypatch):
+    """A mid-epoch checkpoint of a version that summed no classes: the rest of that epoch trains as before and its
+    metrics row has everything but `train_top1_per_class` (half an epoch's counts would pass for a whole one)."""
+    real, calls = batches_module.BatchAugment, []
+
+    class SignalsAtStep(real):
+        def __call__(self, images, generator=None):
+            calls.append(1)
+            if len(calls) == STEPS + 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return super().__call__(images, generator)
+
+    monkeypatch.setattr(batches_module, "BatchAugment", SignalsAtStep)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        train(setup.cfg, out)
+    monkeypatch.setattr(batches_module, "BatchAugment", real)
+    older = checkpoint(out)
+    assert older["partial"]["epoch"] == 1
+    for key in ("class_seen", "class_correct"):
+        del older["partial"]["sums"][key]
+    torch.save(older, out / "last.pt")
+    train(setup.cfg, out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    straight = [json.loads(line) for line in (setup.reference / "metrics.jsonl").read_text().splitlines()]
+    assert ["train_top1_per_class" in row for row in rows] == [True, False, True]
+    assert [{k: v for k, v in row.items() if k not in ("seconds", "train_top1_per_class")} for row in rows] == \
+        [{k: v for k, v in row.items() if k not in ("seconds", "train_top1_per_class")} for row in straight]
+
+
 def test_stop_requests_installs_no_handler_outside_the_main_thread():
     errors = []
 

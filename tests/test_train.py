@@ -34,8 +34,16 @@ def test_a_run_writes_config_metrics_checkpoint_and_records_exits(tmp_path, tiny
     for row in history:
         assert len(row["exit_fraction"]) == 4 and sum(row["exit_fraction"]) == pytest.approx(1.0)
         assert np.isfinite(row["loss"])
+    counts = np.bincount(tiny_data.train.labels)  # every image trains once an epoch (no batch is dropped)
+    for row in history:  # each class's share right, weighted by its images, is the epoch's top-1
+        assert len(row["train_top1_per_class"]) == len(counts)
+        assert np.dot(counts, row["train_top1_per_class"]) / counts.sum() == pytest.approx(row["train_top1"])
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
+    assert json.loads(lines[-1])["train_top1_per_class"] == history[-1]["train_top1_per_class"]
+    fewer = train(tiny_config(train={"epochs": 1, "record_per_class_up_to": len(counts) - 1}), tmp_path / "few",
+                  data=tiny_data)
+    assert "train_top1_per_class" not in fewer[0]  # more classes than train.record_per_class_up_to
     for name in ("config.yaml", "config.sha256", "last.pt"):
         assert (tmp_path / "run" / name).exists()
     assert not list((tmp_path / "run").glob("*.tmp"))

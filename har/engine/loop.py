@@ -153,7 +153,9 @@ def _begin(member: Member, batches: Batches, epoch: int, num_exits: int, device:
         member.partial = None
     else:
         order = (member.draw_order or batches.order)(member.generator)
-        member.progress = EpochProgress.begin(order, num_exits, device)
+        classes = member.model.num_classes
+        per_class = classes if classes <= t.record_per_class_up_to else 0
+        member.progress = EpochProgress.begin(order, num_exits, device, per_class)
     member.batches = batches.epoch(member.generator, member.progress.order, member.progress.step)
 
 

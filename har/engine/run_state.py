@@ -27,6 +27,7 @@ from har.models import MultiExitNet
 from har.run.folder import CHECKPOINT
 
 log = logging.getLogger(__name__)
+PER_CLASS = ("class_seen", "class_correct")  # the epoch's per-class sums, where it records them
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -74,13 +75,18 @@ class EpochProgress:
     seconds: float = 0.0  # time spent on the epoch by earlier attempts
 
     @classmethod
-    def begin(cls, order: Tensor, num_exits: int, device: torch.device | None = None) -> EpochProgress:
+    def begin(cls, order: Tensor, num_exits: int, device: torch.device | None = None,
+              per_class: int = 0) -> EpochProgress:
+        """A new epoch's progress; `per_class` > 0 also sums each of that many classes' examples and right answers."""
         dev = order.device if device is None else device
-        return cls(order, {"loss": torch.zeros((), device=dev), "normaliser": torch.zeros((), device=dev),
-                           "correct": torch.zeros((), device=dev, dtype=torch.long),
-                           "exit_counts": torch.zeros(num_exits, device=dev),
-                           "exit_loss": torch.zeros(num_exits, device=dev),
-                           "first_bad_step": torch.full((), -1, device=dev, dtype=torch.long)})
+        sums = {"loss": torch.zeros((), device=dev), "normaliser": torch.zeros((), device=dev),
+                "correct": torch.zeros((), device=dev, dtype=torch.long),
+                "exit_counts": torch.zeros(num_exits, device=dev),
+                "exit_loss": torch.zeros(num_exits, device=dev),
+                "first_bad_step": torch.full((), -1, device=dev, dtype=torch.long)}
+        if per_class:
+            sums |= {key: torch.zeros(per_class, device=dev, dtype=torch.long) for key in PER_CLASS}
+        return cls(order, sums)
 
     def add(self, out: StepOutput, loss: Tensor, step: int, examples: int) -> None:
         """Add one step's statistics (`loss`: the step's normalised loss, checked for being finite)."""
@@ -91,6 +97,9 @@ class EpochProgress:
             sums["correct"] += out.correct
             sums["exit_counts"] += out.exit_counts
             sums["exit_loss"] += out.exit_loss
+            if PER_CLASS[0] in sums:  # absent when not recorded, or in an epoch resumed from an older checkpoint
+                sums["class_seen"] += out.class_seen
+                sums["class_correct"] += out.class_correct
             sums["first_bad_step"].masked_fill_((sums["first_bad_step"] < 0) & ~loss.isfinite(), step)
         self.step, self.seen = step + 1, self.seen + examples
 
@@ -151,9 +160,10 @@ def static_test_top1(model: MultiExitNet, data: RunData, cfg: RunConfig, device:
 
 
 def epoch_row(epoch: int, sums: dict[str, Tensor], seen: int, seconds: float) -> dict:
-    """An epoch's metrics row from its running sums (loss, train top-1, exit fractions and per-exit loss)."""
+    """An epoch's metrics row from its running sums (loss, train top-1, exit fractions and per-exit loss, and each
+    class's train top-1 where the epoch summed it: None for a class it did not see)."""
     counts = sums["exit_counts"].cpu()
-    return {
+    row = {
         "epoch": epoch,
         "loss": (sums["loss"] / sums["normaliser"]).item(),
         "train_top1": sums["correct"].item() / seen,
@@ -161,6 +171,10 @@ def epoch_row(epoch: int, sums: dict[str, Tensor], seen: int, seconds: float) ->
         "exit_loss": [s / c if c else None for s, c in zip(sums["exit_loss"].cpu().tolist(), counts.tolist())],
         "seconds": seconds,
     }
+    if PER_CLASS[0] in sums:
+        row["train_top1_per_class"] = [right / n if n else None for n, right in
+                                       zip(sums["class_seen"].tolist(), sums["class_correct"].tolist())]
+    return row
 
 
 def nonfinite_error(epoch: int, step: int, steps: int) -> RunError:

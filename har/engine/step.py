@@ -28,6 +28,8 @@ class StepOutput(NamedTuple):
     correct: Tensor  # examples the last exit classifies correctly (long)
     exit_counts: Tensor  # examples leaving at each exit [K] (long)
     exit_loss: Tensor  # summed (unmixed) HAR loss of the examples leaving at each exit [K]
+    class_seen: Tensor  # examples of each class [C] (long)
+    class_correct: Tensor  # of those, the ones the last exit classifies correctly [C] (long)
 
 
 class StepLoss(nn.Module):
@@ -94,6 +96,9 @@ def step_statistics(har_loss: HARLoss, outputs: list[Tensor], labels: Tensor, mi
         per_example = mixing.lam * per_example + (1 - mixing.lam) * partner.per_example
         normaliser = mixing.lam * normaliser + (1 - mixing.lam) * partner.normaliser
     with torch.no_grad():
-        correct = (logits[-1].argmax(1) == labels).sum()
+        right = logits[-1].argmax(1) == labels
         counts, exit_sums = exit_statistics(parts, num_exits)
-    return StepOutput(per_example.sum(), normaliser.sum(), correct, counts, exit_sums)
+        zeros = torch.zeros(logits[-1].shape[1], dtype=torch.long, device=labels.device)
+        class_seen = zeros.index_add(0, labels, torch.ones_like(labels))
+        class_correct = zeros.index_add(0, labels, right.long())
+    return StepOutput(per_example.sum(), normaliser.sum(), right.sum(), counts, exit_sums, class_seen, class_correct)
