@@ -13,7 +13,7 @@ from har.engine import bf16
 
 
 def _rounded_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The convolution of the bf16-rounded operands in float64: what a bf16 kernel computes before its output rounding."""
+    """The convolution of the bf16-rounded operands in float64: a bf16 kernel's result before its output rounding."""
     return F.conv2d(x.to(torch.bfloat16).double(), w.to(torch.bfloat16).double(), padding=1)
 
 

@@ -27,7 +27,8 @@ def test_native_bf16_reads_the_cpu_flags(flags, native, monkeypatch):
 @pytest.mark.parametrize(("flags", "amp"), [(XEON_AMX, True), (AMD_ZEN4, True), (OLDER_X86, False)])
 def test_unset_autocast_follows_the_cpus_bf16_and_an_explicit_value_wins(flags, amp, monkeypatch):
     """On a CPU that computes bf16 natively a run left at the default trains in bf16, elsewhere in fp32 (where bf16
-    has no hardware and gains nothing); channels-last goes with autocast unless the config says otherwise; CUDA takes bf16."""
+    has no hardware and gains nothing); channels-last goes with autocast unless the config says otherwise; CUDA takes
+    bf16."""
     monkeypatch.delenv(machine.FORCE_ENV, raising=False)
     monkeypatch.setattr(machine, "cpu_flags", lambda: set(flags))
     cpu = torch.device("cpu")
@@ -61,8 +62,13 @@ def test_the_folder_records_each_start_and_refuses_to_go_on_in_another_precision
     lines = [json.loads(line) for line in (tmp_path / machine.MACHINE).read_text().splitlines()]
     # ... with its convolutions in float32 from bf16 operands (har.engine.bf16), which the record and captions say
     assert [r["bf16_convolutions"] for r in lines] == ["hardware", "hardware", "float32 from bf16 operands"]
-    assert machine.summary(lines[-1:]) == "AMD EPYC (avx2, avx512f; bf16 autocast (float32 convolutions), channels-last)"
+    assert machine.summary(lines[-1:]) == \
+        "AMD EPYC (avx2, avx512f; bf16 autocast (float32 convolutions), channels-last)"
     assert "float32 convolutions" not in machine.summary(lines[:1])
+    record_machine(from_dict({"train": {"epochs": 3, "amp": False}}), tmp_path / "fp32", cpu, 0)
+    fp32 = [json.loads(line) for line in (tmp_path / "fp32" / machine.MACHINE).read_text().splitlines()]
+    assert fp32[0]["bf16_convolutions"] is None
+    assert machine.summary(fp32) == "AMD EPYC (avx2, avx512f; fp32)"
     record_machine(cfg, tmp_path, cpu, 0)  # a fresh start (epoch 0) begins a new record
     assert len((tmp_path / machine.MACHINE).read_text().splitlines()) == 1
 

@@ -25,6 +25,7 @@ from har.run.folder import MACHINE
 # CPU flags (as /proc/cpuinfo spells them) that decide the CPU's precision, and that the record keeps
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 FORCE_ENV = "HAR_NATIVE_BF16"
+FLOAT32_CONVOLUTIONS = "float32 from bf16 operands"  # machine.jsonl's bf16_convolutions where har.engine.bf16 runs them
 RECORDED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_fp16")
 
 
@@ -78,7 +79,7 @@ def machine_record(device: torch.device, amp: bool, channels_last: bool, compile
         "cpu_flags": sorted(f for f in RECORDED_FLAGS if f in flags),
         "precision": "bf16 autocast" if amp else "fp32",
         # how autocast's convolutions compute on a CPU: oneDNN's bf16 kernels, or float32 (har.engine.bf16)
-        "bf16_convolutions": (("hardware" if native_bf16() else "float32 from bf16 operands")
+        "bf16_convolutions": (("hardware" if native_bf16() else FLOAT32_CONVOLUTIONS)
                               if amp and device.type == "cpu" else None),
         "channels_last": channels_last,
         "threads": torch.get_num_threads(),
@@ -101,7 +102,7 @@ def read_machines(run_dir: Path) -> list[dict[str, Any]]:
 def summary(records: list[dict[str, Any]]) -> str:
     """One line for a caption: the distinct machines and precisions a run (or a set of runs) trained on."""
     seen = sorted({f"{r['device_name']} ({', '.join(r['cpu_flags']) or 'no bf16 flags'}; {r['precision']}"
-                   f"{' (float32 convolutions)' if r.get('bf16_convolutions', 'hardware') != 'hardware' else ''}"
+                   f"{' (float32 convolutions)' if r.get('bf16_convolutions') == FLOAT32_CONVOLUTIONS else ''}"
                    f"{', channels-last' if r['channels_last'] else ''})" if r["device"] == "cpu" else
                    f"{r['device_name']} ({r['precision']}{', TF32' if r.get('tf32') else ''})" for r in records})
     return "; ".join(seen) if seen else "not recorded"
