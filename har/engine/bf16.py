@@ -2,8 +2,8 @@
 
 Under CPU autocast a convolution takes bf16 input and weight, sums their products in float32 and rounds its output
 to bf16. A CPU with AVX512-BF16 or AMX does that in hardware (oneDNN's bf16 kernels). On one without them (an AVX2
-AMD EPYC, Zen 3) oneDNN's fallback ran ResNet-32's 3x3 convolutions 9x slower than float32, and its backward landed
-2.5x further from a float64 reference than a single rounding does (docs/method.md, "Precision").
+AMD EPYC, Zen 3) oneDNN's fallback ran ResNet-32's 3x3 convolutions 10-17x slower than float32, and its weight
+gradients landed 8x further from a float64 reference than a single rounding does (docs/method.md, "Precision").
 
 `Bf16ConvolutionsInFloat32` gives such a CPU the hardware kernel's arithmetic at float32 speed: the operands rounded
 to bf16 and widened back (products of bf16 numbers are exact in float32), the convolution in float32, the output

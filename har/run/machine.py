@@ -10,6 +10,7 @@ resume (autocast left unset and resolved differently on another machine) is refu
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -29,8 +30,10 @@ FLOAT32_CONVOLUTIONS = "float32 from bf16 operands"  # machine.jsonl's bf16_conv
 RECORDED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_fp16")
 
 
+@functools.cache
 def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    """The first processor's fields of /proc/cpuinfo (empty where there is none, e.g. macOS); read once a process,
+    since a training step asks (`har.engine.bf16`) and the CPU does not change under it."""
     fields: dict[str, str] = {}
     try:
         text = Path("/proc/cpuinfo").read_text()
