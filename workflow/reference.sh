@@ -34,9 +34,12 @@ status() {
     for seed in "${SEEDS[@]}"; do
         for method in "${METHODS[@]}" $([ "$seed" = 0 ] && echo "$CONTROL"); do
             run="$CODE/results/runs/$SPLIT/$method/seed$seed"
+            kept="$HERE/results/reference/runs/$SPLIT/$method/seed$seed"
+            saved=$( [ -f "$kept/train.json" ] && echo "saved" || echo "")
+            # a run saved by another machine is not in this machine's clone: count its committed epochs
+            [ -f "$run/metrics.jsonl" ] || { [ -n "$saved" ] && run="$kept"; }
             epochs=$( [ -f "$run/metrics.jsonl" ] && wc -l < "$run/metrics.jsonl" || echo 0)
             mark=$( [ -f "$run/eval/test.json" ] && echo "evaluated" || echo "")
-            saved=$( [ -f "$HERE/results/reference/runs/$SPLIT/$method/seed$seed/train.json" ] && echo "saved" || echo "")
             echo "  $method seed $seed: $epochs epochs $mark $saved"
         done
     done
