@@ -48,6 +48,17 @@ COPIED_FROM = {("II", "Focal"): "BBN (Zhou et al., CVPR 2020)", ("II", "Mixup"):
 REIMPLEMENTED = frozenset({("II", "CE"), ("II", "CE+DRW"), ("II", "LDAM+DRW"), ("III", "CE"), ("III", "Focal+DRW"),
                            ("III", "CE+DRW"), ("III", "LDAM+DRW")})
 
+# BBN (Zhou et al., CVPR 2020) Table 1: top-1 error (%) of ResNet-32 on CIFAR-LT, a year before the paper, per row
+# and split (dataset, ratio). Rows CE, CE-DRW and LDAM-DRW (BBN cites LDAM-DRW for the last two).
+BBN_TABLE_1 = {
+    "CE": {("cifar10", 100): 29.64, ("cifar10", 50): 25.19, ("cifar10", 10): 13.61,
+           ("cifar100", 100): 61.68, ("cifar100", 50): 56.15, ("cifar100", 10): 44.29},
+    "CE+DRW": {("cifar10", 100): 23.66, ("cifar10", 50): 20.03, ("cifar10", 10): 12.44,
+               ("cifar100", 100): 58.49, ("cifar100", 50): 54.71, ("cifar100", 10): 41.88},
+    "LDAM+DRW": {("cifar10", 100): 22.97, ("cifar10", 50): 18.97, ("cifar10", 10): 11.84,
+                 ("cifar100", 100): 57.96, ("cifar100", 50): 53.38, ("cifar100", 10): 41.29},
+}
+
 # Tables whose HAR rows are dynamic-mode accuracies at the FLOPs saving printed under them (Sec. IV-D).
 DYNAMIC_TABLES = ("II", "III")
 
@@ -71,6 +82,26 @@ class PaperValue:
     @property
     def copied_from(self) -> str | None:
         return COPIED_FROM.get((self.table, self.label))
+
+    @property
+    def same_as_bbn(self) -> float | None:
+        """BBN's Table 1 top-1 (100 - its error) where this single-dagger value equals it to the paper's rounding:
+        the paper marks the row as its own run, but prints the number BBN published (docs/method.md, "Where the
+        paper's CIFAR baseline values come from"); None elsewhere."""
+        error = BBN_TABLE_1.get(self.label, {}).get((self.dataset, self.ratio)) if self.table == "II" else None
+        if error is None or self.metric != "top1" or not self.reimplemented:
+            return None
+        return 100 - error if abs(100 - error - self.value) <= 0.05 + 1e-9 else None
+
+    @property
+    def origin(self) -> str | None:
+        """Where the paper's number came from, when not from its own run: the fidelity report's note."""
+        if self.copied_from:
+            return f"the paper copied this value from {self.copied_from}"
+        if (bbn := self.same_as_bbn) is not None:
+            return (f"the same value, to its rounding, as BBN (Zhou et al., CVPR 2020) Table 1 ({bbn:.2f}), though "
+                    f"the paper marks the row as its own run")
+        return None
 
     @property
     def reimplemented(self) -> bool:

@@ -83,7 +83,7 @@ def fidelity_lines(tables: Sequence[Table], cfg: dict) -> list[dict]:
             if not c.trained:
                 continue
             diff = None if c.mean is None else c.mean - c.paper
-            note = f"the paper copied this value from {c.copied_from}" if c.copied_from else ""
+            note = c.origin or ""
             lines.append(dict(kind="cell", table=c.table, split=c.split, method=c.method, mode=c.mode,
                               metric=c.metric, ours_mean=c.mean, ours_std=c.std, n=c.n, paper=c.paper, diff=diff,
                               note=note, **judge_cell(cfg, c.paper, diff, c.std, c.n)))

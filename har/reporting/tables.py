@@ -42,7 +42,7 @@ class Comparison:
     n: int
     paper: float
     trained: bool  # the split and method have runs
-    copied_from: str | None
+    origin: str | None  # where the paper's number came from, when not from its own run (PaperValue.origin)
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ def _build(table_id: str, caption: str, label_columns: list[str], lines: list[Li
             mean, std, n = _ours(own, column) if column else (None, None, 0)
             row += [f"{fact.value:.1f}", "-" if mean is None else f"{mean - fact.value:+.1f}"]
             comparisons.append(Comparison(table_id, line.key[0], line.name, line.mode.label, header, mean, std, n,
-                                          fact.value, own is not None, fact.copied_from))
+                                          fact.value, own is not None, fact.origin))
     for row, line in zip(rows, lines):
         own = stats.get(line.key)
         if line.mode.kind != "target" or own is None:
@@ -258,6 +258,11 @@ def _build(table_id: str, caption: str, label_columns: list[str], lines: list[Li
     if any(COPIED in cell for row in rows for cell in row[:len(label_columns)]):
         notes.add(f"{COPIED} the paper copied this row from another paper (BBN on CIFAR, Kang et al. on ImageNet-LT "
                   f"and iNaturalist) instead of training it: our run is not the run behind its number.")
+    bbn = {f"{line.name} ({line.key[0]})": None for line in lines
+           if (fact := line.paper.get("top1")) is not None and fact.same_as_bbn is not None}
+    if bbn:
+        notes.add(f"The paper's values of {', '.join(bbn)} equal, to their rounding, BBN's Table 1 (Zhou et al., CVPR "
+                  f"2020), though the paper marks these rows as its own runs (docs/method.md).")
     return Table(table_id, caption, columns, rows, len(label_columns), tuple(sorted(notes)), tuple(comparisons))
 
 
@@ -271,7 +276,7 @@ def _best_epoch_comparisons(table_id: str, lines: list[Line], stats: dict[tuple,
         mean, std, n = _ours(stats.get(line.key), "best_epoch_top1")
         if fact is not None and fact.reimplemented and n:
             out.append(Comparison(table_id, line.key[0], line.name, BEST_EPOCH, header, mean, std, n, fact.value,
-                                  True, None))
+                                  True, fact.origin))
     return out
 
 
