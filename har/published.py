@@ -37,9 +37,10 @@ PAPER_METHODS = {
 PAPER_METRICS = {"top1": "top1", "all": "top1", "many": "many", "medium": "medium", "few": "few",
                  "flops_saving": "saving"}
 
+BBN = "BBN (Zhou et al., CVPR 2020)"
+
 # Rows the paper copied from other papers (double dagger) instead of training them: (table, label) -> source.
-COPIED_FROM = {("II", "Focal"): "BBN (Zhou et al., CVPR 2020)", ("II", "Mixup"): "BBN (Zhou et al., CVPR 2020)",
-               ("II", "Manifold Mixup"): "BBN (Zhou et al., CVPR 2020)",
+COPIED_FROM = {("II", "Focal"): BBN, ("II", "Mixup"): BBN, ("II", "Manifold Mixup"): BBN,
                ("III", "CRT"): "Kang et al. (ICLR 2020)", ("III", "LWS"): "Kang et al. (ICLR 2020)",
                ("III", "tau-norm"): "Kang et al. (ICLR 2020)"}
 
@@ -48,8 +49,8 @@ COPIED_FROM = {("II", "Focal"): "BBN (Zhou et al., CVPR 2020)", ("II", "Mixup"):
 REIMPLEMENTED = frozenset({("II", "CE"), ("II", "CE+DRW"), ("II", "LDAM+DRW"), ("III", "CE"), ("III", "Focal+DRW"),
                            ("III", "CE+DRW"), ("III", "LDAM+DRW")})
 
-# BBN (Zhou et al., CVPR 2020) Table 1: top-1 error (%) of ResNet-32 on CIFAR-LT, a year before the paper, per row
-# and split (dataset, ratio). Rows CE, CE-DRW and LDAM-DRW (BBN cites LDAM-DRW for the last two).
+# BBN's Table 1: top-1 error (%) of ResNet-32 on CIFAR-LT, a year before the paper, per row and split
+# (dataset, ratio). Rows CE, CE-DRW and LDAM-DRW (BBN cites LDAM-DRW for the last two).
 BBN_TABLE_1 = {
     "CE": {("cifar10", 100): 29.64, ("cifar10", 50): 25.19, ("cifar10", 10): 13.61,
            ("cifar100", 100): 61.68, ("cifar100", 50): 56.15, ("cifar100", 10): 44.29},
@@ -99,8 +100,8 @@ class PaperValue:
         if self.copied_from:
             return f"the paper copied this value from {self.copied_from}"
         if (bbn := self.same_as_bbn) is not None:
-            return (f"the same value, to its rounding, as BBN (Zhou et al., CVPR 2020) Table 1 ({bbn:.2f}), though "
-                    f"the paper marks the row as its own run")
+            return f"the same value, to its rounding, as {BBN} Table 1 ({bbn:.2f}), though the paper marks the row " \
+                   f"as its own run"
         return None
 
     @property
