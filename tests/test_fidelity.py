@@ -231,6 +231,7 @@ def test_fidelity_lines_and_claims_judged_with_a_stated_false_alarm_rate(tmp_pat
     assert base["paper"] == 76.3 and base["n"] == 3
     assert base["ours_mean"] == pytest.approx(77.0) and base["ours_std"] == pytest.approx(1.0)
     assert base["diff"] == pytest.approx(0.7)
+    assert base["per_seed"] == "0: 76.00, 1: 77.00, 2: 78.00"  # every seed's own value, in seed order
     assert float(base["tolerance"]) == pytest.approx(4.303 * (1 / 3 + 1) ** 0.5, abs=1e-3)
     assert base["verdict"].startswith("agrees")
     assert int(base["seeds_to_resolve"]) == 7  # t(5) / sqrt(6) > 1 >= t(6) / sqrt(7)
@@ -248,6 +249,7 @@ def test_fidelity_lines_and_claims_judged_with_a_stated_false_alarm_rate(tmp_pat
     ce = claims.loc[("HAR(CE)+DRW - CE+DRW", target_label(0.32, "saving"))]
     assert ce["ours_mean"] == pytest.approx(1.2) and ce["ours_std"] == pytest.approx(0.2)
     assert ce["paper"] == pytest.approx(0.5)
+    assert ce["per_seed"] == "0: +1.00, 1: +1.20, 2: +1.40"  # the paired differences behind the mean
     assert float(ce["tolerance"]) == pytest.approx(4.303 * (0.04 / 3 + 2) ** 0.5, abs=1e-3)
     assert float(ce["ci_low"]) == pytest.approx(1.2 - 4.303 * 0.2 / 3 ** 0.5, abs=1e-3)
     assert ce["verdict"] == "agrees (|diff| <= 6.11); our gain > 0"
@@ -258,6 +260,20 @@ def test_fidelity_lines_and_claims_judged_with_a_stated_false_alarm_rate(tmp_pat
     text = (tmp_path / "fidelity.md").read_text()
     assert "**Central claims: HAR minus its baseline**" in text and "| HAR(CE)+DRW - CE+DRW |" in text
     assert "probability at most 0.05" in text and "| +0.70 to +1.70 |" in text
+    assert "| 77.00 ± 1.00 | 3 | 0: 76.00, 1: 77.00, 2: 78.00 | 76.30 |" in text
+
+    # a seed without a value (its run not evaluated at the saving) is left out of the line, not counted as 0
+    gap = copy.deepcopy(overrides)
+    gap[("cifar10-r100", "har_ce_drw")][target_column("top1", 0.32, "saving")] = [0.770, float("nan"), 0.794]
+    build_tables(crafted(cfg, gap), cfg, {}, load_published(), tmp_path)
+    report = pd.read_csv(tmp_path / "fidelity.csv", comment="#", keep_default_na=False)
+    at32 = report[(report["method"] == "HAR(CE)+DRW") & (report["mode"] == target_label(0.32, "saving"))
+                  & (report["metric"] == "top-1")].iloc[0]
+    assert at32["per_seed"] == "0: 77.00, 2: 79.40" and at32["n"] == 2
+    assert at32["ours_mean"] == pytest.approx(78.2)
+    claim = report[(report["kind"] == "claim") & (report["mode"] == target_label(0.32, "saving"))
+                   & (report["method"] == "HAR(CE)+DRW - CE+DRW")].iloc[0]
+    assert claim["per_seed"] == "0: +1.00, 2: +1.40" and claim["n"] == 2
 
     cfg["fidelity"] = {"sigma_paper": 0.1, "level": 0.01}  # the config's rule
     build_tables(df, cfg, {}, load_published(), tmp_path)

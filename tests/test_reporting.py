@@ -162,6 +162,15 @@ def test_summarise_mean_std_and_count(results):
     assert summary.loc[summary["method"] == "har_ce_drw@CBBEBE", "top1_n"].item() == 1
     assert summary["many_n"].eq(0).all() and summary["many_mean"].isna().all()
     assert summarise(df.iloc[:0], "method").empty
+    # each="seed": the values behind every mean, by seed, a missing one left out
+    df.loc[(df["seed"] == 1) & (df["method"] == "ce_drw"), "top1"] = float("nan")
+    each = summarise(df, ["split", "method", "role"], ["top1", "many"], each="seed")
+    assert list(each.columns[-2:]) == ["many_n", "many_each"] and each["many_each"].map(len).eq(0).all()
+    for _, row in each.iterrows():
+        runs = df[(df["split"] == row["split"]) & (df["method"] == row["method"]) & (df["role"] == row["role"])
+                  & df["top1"].notna()].sort_values("seed")
+        assert row["top1_each"] == tuple(zip(runs["seed"], runs["top1"])) and len(runs) == row["top1_n"]
+    assert any(len(pairs) < n for pairs, n in zip(each["top1_each"], summary["top1_n"]))  # the dropped seed
 
 
 def _numbers(cells):

@@ -21,12 +21,12 @@ from har.published import PaperValue
 from har.reporting.agreement import Rule
 from har.reporting.render import sections_to_markdown
 from har.reporting.results import machine_text, provenance_text, setting_label, target_column, target_label
-from har.reporting.tables import Section, Table
+from har.reporting.tables import Section, Table, seed_stats
 
 # The paper's central claims: (HAR method, its baseline), compared per split on Tables II and III.
 CLAIMS = (("har_ce_drw", "ce_drw"), ("har_ldam_drw", "ldam_drw"))
-COLUMNS = ("kind", "table", "split", "method", "mode", "metric", "ours_mean", "ours_std", "n", "paper", "diff",
-           "tolerance", "ci_low", "ci_high", "verdict", "seeds_to_resolve", "note")
+COLUMNS = ("kind", "table", "split", "method", "mode", "metric", "ours_mean", "ours_std", "n", "per_seed", "paper",
+           "diff", "tolerance", "ci_low", "ci_high", "verdict", "seeds_to_resolve", "note")
 
 
 def is_quick(cfg: dict) -> bool:
@@ -85,8 +85,9 @@ def fidelity_lines(tables: Sequence[Table], cfg: dict) -> list[dict]:
             diff = None if c.mean is None else c.mean - c.paper
             note = c.origin or ""
             lines.append(dict(kind="cell", table=c.table, split=c.split, method=c.method, mode=c.mode,
-                              metric=c.metric, ours_mean=c.mean, ours_std=c.std, n=c.n, paper=c.paper, diff=diff,
-                              note=note, **judge_cell(cfg, c.paper, diff, c.std, c.n)))
+                              metric=c.metric, ours_mean=c.mean, ours_std=c.std, n=c.n,
+                              per_seed=per_seed_text(c.each), paper=c.paper, diff=diff, note=note,
+                              **judge_cell(cfg, c.paper, diff, c.std, c.n)))
     return lines
 
 
@@ -96,14 +97,16 @@ def _paper(published: list[PaperValue], table: str, dataset: str, ratio: float, 
     return found[0] if found else None
 
 
-def _paired(har: pd.DataFrame, base: pd.DataFrame, column: str) -> tuple[float | None, float | None, int]:
-    """Mean, sample std (percent) and count of HAR's `column` minus the baseline's static top-1, seed by seed."""
+def _paired(har: pd.DataFrame, base: pd.DataFrame, column: str) -> tuple[tuple[int, float], ...]:
+    """(seed, HAR's `column` minus the baseline's static top-1 in percent) for each seed both have, in seed order."""
     both = har[["seed", column]].merge(base[["seed", "top1"]], on="seed", suffixes=("", "_base"))
-    diffs = (100 * (both[column] - both["top1_base" if column == "top1" else "top1"])).dropna()
-    if diffs.empty:
-        return None, None, 0
-    std = float(diffs.std(ddof=1)) if len(diffs) > 1 else None
-    return float(diffs.mean()), std, len(diffs)
+    diffs = 100 * (both[column] - both["top1_base" if column == "top1" else "top1"])
+    return tuple(sorted((int(seed), float(d)) for seed, d in zip(both["seed"], diffs) if not pd.isna(d)))
+
+
+def per_seed_text(each: Sequence[tuple[int, float]], signed: bool = False) -> str:
+    """'0: 72.31, 1: 72.64': every seed's value, as the report prints it."""
+    return ", ".join(f"{seed}: {_num(value, signed)}" for seed, value in each) or "-"
 
 
 def claim_deltas(df: pd.DataFrame, cfg: dict, published: list[PaperValue]) -> list[dict]:
@@ -123,18 +126,20 @@ def claim_deltas(df: pd.DataFrame, cfg: dict, published: list[PaperValue]) -> li
                     continue
                 savings = [v.value / 100 for v in published if v.metric == "saving" and
                            v.matches(table, dataset, ratio, har)]
-                static, static_std, _ = _paired(runs[har], runs[base], "top1")
+                static, static_std, _ = seed_stats(_paired(runs[har], runs[base], "top1"))
                 his, theirs = (_paper(published, table, dataset, ratio, m, "top1") for m in (har, base))
                 paper = None if his is None or theirs is None else his - theirs
                 spread = "" if static_std is None else f" ± {static_std:.2f}"
                 note = "" if static is None else f"static HAR minus baseline: {static:+.2f}{spread}"
                 names = [cfg["methods"][m].get("display", m) for m in (har, base)]
                 for column, mode in _claim_modes(runs[har], savings):
-                    mean, std, n = _paired(runs[har], runs[base], column)
+                    each = _paired(runs[har], runs[base], column)
+                    mean, std, n = seed_stats(each)
                     diff = None if mean is None or paper is None else mean - paper
                     lines.append(dict(kind="claim", table=table, split=split, method=" - ".join(names), mode=mode,
-                                      metric="top-1", ours_mean=mean, ours_std=std, n=n, paper=paper, diff=diff,
-                                      note=note, **judge_claim(cfg, paper, mean, std, n)))
+                                      metric="top-1", ours_mean=mean, ours_std=std, n=n,
+                                      per_seed=per_seed_text(each, signed=True), paper=paper, diff=diff, note=note,
+                                      **judge_claim(cfg, paper, mean, std, n)))
     return lines
 
 
@@ -156,9 +161,9 @@ def _num(value: float | None, signed: bool = False) -> str:
 
 def fidelity_sections(frame: pd.DataFrame, rule: Rule) -> list[Section]:
     """The report's two tables as text cells: the published cells we trained, and the central claims."""
-    columns = ["Table", "Split", "Method", "Mode", "Metric", "ours", "n", "paper", "diff", "verdict",
-               f"{100 * (1 - rule.level):g}% CI of ours", f"seeds for ±{rule.resolution:g}", "note"]
-    numeric = [False] * 5 + [True] * 4 + [False, True, True, False]
+    columns = ["Table", "Split", "Method", "Mode", "Metric", "ours", "n", "per seed (seed: ours)", "paper", "diff",
+               "verdict", f"{100 * (1 - rule.level):g}% CI of ours", f"seeds for ±{rule.resolution:g}", "note"]
+    numeric = [False] * 5 + [True] * 2 + [False] + [True] * 2 + [False, True, True, False]
     sections = []
     for kind, title in (("cell", "Published cells we trained"), ("claim", "Central claims: HAR minus its baseline")):
         rows = []
@@ -167,7 +172,8 @@ def fidelity_sections(frame: pd.DataFrame, rule: Rule) -> list[Section]:
             ci = "-" if _missing(r["ci_low"]) else f"{r['ci_low']:+.2f} to {r['ci_high']:+.2f}"
             seeds = "-" if _missing(r["seeds_to_resolve"]) else str(int(r["seeds_to_resolve"]))
             rows.append([r["table"], r["split"], r["method"], r["mode"], r["metric"], ours, str(r["n"]),
-                         _num(r["paper"]), _num(r["diff"], signed=True), r["verdict"], ci, seeds, r["note"]])
+                         r["per_seed"], _num(r["paper"]), _num(r["diff"], signed=True), r["verdict"], ci, seeds,
+                         r["note"]])
         sections.append(Section(title, columns, numeric, rows))
     return sections
 
@@ -183,16 +189,16 @@ def write_fidelity(tables: Sequence[Table], df: pd.DataFrame, cfg: dict, publish
     frame = pd.DataFrame(fidelity_lines(tables, cfg) + claim_deltas(df, cfg, published), columns=list(COLUMNS))
     quick = " A quick config: no line can judge the reproduction." if is_quick(cfg) else ""
     caption = (f"Each published value of Tables I-V whose split and method we trained, ours (mean ± sample std over "
-               f"n seeds, percent) against the paper's; diff: ours - paper. Verdict: {rule.describe()}; tolerance: "
-               f"that bound (n < 2: cannot be judged). Claims: HAR minus its baseline per split, paired seed by "
-               f"seed; the paper's difference agrees when within t(1 - {rule.level:g}/2, n - 1) * sqrt(s^2/n + "
-               f"2 * {rule.sigma_paper:g}^2) of ours (two single runs), and our gain is resolved from 0 when our "
-               f"{100 * (1 - rule.level):g}% t-interval excludes it. Seeds for ±{rule.resolution:g}: the seeds whose "
-               f"t-interval of our mean (cells) or mean difference (claims) would be {rule.resolution:g} point wide "
-               f"on each side at the observed std. Dynamic lines at the paper's saving under both readings: exit "
-               f"heads' cost counted and not counted (the paper does not say). Config: {setting_label(cfg)}. Data: "
-               f"{provenance_text(df[df['role'] == 'final'])}. Trained on: {machine_text(df[df['role'] == 'final'])}."
-               f"{quick}")
+               f"n seeds, percent; per seed: each seed's value) against the paper's; diff: ours - paper. Verdict: "
+               f"{rule.describe()}; tolerance: that bound (n < 2: cannot be judged). Claims: HAR minus its baseline "
+               f"per split, paired seed by seed; the paper's difference agrees when within t(1 - {rule.level:g}/2, "
+               f"n - 1) * sqrt(s^2/n + 2 * {rule.sigma_paper:g}^2) of ours (two single runs), and our gain is "
+               f"resolved from 0 when our {100 * (1 - rule.level):g}% t-interval excludes it. Seeds for "
+               f"±{rule.resolution:g}: the seeds whose t-interval of our mean (cells) or mean difference (claims) "
+               f"would be {rule.resolution:g} point wide on each side at the observed std. Dynamic lines at the "
+               f"paper's saving under both readings: exit heads' cost counted and not counted (the paper does not "
+               f"say). Config: {setting_label(cfg)}. Data: {provenance_text(df[df['role'] == 'final'])}. Trained on: "
+               f"{machine_text(df[df['role'] == 'final'])}.{quick}")
     out_dir = Path(out_dir)
     paths = [out_dir / "fidelity.md", out_dir / "fidelity.csv"]
     atomic_write_text(paths[0], sections_to_markdown("Fidelity report", caption, fidelity_sections(frame, rule)))

@@ -245,17 +245,29 @@ def load_results(records: Sequence[dict], root: str | Path) -> pd.DataFrame:
     return df
 
 
-def summarise(df: pd.DataFrame, by: str | Iterable[str], metrics: Iterable[str] = RESULT_COLUMNS) -> pd.DataFrame:
-    """Mean, sample std (ddof=1: NaN for one seed) and count of non-missing values of each metric per group.
+def summarise(df: pd.DataFrame, by: str | Iterable[str], metrics: Iterable[str] = RESULT_COLUMNS,
+              each: str | None = None) -> pd.DataFrame:
+    """Mean, sample std (ddof=1: NaN for one seed) and count of non-missing values of each metric per group; with
+    `each` (a column such as "seed"), also every value behind them, so that a report can show each seed's.
 
-    Columns: the `by` keys, then `<metric>_mean`, `<metric>_std`, `<metric>_n`; groups keep their first order.
+    Columns: the `by` keys, then `<metric>_mean`, `<metric>_std`, `<metric>_n` (and `<metric>_each`: the group's
+    (each, value) pairs with a value, in `each` order); groups keep their first order.
     """
     by = [by] if isinstance(by, str) else list(by)
     metrics = [m for m in metrics if m in df.columns]
-    columns = by + [f"{m}_{stat}" for m in metrics for stat in ("mean", "std", "n")]
+    stat_names = ("mean", "std", "n") + (("each",) if each is not None else ())
+    columns = by + [f"{m}_{stat}" for m in metrics for stat in stat_names]
     if df.empty:
         return pd.DataFrame(columns=columns)
     grouped = df[by + metrics].groupby(by, dropna=False, sort=False)[metrics]
     stats = {"mean": grouped.mean(), "std": grouped.std(ddof=1), "n": grouped.count()}
+    if each is not None:
+        stats["each"] = df[by + metrics + [each]].groupby(by, dropna=False, sort=False)[[each, *metrics]].apply(
+            lambda group: pd.Series({m: _pairs(group[each], group[m]) for m in metrics}, dtype=object))
     out = pd.concat([stats[stat][m].rename(f"{m}_{stat}") for m in metrics for stat in stats], axis=1)
     return pd.concat([out.index.to_frame(index=False), out.reset_index(drop=True)], axis=1)[columns]
+
+
+def _pairs(keys: pd.Series, values: pd.Series) -> tuple[tuple[Any, float], ...]:
+    """(key, value) for each non-missing value, in key order."""
+    return tuple(sorted((k, float(v)) for k, v in zip(keys, values) if not pd.isna(v)))

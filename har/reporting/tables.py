@@ -11,8 +11,10 @@ data can never pass for the paper's setting.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import pandas as pd
 
 from har.config import LossConfig
@@ -37,12 +39,30 @@ class Comparison:
     method: str
     mode: str
     metric: str
-    mean: float | None
-    std: float | None
-    n: int
+    each: tuple[tuple[int, float], ...]  # (seed, ours) of every run with a value, in seed order
     paper: float
     trained: bool  # the split and method have runs
     origin: str | None  # where the paper's number came from, when not from its own run (PaperValue.origin)
+
+    @property
+    def mean(self) -> float | None:
+        return seed_stats(self.each)[0]
+
+    @property
+    def std(self) -> float | None:
+        return seed_stats(self.each)[1]
+
+    @property
+    def n(self) -> int:
+        return len(self.each)
+
+
+def seed_stats(each: Sequence[tuple[int, float]]) -> tuple[float | None, float | None, int]:
+    """Mean, sample std (None below two seeds) and count of per-seed values."""
+    values = [value for _, value in each]
+    if not values:
+        return None, None, 0
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None, len(values)
 
 
 @dataclass(frozen=True)
@@ -130,6 +150,13 @@ def _ours(stats: pd.Series | None, column: str) -> tuple[float | None, float | N
         return None, None, 0
     std = stats[f"{column}_std"]
     return 100 * stats[f"{column}_mean"], None if math.isnan(std) else 100 * std, int(stats[f"{column}_n"])
+
+
+def _each(stats: pd.Series | None, column: str) -> tuple[tuple[int, float], ...]:
+    """(seed, value in percent) of every run with a value in a column."""
+    if stats is None or f"{column}_each" not in stats:
+        return ()
+    return tuple((int(seed), 100 * value) for seed, value in stats[f"{column}_each"])
 
 
 def _index(summary: pd.DataFrame, keys: list[str]) -> dict[tuple, pd.Series]:
@@ -227,10 +254,11 @@ def _build(table_id: str, caption: str, label_columns: list[str], lines: list[Li
             if fact is None:
                 row += ["-", "-"]
                 continue
-            mean, std, n = _ours(own, column) if column else (None, None, 0)
+            mean = _ours(own, column)[0] if column else None
             row += [f"{fact.value:.1f}", "-" if mean is None else f"{mean - fact.value:+.1f}"]
-            comparisons.append(Comparison(table_id, line.key[0], line.name, line.mode.label, header, mean, std, n,
-                                          fact.value, own is not None, fact.origin))
+            comparisons.append(Comparison(table_id, line.key[0], line.name, line.mode.label, header,
+                                          _each(own, column) if column else (), fact.value, own is not None,
+                                          fact.origin))
     for row, line in zip(rows, lines):
         own = stats.get(line.key)
         if line.mode.kind != "target" or own is None:
@@ -273,10 +301,10 @@ def _best_epoch_comparisons(table_id: str, lines: list[Line], stats: dict[tuple,
     out = []
     for line in lines:
         fact = line.paper.get("top1")
-        mean, std, n = _ours(stats.get(line.key), "best_epoch_top1")
-        if fact is not None and fact.reimplemented and n:
-            out.append(Comparison(table_id, line.key[0], line.name, BEST_EPOCH, header, mean, std, n, fact.value,
-                                  True, fact.origin))
+        each = _each(stats.get(line.key), "best_epoch_top1")
+        if fact is not None and fact.reimplemented and each:
+            out.append(Comparison(table_id, line.key[0], line.name, BEST_EPOCH, header, each, fact.value, True,
+                                  fact.origin))
     return out
 
 
@@ -284,7 +312,7 @@ def _metric_stats(df: pd.DataFrame, keys: list[str]) -> dict[tuple, pd.Series]:
     """Mean, std and count of every result column (the `saving>=X` ones included) per key."""
     numeric = [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])
                and c not in ("ratio", "t_point", "seed")]
-    return _index(summarise(df, keys, numeric), keys)
+    return _index(summarise(df, keys, numeric, each="seed"), keys)
 
 
 def table_search(df: pd.DataFrame, cfg: dict, published: list[PaperValue], selected: dict, caption: str) -> Table:
