@@ -6,7 +6,8 @@
 #                                  it, bring in the checkpoints committed under results/reference/ that the folder
 #                                  lacks, and train in the background
 #   workflow/reference.sh stop     stop the workers; each run saves a checkpoint where it is (resumed by `start`)
-#   workflow/reference.sh status   what is running, and each run's last finished epoch
+#   workflow/reference.sh status   what is running, each run's last finished epoch and, for a run under way, about
+#                                  how long it has left
 #
 # Two workers, one core each, take the runs in this order: seed 0 of every method, the fp32 control (HAR(LDAM)+DRW
 # seed 0 exactly as the paper grid trains it, in fp32: the evidence that bf16 changes nothing seeds don't), seed 1,
@@ -40,9 +41,28 @@ status() {
             [ -f "$run/metrics.jsonl" ] || { [ -n "$saved" ] && run="$kept"; }
             epochs=$( [ -f "$run/metrics.jsonl" ] && wc -l < "$run/metrics.jsonl" || echo 0)
             mark=$( [ -f "$run/eval/test.json" ] && echo "evaluated" || echo "")
+            [ -n "$mark$saved" ] || [ "$epochs" = 0 ] || mark=$(to_go "$run")
             echo "  $method seed $seed: $epochs epochs $mark $saved"
         done
     done
+}
+
+to_go() {  # an unfinished run's epochs left and the time they take at its last ten epochs' pace
+    "$CODE/.venv/bin/python" - "$1" <<'EOF' || true
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+run = Path(sys.argv[1])
+rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+left = yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] - len(rows)
+recent = [row["seconds"] for row in rows[-10:]]
+pace = sum(recent) / len(recent)
+print(f"({left} to go: about {left * pace / 3600:.1f} h at its last ten epochs' {pace:.0f} s an epoch)" if left > 0
+      else "(trained, not yet evaluated)")
+EOF
 }
 
 start() {
