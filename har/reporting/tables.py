@@ -254,11 +254,11 @@ def _build(table_id: str, caption: str, label_columns: list[str], lines: list[Li
             if fact is None:
                 row += ["-", "-"]
                 continue
-            mean = _ours(own, column)[0] if column else None
+            comparison = Comparison(table_id, line.key[0], line.name, line.mode.label, header,
+                                    _each(own, column) if column else (), fact.value, own is not None, fact.origin)
+            mean = comparison.mean
             row += [f"{fact.value:.1f}", "-" if mean is None else f"{mean - fact.value:+.1f}"]
-            comparisons.append(Comparison(table_id, line.key[0], line.name, line.mode.label, header,
-                                          _each(own, column) if column else (), fact.value, own is not None,
-                                          fact.origin))
+            comparisons.append(comparison)
     for row, line in zip(rows, lines):
         own = stats.get(line.key)
         if line.mode.kind != "target" or own is None:
