@@ -20,7 +20,14 @@ from har.pipeline import grid
 from har.published import PaperValue
 from har.reporting.agreement import Rule
 from har.reporting.render import sections_to_markdown
-from har.reporting.results import machine_text, provenance_text, setting_label, target_column, target_label
+from har.reporting.results import (
+    machine_text,
+    provenance_text,
+    setting_label,
+    target_column,
+    target_label,
+    value_pairs,
+)
 from har.reporting.tables import Section, Table, seed_stats
 
 # The paper's central claims: (HAR method, its baseline), compared per split on Tables II and III.
@@ -100,8 +107,7 @@ def _paper(published: list[PaperValue], table: str, dataset: str, ratio: float, 
 def _paired(har: pd.DataFrame, base: pd.DataFrame, column: str) -> tuple[tuple[int, float], ...]:
     """(seed, HAR's `column` minus the baseline's static top-1 in percent) for each seed both have, in seed order."""
     both = har[["seed", column]].merge(base[["seed", "top1"]], on="seed", suffixes=("", "_base"))
-    diffs = 100 * (both[column] - both["top1_base" if column == "top1" else "top1"])
-    return tuple(sorted((int(seed), float(d)) for seed, d in zip(both["seed"], diffs) if not pd.isna(d)))
+    return value_pairs(both["seed"], 100 * (both[column] - both["top1_base" if column == "top1" else "top1"]))
 
 
 def per_seed_text(each: Sequence[tuple[int, float]], signed: bool = False) -> str:

@@ -263,11 +263,11 @@ def summarise(df: pd.DataFrame, by: str | Iterable[str], metrics: Iterable[str] 
     stats = {"mean": grouped.mean(), "std": grouped.std(ddof=1), "n": grouped.count()}
     if each is not None:
         stats["each"] = df[by + metrics + [each]].groupby(by, dropna=False, sort=False)[[each, *metrics]].apply(
-            lambda group: pd.Series({m: _pairs(group[each], group[m]) for m in metrics}, dtype=object))
+            lambda group: pd.Series({m: value_pairs(group[each], group[m]) for m in metrics}, dtype=object))
     out = pd.concat([stats[stat][m].rename(f"{m}_{stat}") for m in metrics for stat in stats], axis=1)
     return pd.concat([out.index.to_frame(index=False), out.reset_index(drop=True)], axis=1)[columns]
 
 
-def _pairs(keys: pd.Series, values: pd.Series) -> tuple[tuple[Any, float], ...]:
-    """(key, value) for each non-missing value, in key order."""
-    return tuple(sorted((k, float(v)) for k, v in zip(keys, values) if not pd.isna(v)))
+def value_pairs(keys: pd.Series, values: pd.Series) -> tuple[tuple[int, float], ...]:
+    """(key, value) for each non-missing value, in key order (keys: seeds)."""
+    return tuple(sorted((int(k), float(v)) for k, v in zip(keys, values) if not pd.isna(v)))
