@@ -18,7 +18,9 @@ Everything after `--` goes to LDAM-DRW's own argument parser, e.g. CE+DRW on CIF
         --work ../upstream-probe/ce_drw -- --loss_type CE --train_rule DRW --workers 0 --seed 0
 
 An interrupted run continues with LDAM-DRW's `--resume <work>/checkpoint/<store_name>/ckpt.pth.tar` (weights,
-optimiser and epoch; not the random state, so not bit-exact).
+optimiser, epoch and best top-1 so far, saved after every epoch; not the random state, so not bit-exact). The script
+reopens its logs for writing on every start, so this wrapper first renames the logs an earlier start left
+(`log_test.csv` -> `log_test.<time>.csv`), and it loads the checkpoint onto the CPU (the script asks for `cuda:0`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -40,6 +43,13 @@ def stand_ins() -> None:
     torch.nn.Module.cuda = lambda self, *args, **kwargs: self
     torch.cuda.FloatTensor = torch.FloatTensor
     torchvision.datasets.cifar.check_integrity = lambda *args, **kwargs: True  # the data files' and meta's md5
+    load = torch.load
+
+    def load_on_cpu(*args, **kwargs):
+        """torch.load onto the CPU whatever map_location the caller names (--resume names 'cuda:0')."""
+        return load(*args, **{**kwargs, "map_location": "cpu"})
+
+    torch.load = load_on_cpu
     try:
         import tensorboardX  # noqa: F401
     except ImportError:
@@ -85,6 +95,9 @@ def main() -> int:
     data = args.work / "data"
     if not data.exists():
         data.symlink_to(args.data.resolve(), target_is_directory=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for log in args.work.glob("log/*/log_*.csv"):  # the script truncates them when it starts again
+        log.rename(log.with_suffix(f".{stamp}.csv"))
     stand_ins()
     os.chdir(args.work)
     sys.path.insert(0, str(script.parent))
