@@ -20,7 +20,8 @@ Everything after `--` goes to LDAM-DRW's own argument parser, e.g. CE+DRW on CIF
 An interrupted run continues with LDAM-DRW's `--resume <work>/checkpoint/<store_name>/ckpt.pth.tar` (weights,
 optimiser, epoch and best top-1 so far, saved after every epoch; not the random state, so not bit-exact). The script
 reopens its logs for writing on every start, so this wrapper first renames the logs an earlier start left
-(`log_test.csv` -> `log_test.<time>.csv`), and it loads the checkpoint onto the CPU (the script asks for `cuda:0`).
+(`log_test.csv` -> `log_test.<time>.csv`), loads the checkpoint onto the CPU (the script asks for `cuda:0`), and
+refuses a `--resume` path that is not a file (the script would train from scratch).
 """
 
 from __future__ import annotations
@@ -77,6 +78,15 @@ def stand_ins() -> None:
                             "sklearn.utils.multiclass": multiclass})
 
 
+def resume_path(value: str) -> str:
+    """--resume's checkpoint as an absolute path (the script runs from --work); refused when missing, since the
+    script would then say so and train from scratch."""
+    path = Path(value)
+    if not path.is_file():
+        raise SystemExit(f"--resume {value}: no such checkpoint; give the ckpt.pth.tar of the run to continue")
+    return str(path.resolve())
+
+
 def main() -> int:
     split = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
     ours, theirs = sys.argv[1:split], sys.argv[split + 1:]
@@ -95,6 +105,7 @@ def main() -> int:
     data = args.work / "data"
     if not data.exists():
         data.symlink_to(args.data.resolve(), target_is_directory=True)
+    theirs = [resume_path(a) if i and theirs[i - 1] == "--resume" else a for i, a in enumerate(theirs)]
     stamp = time.strftime("%Y%m%dT%H%M%S")
     for log in args.work.glob("log/*/log_*.csv"):  # the script truncates them when it starts again
         log.rename(log.with_suffix(f".{stamp}.csv"))
