@@ -107,8 +107,9 @@ def main() -> int:
         data.symlink_to(args.data.resolve(), target_is_directory=True)
     theirs = [resume_path(a) if i and theirs[i - 1] == "--resume" else a for i, a in enumerate(theirs)]
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    for log in args.work.glob("log/*/log_*.csv"):  # the script truncates them when it starts again
-        log.rename(log.with_suffix(f".{stamp}.csv"))
+    for name in ("log_train.csv", "log_test.csv"):  # the script truncates them when it starts again
+        for log in args.work.glob(f"log/*/{name}"):
+            log.rename(log.with_suffix(f".{stamp}.csv"))
     stand_ins()
     os.chdir(args.work)
     sys.path.insert(0, str(script.parent))
