@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torchvision.datasets.cifar
 from conftest import REPO, shared_cifar_root, synthetic_data
 
 from har.config import from_dict
@@ -348,3 +349,105 @@ def test_bf16_convolutions_measures_the_float32_path_at_one_rounding_and_prints_
     bench.main()
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split(" | ")[0] for row in rows] == [f"| {c}, {c}, {s}" for c, _, s in bench.SHAPES]
+
+
+def _upstream_logs(folder, suffix, epochs, tested, best):
+    """A pair of LDAM-DRW logs for one start: two training prints per epoch (the later one an epoch's value), and a
+    test block for each of the first `tested` epochs with three classes' accuracy."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train = "".join(f"Epoch: [{e}][{i}/97], lr: 0.01000\tTime 1.0 (1.0)\tLoss 0.5 (0.5)\t"
+                    f"Prec@1 {50 + e + i:.3f} ({40 + e + i / 100:.3f})\tPrec@5 99.0 (99.0)\n"
+                    for e in epochs for i in (0, 90))
+    test = "".join(f"val Results: Prec@1 {20 + e:.3f} Prec@5 90.000 Loss 2.00000\n"
+                   f"val Class Accuracy: [0.{e}00,0.500,0.250]\nBest Prec@1: {best:.3f}\n\n" for e in epochs[:tested])
+    (folder / f"log_train{suffix}.csv").write_text(train)
+    (folder / f"log_test{suffix}.csv").write_text(test)
+
+
+def test_upstream_compare_places_each_starts_epochs_and_sets_the_runs_side_by_side(evaluated_run, tmp_path,
+                                                                                     monkeypatch):
+    compare = load_benchmark(monkeypatch, "upstream_compare")
+    logs = tmp_path / "upstream"
+    _upstream_logs(logs, ".20261207T100000", [0, 1, 2], tested=2, best=21)  # stopped half way through epoch 2
+    _upstream_logs(logs, "", [2, 3], tested=2, best=23)  # resumed at epoch 2
+    run = compare.read_upstream(logs)
+    assert run.train == {1: 40.9, 2: 41.9, 3: 42.9, 4: 43.9}  # the last running average of each epoch
+    assert run.test == {1: 20.0, 2: 21.0, 3: 22.0, 4: 23.0}  # the resumed start's blocks from its first epoch on
+    assert run.classes == pytest.approx([30.0, 50.0, 25.0]) and run.best == 23
+    ours = _copy_with(evaluated_run, tmp_path / "ours" / "seed0", per_class=[0.9, 0.5, 0.1])
+    rows = [json.loads(line) for line in (ours / "metrics.jsonl").read_text().splitlines()]
+    rows[0]["train_top1"], rows[1]["train_top1"], rows[1]["test_top1"] = 0.5, 0.625, 0.75
+    (ours / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    both = {ours: compare.read_ours(ours)}
+    assert both[ours] == ({1: 50.0, 2: 62.5}, {2: 75.0})
+    lines = compare.compare(run, both, every=3)
+    assert "| 2 | 41.90 | 62.50 | 21.00 | 75.00 |" in lines  # tested on both sides: shown though not a third epoch
+    assert "| 3 | 42.90 | - | 22.00 | - |" in lines and "| 4 | 43.90 | - | 23.00 | - |" in lines  # third, last
+    assert not any(line.startswith("| 1 |") for line in lines)
+    assert "LDAM-DRW: 4 epochs tested, last 23.00, best 23.00" in lines
+    assert "ours: last tested epoch 75.00 (n = 1), best epoch 75.00 (n = 1)" in lines
+    table = compare.per_class_lines(run, both)
+    assert "| LDAM-DRW, epoch 4 | 30.0 | 50.0 | 25.0 |" in table and "| ours, epoch 2 (mean of 1) | 90.0 | 50.0 | 10.0 |" in table
+    (logs / "log_test.csv").write_text((logs / "log_test.csv").read_text() * 2)  # a test block more than epochs
+    with pytest.raises(SystemExit, match="4 test results for 2 epochs"):
+        compare.read_upstream(logs)
+    (logs / "log_test.csv").unlink()
+    with pytest.raises(SystemExit, match="has no log_test.csv beside it"):
+        compare.read_upstream(logs)
+    with pytest.raises(SystemExit, match="holds no log_train.csv"):
+        compare.read_upstream(tmp_path)
+
+
+FAKE_CIFAR_TRAIN = '''
+import json, os, sys
+import torch
+resume = sys.argv[sys.argv.index("--resume") + 1]
+state = torch.load(resume, map_location="cuda:0")  # as LDAM-DRW asks for it
+os.makedirs("log/store", exist_ok=True)
+open("log/store/log_train.csv", "w").close()
+json.dump({"argv": sys.argv[1:], "cwd": os.getcwd(), "epoch": state["epoch"], "data": os.path.realpath("data"),
+           "cuda": torch.zeros(2).cuda().device.type, "float": torch.cuda.FloatTensor(3).device.type},
+          open("seen.json", "w"))
+'''
+
+
+def test_upstream_train_runs_the_script_on_the_cpu_from_its_work_folder_and_keeps_the_earlier_logs(tmp_path,
+                                                                                                   monkeypatch):
+    wrapper = load_benchmark(monkeypatch, "upstream_train")
+    checkout, data, work = tmp_path / "LDAM-DRW", tmp_path / "data", tmp_path / "work"
+    checkout.mkdir()
+    (checkout / "cifar_train.py").write_text(FAKE_CIFAR_TRAIN)
+    (data / "cifar-10-batches-py").mkdir(parents=True)
+    (work / "log" / "store").mkdir(parents=True)
+    for name in ("log_train.csv", "log_test.csv", "log_test.20260101T000000.csv"):
+        (work / "log" / "store" / name).write_text(name)
+    torch.save({"epoch": 15}, tmp_path / "ckpt.pth.tar")
+    monkeypatch.chdir(tmp_path)  # --resume relative to where the wrapper runs, not to the script's --work
+    # the stand-ins replace these for the rest of the process: put them back afterwards
+    for owner, name in ((torch.Tensor, "cuda"), (torch.nn.Module, "cuda"), (torch, "load"),
+                        (torch.cuda, "FloatTensor"), (torchvision.datasets.cifar, "check_integrity")):
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+    for name in ("tensorboardX", "sklearn", "sklearn.metrics", "sklearn.utils", "sklearn.utils.multiclass"):
+        if name not in sys.modules:  # None: imported, it fails as a missing module would, and the stand-in goes
+            monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "argv", ["upstream_train.py", "--ldam-drw", "LDAM-DRW", "--data", "data", "--work",
+                                      "work", "--", "--loss_type", "CE", "--resume", "ckpt.pth.tar"])
+    assert wrapper.main() == 0
+    seen = json.loads((work / "seen.json").read_text())
+    assert seen == {"argv": ["--loss_type", "CE", "--resume", str(tmp_path / "ckpt.pth.tar")], "cwd": str(work),
+                    "epoch": 15, "data": str(data), "cuda": "cpu", "float": "cpu"}
+    kept = sorted(p.name for p in (work / "log" / "store").iterdir())
+    stamped = [name for name in kept if name.count(".") == 2 and "20260101" not in name]
+    assert len(stamped) == 2 and {(work / "log" / "store" / n).read_text() for n in stamped} == {"log_train.csv",
+                                                                                                 "log_test.csv"}
+    assert (work / "log" / "store" / "log_test.20260101T000000.csv").read_text() == "log_test.20260101T000000.csv"
+    assert (work / "log" / "store" / "log_train.csv").read_text() == ""  # the new start's own log
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["upstream_train.py", "--ldam-drw", "LDAM-DRW", "--data", "data", "--work",
+                                      "work", "--", "--resume", "missing.pth.tar"])
+    with pytest.raises(SystemExit, match="--resume missing.pth.tar: no such checkpoint"):
+        wrapper.main()
+    monkeypatch.setattr(sys, "argv", ["upstream_train.py", "--ldam-drw", "work", "--data", "data", "--work", "work"])
+    with pytest.raises(SystemExit, match="must be a checkout of github.com/kaidic/LDAM-DRW"):
+        wrapper.main()
