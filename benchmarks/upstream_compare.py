@@ -126,8 +126,9 @@ def compare(upstream: Upstream, ours: dict[Path, tuple[dict[int, float], dict[in
         lines.append(f"| {e} | {_cell(upstream.train.get(e))} | {_seeds([t.get(e) for t, _ in ours.values()])} | "
                      f"{_cell(upstream.test.get(e))} | {_seeds([s.get(e) for _, s in ours.values()])} |")
     done = max(upstream.test, default=0)
-    lines += ["", f"LDAM-DRW: {done} epochs tested" + (f", last {upstream.test[done]:.2f}, best "
-                                                       f"{upstream.best:.2f}" if done else "")]
+    best = _cell(upstream.best) or "-"
+    lines += ["", f"LDAM-DRW: tested to epoch {done}, last {upstream.test[done]:.2f}, best {best}" if done
+              else "LDAM-DRW: no epoch tested yet"]
     finals = [test[max(test)] for _, test in ours.values() if test]
     bests = [max(test.values()) for _, test in ours.values() if test]
     lines.append(f"ours: last tested epoch {_mean(finals)}, best epoch {_mean(bests)}")
@@ -146,14 +147,15 @@ def per_class_lines(upstream: Upstream, ours: dict[Path, tuple[dict[int, float],
         epochs.add(max(train))
     if not upstream.classes or not reports:
         return []
-    ours = np.mean([r["static"]["per_class"] for r in reports], axis=0) * 100
-    if len(ours) != len(upstream.classes):
-        raise SystemExit(f"LDAM-DRW's log has {len(upstream.classes)} classes, our evaluation {len(ours)}: "
+    mean = np.mean([r["static"]["per_class"] for r in reports], axis=0) * 100
+    if len(mean) != len(upstream.classes):
+        raise SystemExit(f"LDAM-DRW's log has {len(upstream.classes)} classes, our evaluation {len(mean)}: "
                          f"compare runs of one dataset")
-    header = " | ".join(f"class {c}" for c in range(len(ours)))
-    return ["", f"| per class, last epoch | {header} |", "| --- |" + " ---: |" * len(ours),
+    header = " | ".join(f"class {c}" for c in range(len(mean)))
+    ours_label = f"ours, epoch {'/'.join(map(str, sorted(epochs)))} (mean of {len(reports)})"
+    return ["", f"| per class, last epoch | {header} |", "| --- |" + " ---: |" * len(mean),
             f"| LDAM-DRW, epoch {max(upstream.test)} | " + " | ".join(f"{v:.1f}" for v in upstream.classes) + " |",
-            f"| ours, epoch {'/'.join(map(str, sorted(epochs)))} (mean of {len(reports)}) | " + " | ".join(f"{v:.1f}" for v in ours) + " |"]
+            f"| {ours_label} | " + " | ".join(f"{v:.1f}" for v in mean) + " |"]
 
 
 def main() -> None:
