@@ -436,8 +436,8 @@ def test_upstream_train_runs_the_script_on_the_cpu_from_its_work_folder_and_keep
                                       "work", "--", "--loss_type", "CE", "--resume", "ckpt.pth.tar"])
     assert wrapper.main() == 0
     seen = json.loads((work / "seen.json").read_text())
-    assert seen == {"argv": ["--loss_type", "CE", "--resume", str(tmp_path / "ckpt.pth.tar")], "cwd": str(work),
-                    "epoch": 15, "data": str(data), "cuda": "cpu", "float": "cpu"}
+    assert seen == {"argv": ["--loss_type", "CE", "--resume", str((tmp_path / "ckpt.pth.tar").resolve())],
+                    "cwd": str(work.resolve()), "epoch": 15, "data": str(data.resolve()), "cuda": "cpu", "float": "cpu"}
     kept = sorted(p.name for p in (work / "log" / "store").iterdir())
     stamped = [name for name in kept if name.count(".") == 2 and "20260101" not in name]
     assert len(stamped) == 2 and {(work / "log" / "store" / n).read_text() for n in stamped} == {"log_train.csv",
