@@ -4,7 +4,8 @@ the two trainings part, if they do, and where each ends.
 Reads the logs LDAM-DRW's `cifar_train.py` writes and our run folders' `metrics.jsonl` (finished or not); no data,
 no weights. Upstream, `log_train.csv` prints a running average of training top-1 every ten batches, so an epoch's
 value here is its last print (batch 90 of 97 on CIFAR-10-LT-100), and `log_test.csv` holds one block per finished
-epoch: test top-1, per-class accuracy and the best top-1 so far. A restarted run leaves one pair of logs per start
+epoch: test top-1, per-class accuracy and the best top-1 so far; an epoch without its block (training now, or cut
+short) is left out. A restarted run leaves one pair of logs per start
 (`upstream_train.py` renames the earlier pair to `log_*.<time>.csv`); a later start's epochs replace an earlier
 one's, since a start repeats the epoch a stop cut short. Ours: each epoch's `train_top1` over the whole epoch and,
 from the first lr decay on, `test_top1`; for the per-class line, a finished run's `eval/test.json` (static mode).
@@ -60,8 +61,9 @@ def log_pairs(folder: Path) -> list[tuple[Path, Path]]:
 
 
 def read_upstream(folder: Path) -> Upstream:
-    """The run's epochs from all its starts; the first epoch a start trained is its first training line's, and its
-    test blocks follow from there (the script tests after every epoch it finishes)."""
+    """The run's finished epochs from all its starts; the first epoch a start trained is its first training line's,
+    and its test blocks follow from there (the script tests after every epoch it finishes: an epoch without its test
+    block is still training, or was cut short and trained again by the next start)."""
     run = Upstream()
     for train_log, test_log in log_pairs(folder):
         epochs: dict[int, float] = {}
@@ -74,8 +76,8 @@ def read_upstream(folder: Path) -> Upstream:
         if len(blocks) > len(epochs):
             raise SystemExit(f"{test_log} has {len(blocks)} test results for {len(epochs)} epochs in "
                              f"{train_log.name}: the two logs are not of one start")
-        run.train.update(epochs)
         first = min(epochs, default=0)
+        run.train.update({e: v for e, v in epochs.items() if e < first + len(blocks)})  # finished epochs only
         for i, block in enumerate(blocks):
             run.test[first + i] = float(TEST_TOP1.search(block).group(1))
             if classes := TEST_CLASSES.search(block):

@@ -369,9 +369,9 @@ def test_upstream_compare_places_each_starts_epochs_and_sets_the_runs_side_by_si
     compare = load_benchmark(monkeypatch, "upstream_compare")
     logs = tmp_path / "upstream"
     _upstream_logs(logs, ".20261207T100000", [0, 1, 2], tested=2, best=21)  # stopped half way through epoch 2
-    _upstream_logs(logs, "", [2, 3], tested=2, best=23)  # resumed at epoch 2
+    _upstream_logs(logs, "", [2, 3, 4], tested=2, best=23)  # resumed at epoch 2, training epoch 4 now
     run = compare.read_upstream(logs)
-    assert run.train == {1: 40.9, 2: 41.9, 3: 42.9, 4: 43.9}  # the last running average of each epoch
+    assert run.train == {1: 40.9, 2: 41.9, 3: 42.9, 4: 43.9}  # each finished epoch's last running average
     assert run.test == {1: 20.0, 2: 21.0, 3: 22.0, 4: 23.0}  # the resumed start's blocks from its first epoch on
     assert run.classes == pytest.approx([30.0, 50.0, 25.0]) and run.best == 23
     ours = _copy_with(evaluated_run, tmp_path / "ours" / "seed0", per_class=[0.9, 0.5, 0.1])
@@ -390,7 +390,7 @@ def test_upstream_compare_places_each_starts_epochs_and_sets_the_runs_side_by_si
     assert "| LDAM-DRW, epoch 4 | 30.0 | 50.0 | 25.0 |" in table
     assert "| ours, epoch 2 (mean of 1) | 90.0 | 50.0 | 10.0 |" in table
     (logs / "log_test.csv").write_text((logs / "log_test.csv").read_text() * 2)  # a test block more than epochs
-    with pytest.raises(SystemExit, match="4 test results for 2 epochs"):
+    with pytest.raises(SystemExit, match="4 test results for 3 epochs"):
         compare.read_upstream(logs)
     (logs / "log_test.csv").unlink()
     with pytest.raises(SystemExit, match="has no log_test.csv beside it"):
