@@ -5,9 +5,9 @@ Reads the logs LDAM-DRW's `cifar_train.py` writes and our run folders' `metrics.
 no weights. Upstream, `log_train.csv` prints a running average of training top-1 every ten batches, so an epoch's
 value here is its last print (batch 90 of 97 on CIFAR-10-LT-100), and `log_test.csv` holds one block per finished
 epoch: test top-1, per-class accuracy and the best top-1 so far; an epoch without its block (training now, or cut
-short) is left out. A restarted run leaves one pair of logs per start
-(`upstream_train.py` renames the earlier pair to `log_*.<time>.csv`); a later start's epochs replace an earlier
-one's, since a start repeats the epoch a stop cut short. Ours: each epoch's `train_top1` over the whole epoch and,
+short) is left out. A restarted run leaves one pair of logs per start (`upstream_train.py` renames the earlier pair
+to `log_*.<time>.csv`); a later start's epochs replace an earlier one's, since a start repeats the epoch a stop cut
+short. Ours: each epoch's `train_top1` over the whole epoch and,
 from the first lr decay on, `test_top1`; for the per-class line, a finished run's `eval/test.json` (static mode).
 Epochs count from 1, as the docs count them.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from har.errors import ResultError
-from har.reporting.results import best_epoch_top1, read_eval, read_metrics
+from har.reporting.results import read_eval, read_metrics
 from har.reporting.tables import seed_stats
 
 TRAIN_LINE = re.compile(r"Epoch: \[(\d+)\]\[\d+/\d+\].*?Prec@1 [\d.]+ \(([\d.]+)\)")
