@@ -27,7 +27,14 @@ from har.published import load_published
 from har.reporting import figures
 from har.reporting.figures import plot_figures
 from har.reporting.report import build_tables
-from har.reporting.results import load_results, summarise, target_column, target_label
+from har.reporting.results import (
+    files_digest,
+    load_results,
+    provenance_text,
+    summarise,
+    target_column,
+    target_label,
+)
 
 SPLIT = "cifar10-r100"
 PIPELINE = {
@@ -364,3 +371,40 @@ def test_figures_keep_captions_legends_and_panels_readable(results, tmp_path, mo
     for name, fig in drawn.items():  # the saved PNG (150 dpi, cropped tight) is no wider than the figure and its pads
         png_width = int.from_bytes((tmp_path / "figures" / f"{name}.png").read_bytes()[16:20], "big")
         assert png_width <= (fig.get_figwidth() + 2 * pad) * 150 + 2, name
+
+
+def test_captions_name_the_data_by_its_files_not_by_the_folder_it_was_read_from(results, tmp_path):
+    """Runs that read the same copy from two folders (two machines) share one caption part that names neither
+    folder; a run on a copy with other files gets a part of its own, told apart by its files' digest; official
+    files need no digest."""
+    root, records, _ = results
+    copy_root = tmp_path / "runs"
+    shutil.copytree(root, copy_root)
+    reports = sorted(copy_root.rglob("eval/test.json"))
+    assert len(reports) >= 3
+    files = {"data_batch_1": "a" * 32, "test_batch": "b" * 32}
+
+    def record(path, folder, files, official=False):
+        report = json.loads(path.read_text())
+        label = ("official CIFAR-10" if official else
+                 f"CIFAR-10 copy at {folder} (md5 differs from the official release: data_batch_1, test_batch)")
+        report["data_provenance"] = {"dataset": "cifar10", "official": official, "source": folder,
+                                     "files": files, "differing": [] if official else list(files), "label": label}
+        path.write_text(json.dumps(report))
+
+    for k, path in enumerate(reports):
+        record(path, f"/machine{k % 2}/data/cifar-10-batches-py", files)
+    same = ("CIFAR-10 copy (md5 differs from the official release: data_batch_1, test_batch), files digest "
+            f"{files_digest(files)} (not the official files)")
+    assert provenance_text(load_results(records, copy_root)) == same
+
+    other = dict(files, test_batch="c" * 32)
+    record(reports[0], "/machine0/data/cifar-10-batches-py", other)
+    parts = provenance_text(load_results(records, copy_root)).split("; ")
+    assert files_digest(other) != files_digest(files) and sorted(parts) == sorted(
+        [same, same.replace(files_digest(files), files_digest(other))])
+    assert not any("/machine" in part for part in parts)
+
+    for path in reports:
+        record(path, "/machine0/data/cifar-10-batches-py", {"data_batch_1": "d" * 32}, official=True)
+    assert provenance_text(load_results(records, copy_root)) == "official CIFAR-10"

@@ -6,6 +6,7 @@ A stale, half-written or foreign eval file would otherwise slip silently into th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import zipfile
@@ -205,11 +206,28 @@ def best_epoch_top1(run_dir: Path) -> float | None:
 
 
 def _provenance(test: dict) -> tuple[str | None, bool | None]:
-    """`data_provenance` of the test report (optional: older evaluations lack it)."""
+    """`data_provenance` of the test report (optional: older evaluations lack it), as a caption names it.
+
+    The caption leaves out the folder the files were read from: the same files under two paths (two machines, a
+    fresh clone) are one source, and a reader elsewhere needs to know which files, not where they lay. Files
+    that are not the official release carry a digest of their recorded hashes instead, so that two different
+    copies never read as one.
+    """
     info = test.get("data_provenance")
     if not isinstance(info, dict):
         return None, None
-    return info.get("label"), info.get("official")
+    label, official, files = info.get("label"), info.get("official"), info.get("files")
+    if isinstance(label, str) and info.get("source"):
+        label = label.replace(f" at {info['source']}", "", 1)
+    if isinstance(label, str) and not official and files:
+        label = f"{label}, files digest {files_digest(files)}"
+    return label, official
+
+
+def files_digest(files: dict[str, str]) -> str:
+    """A short name for a set of files: the first 12 hex digits of a sha256 over their names and hashes."""
+    text = json.dumps(files, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _row(record: dict, root: Path) -> dict:
