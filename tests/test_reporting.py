@@ -266,16 +266,20 @@ def test_fig4_writes_over_each_loss_bar_the_share_of_examples_it_averages(result
     copy_root = tmp_path / "runs"
     shutil.copytree(root, copy_root)
     shares = {0: [0.0004, 0.3, 0.2, 0.4996], 1: [0.0, 0.1, 0.4, 0.5]}  # last epoch of HAR(CE)+DRW, seeds 0 and 1
+    losses = {0: [1.0, 2.0, 3.0, 4.0], 1: [3.0, 2.0, 5.0, 4.0]}
     for record in records:
         if record["method"] == "har_ce_drw" and record["role"] == "final":
             path = copy_root / record["run_dir"] / "metrics.jsonl"
             rows = [json.loads(line) for line in path.read_text().splitlines()]
-            rows[-1].update(exit_fraction=shares[record["seed"]], exit_loss=[1.0, 2.0, 3.0, 4.0])
+            rows[-1].update(exit_fraction=shares[record["seed"]], exit_loss=losses[record["seed"]])
             path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     fig = figures.fig_loss_per_exit(load_results(records, copy_root), copy_root, PIPELINE, [SPLIT])
     loss_panel, share_panel = fig.axes[:2]
     assert [t.get_text() for t in loss_panel.texts] == ["<0.1%", "20.0%", "30.0%", "50.0%"]  # means over the seeds
     assert [t.get_text() for t in share_panel.texts] == []  # the share panel shows them as bars
+    tops = [statistics.mean(pair) + statistics.stdev(pair) for pair in zip(losses[0], losses[1], strict=True)]
+    assert [t.xy[1] for t in loss_panel.texts] == pytest.approx(tops)  # over the error bar, not on the bar
+    assert loss_panel.get_ylim()[1] > max(tops)
 
 
 def test_fig2_says_how_many_seeds_each_mean_rests_on(results):

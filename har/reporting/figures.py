@@ -248,12 +248,17 @@ def _share_text(percent: float) -> str:
 def _label_shares(ax: Axes, part: pd.DataFrame, methods: list[str]) -> None:
     """Write over each loss bar of `ax` the mean share of training examples it averages: a bar resting on a few
     examples (an exit almost none leave at) otherwise looks as solid as one resting on a third of them. Seaborn gives
-    one bar container per hue level, in `methods` order, and puts exit k's bars around x = k."""
+    one bar container per hue level, in `methods` order, and puts exit k's bars around x = k. Each label sits over
+    its bar's error bar (mean + std, as the bars draw it), not on the bar, so the two never cross."""
     exits = list(dict.fromkeys(part["exit"]))
-    shares = part.groupby(["method", "exit"])["fraction"].mean()
+    by = part.groupby(["method", "exit"])
+    shares, tops = by["fraction"].mean(), (by["loss"].mean() + by["loss"].std().fillna(0)).fillna(0)
     for container, method in zip(ax.containers, methods, strict=True):
-        labels = [_share_text(shares[(method, exits[round(bar.get_x() + bar.get_width() / 2)])]) for bar in container]
-        ax.bar_label(container, labels=labels, fontsize=7)
+        for bar in container:
+            key = (method, exits[round(bar.get_x() + bar.get_width() / 2)])
+            ax.annotate(_share_text(shares[key]), (bar.get_x() + bar.get_width() / 2, tops[key]), xytext=(0, 2),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(top=1.1 * max(tops.max(), ax.get_ylim()[1] / 1.1))  # room for the highest label
 
 
 def fig_loss_per_exit(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str]) -> Figure | None:
