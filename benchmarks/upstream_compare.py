@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,6 @@ import numpy as np
 
 from har.errors import ResultError
 from har.reporting.results import read_eval, read_metrics
-from har.reporting.tables import seed_stats
 
 TRAIN_LINE = re.compile(r"Epoch: \[(\d+)\]\[\d+/\d+\].*?Prec@1 [\d.]+ \(([\d.]+)\)")
 TEST_TOP1 = re.compile(r"Results: Prec@1 ([\d.]+)")
@@ -107,10 +107,11 @@ def _seeds(values: list[float | None]) -> str:
 
 
 def _mean(values: list[float]) -> str:
-    mean, std, n = seed_stats(list(enumerate(values)))
-    if mean is None:
+    """Mean +/- sample std of our runs' values, and their count."""
+    if not values:
         return "-"
-    return f"{mean:.2f}" + (f" +/- {std:.2f}" if std is not None else "") + f" (n = {n})"
+    std = f" +/- {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{statistics.fmean(values):.2f}{std} (n = {len(values)})"
 
 
 def compare(upstream: Upstream, ours: dict[Path, tuple[dict[int, float], dict[int, float]]], every: int) -> list[str]:
