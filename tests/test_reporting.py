@@ -261,6 +261,17 @@ def test_every_figure_is_written_as_png_and_pdf(results, tmp_path, caplog):
     assert np.all([p.parent == tmp_path for p in paths])
 
 
+def test_fig3_draws_the_methods_of_a_split_on_one_scale(results):
+    """HAR against its baseline side by side: bars of the same height mean the same share in both panels."""
+    root, records, _ = results
+    fig = figures.fig_confidence(load_results(records, root), root, PIPELINE, [SPLIT])
+    panels = [ax for ax in fig.axes if ax.has_data()]
+    assert len(panels) == 2
+    assert panels[0].get_shared_y_axes().joined(*panels)
+    tallest = [max(patch.get_height() for patch in ax.patches) for ax in panels]
+    assert panels[0].get_ylim() == panels[1].get_ylim() and panels[0].get_ylim()[1] >= max(tallest)
+
+
 def test_fig4_writes_over_each_loss_bar_the_share_of_examples_it_averages(results, tmp_path):
     root, records, _ = results
     copy_root = tmp_path / "runs"

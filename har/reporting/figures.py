@@ -213,7 +213,7 @@ def fig_confidence(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str]) -
     if not methods:
         return None
     fig = Figure(figsize=(4.6 * len(methods), 3.4 * len(splits) + HEADER_IN), layout="constrained")
-    axes = fig.subplots(len(splits), len(methods), squeeze=False)
+    axes = fig.subplots(len(splits), len(methods), squeeze=False, sharey="row")  # a split's methods on one scale
     bins = np.linspace(0, 1, 21)
     for row, split in zip(axes, splits):
         for ax, method in zip(row, methods):
