@@ -7,6 +7,7 @@ import math
 import re
 import shutil
 import statistics
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -270,6 +271,23 @@ def test_fig3_draws_the_methods_of_a_split_on_one_scale(results):
     assert panels[0].get_shared_y_axes().joined(*panels)
     tallest = [max(patch.get_height() for patch in ax.patches) for ax in panels]
     assert panels[0].get_ylim() == panels[1].get_ylim() and panels[0].get_ylim()[1] >= max(tallest)
+
+
+def test_fig7_names_each_images_class_and_a_wrong_exits_prediction(results):
+    """Over every thumbnail its true class; a misclassified one in red with what its exit predicted, so the figure
+    shows which mistakes each exit makes."""
+    root, records, bundles = results
+    df = load_results(records, root)
+    run = figures._showcase(df, PIPELINE, [SPLIT])
+    fig = figures.fig_exit_examples(run, root, PIPELINE, Path(bundles[SPLIT]))
+    titles = [ax.title for ax in fig.axes if ax.images]
+    colours = [t.get_color() for t in titles]
+    assert set(colours) == {"black", "red"}, colours  # the tiny runs get some right and some wrong
+    for title in titles:
+        wrong = re.fullmatch(r"(\w+) \(as (\w+)\)", title.get_text())
+        assert (title.get_color() == "red") == (wrong is not None), title.get_text()
+        assert wrong is None or wrong[1] != wrong[2]
+    assert "in red where its exit misclassified it" in fig._suptitle.get_text()
 
 
 def test_fig4_writes_over_each_loss_bar_the_share_of_examples_it_averages(results, tmp_path):

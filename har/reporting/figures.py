@@ -410,7 +410,8 @@ def _test_split(run_dir: Path, bundle: Path | None, labels: np.ndarray) -> tuple
 
 
 def fig_exit_examples(run: pd.Series, root: Path, cfg: dict, bundle: Path | None) -> Figure:
-    """Fig. 7: the first test images leaving at each exit (title: true class; red when misclassified)."""
+    """Fig. 7: the first test images leaving at each exit (title: true class; in red, with the exit's prediction,
+    when misclassified)."""
     run_dir = root / run["run_dir"]
     report = read_eval(run_dir, "test")
     best = report["dynamic_selected"]["best"]
@@ -428,13 +429,16 @@ def fig_exit_examples(run: pd.Series, root: Path, cfg: dict, bundle: Path | None
         leaving = np.flatnonzero(where == k)
         for ax, i in zip(row, leaving[:EXAMPLES_PER_EXIT]):
             ax.imshow(image(i))
-            ax.set_title(classes[labels[i]], fontsize=8, color="black" if predictions[i] == labels[i] else "red")
+            right = predictions[i] == labels[i]
+            ax.set_title(classes[labels[i]] if right else f"{classes[labels[i]]} (as {classes[predictions[i]]})",
+                         fontsize=8, color="black" if right else "red")
         for ax in row:
             ax.set(xticks=[], yticks=[])
             if not ax.images and ax is not row[0]:
                 ax.set_axis_off()
         row[0].set_ylabel(f"exit {k + 1}\n({len(leaving)} leave)", fontsize=9)
-    _title(fig, f"Test images by exit: {_run_title(run, best)}\n{setting_label(cfg)}")
+    _title(fig, f"Test images by exit: {_run_title(run, best)}\nabove each image its true class; in red where its exit "
+                f"misclassified it, with what the exit predicted\n{setting_label(cfg)}")
     return fig
 
 
