@@ -17,6 +17,7 @@ the CLI.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import shutil
@@ -28,7 +29,7 @@ import torch
 import yaml
 from snakemake.utils import validate
 
-from har.atomic import atomic_write_text
+from har.atomic import atomic_write, atomic_write_text
 from har.errors import ResultError, RunError
 from har.evaluation.evaluate import evaluate_from_cache
 from har.pipeline import grid
@@ -104,9 +105,8 @@ def save(work: Path, reference: Path = REFERENCE) -> list[str]:
             lines.append(f"{rel}: finished, weights and evaluation in {dest}")
         else:
             dest = reference / CHECKPOINTS / rel
-            _copy_files(src, dest, RUN_FILES)
-            shutil.copy2(src / CHECKPOINT, dest / CHECKPOINT)
-            lines.append(f"{rel}: epoch {state.epoch + 1} of {state.epochs}, checkpoint in {dest}")
+            epoch = _copy_run(src, dest)  # the run may be training on: what it reached when the copy read it
+            lines.append(f"{rel}: epoch {epoch + 1} of {state.epochs}, checkpoint in {dest}")
     return lines
 
 
@@ -135,8 +135,7 @@ def restore(work: Path, reference: Path = REFERENCE) -> list[str]:
             raise RunError(f"{dest} holds a run of another config than the checkpoint in {src}; move it aside first")
         dest.mkdir(parents=True, exist_ok=True)
         (dest / PREVIOUS).unlink(missing_ok=True)  # older than the checkpoint brought in
-        _copy_files(src, dest, RUN_FILES)
-        shutil.copy2(src / CHECKPOINT, dest / CHECKPOINT)
+        _copy_run(src, dest)
         lines.append(f"{rel}: restored at epoch {saved + 1} (was {here + 1})")
     return lines
 
@@ -189,6 +188,21 @@ def _remove(root: Path, rel: Path) -> None:
         if parent == root.parent or not parent.is_dir() or any(parent.iterdir()):
             break
         parent.rmdir()
+
+
+def _copy_run(src: Path, dest: Path) -> int:
+    """Copy an unfinished run's checkpoint and the files beside it (`RUN_FILES`) so that the copy's metrics rows
+    always reach its checkpoint's epoch; return that epoch (0-based).
+
+    The checkpoint is read first (the trainer replaces it by a rename, so one read is one whole checkpoint), the
+    files are copied next (as new as it, or newer when an epoch ends meanwhile) and the checkpoint is written last,
+    atomically. Resuming drops the rows past a checkpoint, so neither a run training on during the copy nor a copy
+    killed half way leaves a checkpoint without the rows of its epochs.
+    """
+    checkpoint = (src / CHECKPOINT).read_bytes()
+    _copy_files(src, dest, RUN_FILES)
+    atomic_write(dest / CHECKPOINT, lambda handle: handle.write(checkpoint))
+    return int(torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=False)["epoch"])
 
 
 def _copy_files(src: Path, dest: Path, names: tuple[str, ...]) -> None:

@@ -147,6 +147,37 @@ def test_a_checkpoint_saved_restored_into_another_folder_finishes_bit_identical(
     assert (kept / "eval" / "test.npz").exists() and not (shipped / "checkpoints" / "cifar10-r100").exists()
 
 
+def test_a_save_while_the_run_trains_on_never_ships_a_checkpoint_past_its_metrics_rows(tiny_reference, tmp_path,
+                                                                                        monkeypatch):
+    """The set is saved while it trains: an epoch that ends between the save's reads of the metrics and of the
+    checkpoint must not leave the copy with a checkpoint whose epochs lack their rows (resuming would go on with a
+    hole in metrics.jsonl); rows past the checkpoint are harmless, resuming drops them."""
+    cfg, bundle = tiny_reference
+    spec = next(s for s in grid.final_runs(cfg) if s.method == "ce_drw")
+    with monkeypatch.context() as patch:
+        stop_after_first_epoch(patch)
+        with pytest.raises(TrainingInterrupted):
+            train_in(tmp_path / "B", cfg, spec, bundle)
+    run = tmp_path / "B" / spec.run_dir
+    real = reference._copy_files
+
+    def copy_then_an_epoch_ends(src, dest, names):
+        real(src, dest, names)
+        ckpt = torch.load(src / "last.pt", weights_only=False)
+        rows = (src / "metrics.jsonl").read_text().splitlines()
+        (src / "metrics.jsonl").write_text("\n".join([*rows, json.dumps({**json.loads(rows[-1]), "epoch": 1})]) + "\n")
+        torch.save({**ckpt, "epoch": ckpt["epoch"] + 1}, src / "last.pt")
+
+    monkeypatch.setattr(reference, "_copy_files", copy_then_an_epoch_ends)
+    shipped = tmp_path / "shipped"
+    reference.save(tmp_path / "B", shipped)
+    kept = shipped / "checkpoints" / Path(spec.run_dir).relative_to("results/runs")
+    epoch = torch.load(kept / "last.pt", weights_only=False)["epoch"]
+    rows = [json.loads(line)["epoch"] for line in (kept / "metrics.jsonl").read_text().splitlines()]
+    assert torch.load(run / "last.pt", weights_only=False)["epoch"] == epoch + 1  # the run did go on
+    assert set(range(epoch + 1)) <= set(rows)
+
+
 def test_rebuild_reads_finished_runs_only_and_refuses_an_unfinished_one_by_name(tiny_reference, tmp_path,
                                                                                 monkeypatch):
     """Tables, fidelity report and figures come from the finished runs saved under runs/ (a partial set: the
