@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -219,3 +221,44 @@ def test_rebuild_reads_finished_runs_only_and_refuses_an_unfinished_one_by_name(
         (unfinished / name).write_bytes((tmp_path / "work" / specs["ldam_drw"].run_dir / name).read_bytes())
     with pytest.raises(ResultError, match=rf"{unfinished} holds an unfinished run \(epoch 1 of 2"):
         reference.rebuild(config, shipped, shipped / "tables", tmp_path / "figures", bundle.parent.parent)
+
+
+def _quoted_rows(path: Path, header: str) -> list[list[str]]:
+    """The body rows of the Markdown table under `header` in `path`, as cells."""
+    lines = path.read_text().splitlines()
+    start = lines.index(header) + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("| "):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split(" | ")])
+    return rows
+
+
+_MEAN_STD = re.compile(r"([+-]?\d+\.\d\d) ± (\d+\.\d\d)")
+_SEED_VALUE = re.compile(r"(?<![\d.])[+-]?\d+\.\d\d(?![\d%])")
+
+
+@pytest.mark.parametrize("doc, header", [
+    ("README.md", "| Table II, cifar10-r100 | ours | paper | diff |"),
+    ("docs/method.md", "| line | ours | paper | diff |"),
+])
+def test_the_docs_quote_the_committed_fidelity_report(doc, header):
+    """Every line of the reference set that README.md or method.md sets beside a paper value is a line of the
+    committed `results/reference/tables/fidelity.csv`: its mean, std, paper value and difference, and each seed's
+    value it names. When `make reference-tables` moves a number, the docs must move with it in the same commit."""
+    fidelity = pd.read_csv(REPO / "results" / "reference" / "tables" / "fidelity.csv", comment="#")
+    quoted = [row for row in _quoted_rows(REPO / doc, header) if row[2] != "-"]
+    assert len(quoted) >= 10, quoted
+    for label, ours, paper, diff in quoted:
+        mean, std = (float(x) for x in _MEAN_STD.search(ours).groups())
+        near = (lambda column, value, digits: (fidelity[column] - value).abs() <= 0.51 * 10 ** -digits)
+        matches = fidelity[near("ours_mean", mean, 2) & near("ours_std", std, 2) & near("paper", float(paper), 1)
+                           & near("diff", float(diff), 2)]
+        assert len(matches) >= 1, (doc, label)
+        ci = re.search(r"95% CI ([+-]?\d+\.\d\d) to ([+-]?\d+\.\d\d)", label + " " + ours)
+        seeds = set(_SEED_VALUE.findall(_MEAN_STD.sub("", (label + " " + ours).split("95% CI")[0])))
+        assert any(seeds <= {v.strip().split(": ")[1] for v in row.per_seed.split(",")}
+                   and (ci is None or all(abs(a - float(b)) <= 0.0051
+                                          for a, b in zip((row.ci_low, row.ci_high), ci.groups(), strict=True)))
+                   for row in matches.itertuples()), (doc, label, seeds)
