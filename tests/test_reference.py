@@ -250,9 +250,13 @@ def test_the_docs_quote_the_committed_fidelity_report(doc, header):
     fidelity = pd.read_csv(REPO / "results" / "reference" / "tables" / "fidelity.csv", comment="#")
     quoted = [row for row in _quoted_rows(REPO / doc, header) if row[2] != "-"]
     assert len(quoted) >= 10, quoted
+
+    def near(column: str, value: float, digits: int) -> pd.Series:
+        """The report's rows whose `column` prints as `value` at `digits` decimals."""
+        return (fidelity[column] - value).abs() <= 0.51 * 10 ** -digits
+
     for label, ours, paper, diff in quoted:
         mean, std = (float(x) for x in _MEAN_STD.search(ours).groups())
-        near = (lambda column, value, digits: (fidelity[column] - value).abs() <= 0.51 * 10 ** -digits)
         matches = fidelity[near("ours_mean", mean, 2) & near("ours_std", std, 2) & near("paper", float(paper), 1)
                            & near("diff", float(diff), 2)]
         assert len(matches) >= 1, (doc, label)
