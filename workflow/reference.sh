@@ -50,6 +50,7 @@ status() {
 to_go() {  # an unfinished run's epochs left and the time they take at its last ten epochs' pace
     "$CODE/.venv/bin/python" - "$1" <<'EOF' || true
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -58,10 +59,9 @@ import yaml
 run = Path(sys.argv[1])
 rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 left = yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] - len(rows)
-recent = [row["seconds"] for row in rows[-10:]]
-pace = sum(recent) / len(recent)
-print(f"({left} to go: about {left * pace / 3600:.1f} h at its last ten epochs' {pace:.0f} s an epoch)" if left > 0
-      else "(trained, not yet evaluated)")
+pace = statistics.median(row["seconds"] for row in rows[-10:])  # a pause (SIGSTOP) inflates one epoch, not this
+print(f"({left} to go: about {left * pace / 3600:.1f} h at its last ten epochs' median of {pace:.0f} s an epoch)"
+      if left > 0 else "(trained, not yet evaluated)")
 EOF
 }
 
