@@ -17,7 +17,6 @@ the CLI.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import shutil
@@ -105,8 +104,9 @@ def save(work: Path, reference: Path = REFERENCE) -> list[str]:
             lines.append(f"{rel}: finished, weights and evaluation in {dest}")
         else:
             dest = reference / CHECKPOINTS / rel
-            epoch = _copy_run(src, dest)  # the run may be training on: what it reached when the copy read it
-            lines.append(f"{rel}: epoch {epoch + 1} of {state.epochs}, checkpoint in {dest}")
+            _copy_run(src, dest)
+            copied = run_state(dest)  # the run may be training on: what it reached when the copy read it
+            lines.append(f"{rel}: epoch {copied.epoch + 1} of {copied.epochs}, checkpoint in {dest}")
     return lines
 
 
@@ -190,9 +190,9 @@ def _remove(root: Path, rel: Path) -> None:
         parent.rmdir()
 
 
-def _copy_run(src: Path, dest: Path) -> int:
+def _copy_run(src: Path, dest: Path) -> None:
     """Copy an unfinished run's checkpoint and the files beside it (`RUN_FILES`) so that the copy's metrics rows
-    always reach its checkpoint's epoch; return that epoch (0-based).
+    always reach its checkpoint's epoch.
 
     The checkpoint is read first (the trainer replaces it by a rename, so one read is one whole checkpoint), the
     files are copied next (as new as it, or newer when an epoch ends meanwhile) and the checkpoint is written last,
@@ -202,7 +202,6 @@ def _copy_run(src: Path, dest: Path) -> int:
     checkpoint = (src / CHECKPOINT).read_bytes()
     _copy_files(src, dest, RUN_FILES)
     atomic_write(dest / CHECKPOINT, lambda handle: handle.write(checkpoint))
-    return int(torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=False)["epoch"])
 
 
 def _copy_files(src: Path, dest: Path, names: tuple[str, ...]) -> None:

@@ -258,7 +258,7 @@ def _label_shares(ax: Axes, part: pd.DataFrame, methods: list[str]) -> None:
             key = (method, exits[round(bar.get_x() + bar.get_width() / 2)])
             ax.annotate(_share_text(shares[key]), (bar.get_x() + bar.get_width() / 2, tops[key]), xytext=(0, 2),
                         textcoords="offset points", ha="center", va="bottom", fontsize=7)
-    ax.set_ylim(top=1.1 * max(tops.max(), ax.get_ylim()[1] / 1.1))  # room for the highest label
+    ax.set_ylim(top=max(1.1 * tops.max(), ax.get_ylim()[1]))  # room for the highest label
 
 
 def fig_loss_per_exit(df: pd.DataFrame, root: Path, cfg: dict, splits: list[str]) -> Figure | None:
