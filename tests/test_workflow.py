@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import REPO, shared_cifar_root, synthetic_data
+from snakemake.utils import validate
+from snakemake_interface_common.exceptions import WorkflowError
 
 from har.config import from_dict
 from har.errors import ConfigError
@@ -394,9 +396,19 @@ def test_grid_refuses_inconsistent_configs(edit, message):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda c: c.update(seeds="zero"), "'zero' is not of type 'array'"),
     (lambda c: c["datasets"][0].update(ratios=[0.5]), "0.5 is less than the minimum of 1"),
     (lambda c: c.update(pack={"size": 0}), "0 is less than the minimum of 1"),
+])
+def test_the_schema_refuses_out_of_range_fields(edit, message):
+    """In process: the Snakefile's own schema check; the Snakemake start-up is tested once below."""
+    cfg = yaml.safe_load((REPO / "config" / "ci.yaml").read_text())
+    edit(cfg)
+    with pytest.raises(WorkflowError, match=re.escape(message)):
+        validate(cfg, schema=str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+
+
+@pytest.mark.parametrize("edit, message", [  # one each: the schema, check_config, a run's own fields
+    (lambda c: c.update(seeds="zero"), "'zero' is not of type 'array'"),
     (lambda c: c["methods"]["ce"]["run"]["loss"].update(name="hinge"),
      "config: method 'ce': loss.name: 'hinge' is not allowed"),
     (lambda c: c["methods"]["tau_norm"].update(stage_one="ce_plain"),
